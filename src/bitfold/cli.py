@@ -1,0 +1,132 @@
+"""`bitfold generate` and `bitfold chat`. Engine flags come from EngineConfig's fields.
+
+Bad input (missing model, invalid values...) prints one `bitfold: error: ...` line to stderr
+and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from bitfold.config import EngineConfig, add_dataclass_args, dataclass_from_args
+from bitfold.errors import BitfoldError
+
+EXIT_BAD_INPUT = 2
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", dest="sample_seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _params(args):
+    from bitfold.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, seed=args.sample_seed, stop=args.stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitfold", description="Memory-bound-first LLM inference.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine details (KV capacity, ...)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete a prompt and stream the text to stdout")
+    gen.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _sampling_args(gen, temperature=0.0)
+    add_dataclass_args(gen, EngineConfig)
+
+    chat = sub.add_parser("chat", help="interactive chat using the model's chat template")
+    chat.add_argument("--system", default=None, help="system message")
+    _sampling_args(chat, temperature=0.7)
+    add_dataclass_args(chat, EngineConfig)
+    return parser
+
+
+def _load(args):
+    from bitfold.llm import LLM
+
+    cfg = dataclass_from_args(EngineConfig, args)
+    t0 = time.perf_counter()
+    llm = LLM(**vars(cfg))
+    print(f"[bitfold] {llm.engine.model_path} on {llm.engine.device} ({str(llm.engine.dtype)[6:]}), "
+          f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return llm
+
+
+def cmd_generate(args) -> None:
+    params = _params(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = _load(args)
+    t0 = time.perf_counter()
+    if args.chat:
+        stream = llm.chat_stream([{"role": "user", "content": prompt}], params)
+    else:
+        sys.stdout.write(prompt)
+        stream = llm.stream(prompt, params)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    out = llm.last_output
+    print(f"[bitfold] {len(out.token_ids)} tokens in {dt:.2f}s ({len(out.token_ids) / dt:.1f} tokens/s, "
+          f"finish: {out.finish_reason})", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    params = _params(args)
+    llm = _load(args)
+    llm.tokenizer.apply_chat_template([{"role": "user", "content": "x"}])  # fail now if there is no template
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("[bitfold] chat: type a message; /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in llm.chat_stream(history, params):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            sys.stdout.write(" [interrupted]")
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[bitfold] %(message)s")
+    try:
+        {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+    except BitfoldError as e:
+        print(f"bitfold: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\n[bitfold] interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Configuration: a few validated dataclasses; the CLI is built from EngineConfig's fields."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from bitfold.errors import BitfoldError, ModelLoadError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters, normalized from an HF config.json or GGUF metadata.
+
+    `architecture` is the models-registry key (e.g. "LlamaForCausalLM"). `rope_scaling` is
+    HF's dict ({"rope_type": "llama3" | "linear" | ..., ...}) or None.
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v (Qwen2 has it, Llama may)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    sliding_window: int = 0  # 0 = full attention
+    hidden_act: str = "silu"
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
+        if self.hidden_act not in ("silu", "swish"):
+            raise ModelLoadError(f"hidden_act={self.hidden_act!r} is not supported (expected 'silu')")
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], source: str) -> "ModelConfig":
+        """Build from a parsed HF config.json (transformers 4.x `rope_theta`/`rope_scaling` or
+        5.x `rope_parameters`)."""
+
+        def need(key: str):
+            if key not in cfg:
+                raise ModelLoadError(f"{source}: field {key!r} is missing from config.json")
+            return cfg[key]
+
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ModelLoadError(f"{source}: config.json has no 'architectures' list (expected e.g. ['LlamaForCausalLM'])")
+        n_heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        rope = cfg.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+        window = cfg.get("sliding_window") or 0
+        if "use_sliding_window" in cfg and not cfg["use_sliding_window"]:
+            window = 0  # Qwen2/3 carry a window size but switch it off
+        return cls(
+            architecture=archs[0],
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=n_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or hidden // n_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            o_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=int(window),
+            hidden_act=cfg.get("hidden_act", "silu"),
+        )
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs besides the requests. The CLI flags are these fields."""
+
+    model: str | None = _opt(None, "HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    device: str = _opt("auto", "cpu, cuda or auto (cuda when available)", choices=["auto", "cpu", "cuda"])
+    dtype: str = _opt("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16",
+                      choices=["auto", "float32", "bfloat16", "float16"])
+    max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's context)")
+    block_size: int = _opt(16, "tokens per KV-cache block")
+    kv_cache_memory_gb: float | None = _opt(None, "memory for the KV cache in GiB (default 2 on CPU)")
+    num_kv_blocks: int | None = _opt(None, "exact number of KV blocks (overrides --kv-cache-memory-gb)")
+    kv_codec: str = _opt("auto", "KV-cache storage codec (auto = the compute dtype)")
+    max_num_seqs: int = _opt(64, "most requests decoded together in one step")
+    max_num_batched_tokens: int = _opt(1024, "token budget per step; longer prompts are prefilled in chunks")
+
+    def validate(self) -> None:
+        def bad(name, expected):
+            raise BitfoldError(f"invalid engine setting {name}={getattr(self, name)!r}: expected {expected}")
+
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            bad("block_size", "a power of two >= 1")
+        if self.max_num_seqs < 1:
+            bad("max_num_seqs", "an integer >= 1")
+        if self.max_num_batched_tokens < 1:
+            bad("max_num_batched_tokens", "an integer >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            bad("max_model_len", "an integer >= 2")
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
+            bad("kv_cache_memory_gb", "a positive number of GiB")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            bad("num_kv_blocks", "an integer >= 1")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """Add one --flag per dataclass field, typed from its default, help from its metadata."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int | None": int, "float | None": float, "str | None": str}.get(str(f.type), None)
+        if kind is None:
+            kind = type(f.default) if f.default is not None else str
+        kw: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kw)
+
+
+def dataclass_from_args(cls, args: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,67 @@
+"""A request's life on the CPU: its tokens, how many of them sit in the KV cache, its status."""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from bitfold.sampling import SamplingParams
+
+_arrival = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request.
+
+    `num_computed_tokens` counts the leading tokens of `all_token_ids` whose K/V are in the
+    cache. A request is "decoding" when exactly one token (the last sampled) is missing from
+    the cache; after preemption it drops to 0 and prompt + output are recomputed.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 30
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    arrival: int = field(default_factory=lambda: next(_arrival))
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def max_total_tokens(self) -> int:
+        """The most tokens this request can ever hold in the cache."""
+        return min(len(self.prompt_token_ids) + self.sampling.max_tokens, self.max_model_len)
+
+    def append_token(self, token_id: int) -> str | None:
+        """Record a sampled token; return the finish reason if it ends the request."""
+        self.output_token_ids.append(token_id)
+        sp = self.sampling
+        if not sp.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        if token_id in sp.stop_token_ids:
+            return "stop"
+        if len(self.output_token_ids) >= sp.max_tokens or self.num_tokens >= self.max_model_len:
+            return "length"
+        return None

@@ -1,0 +1,171 @@
+"""The engine loop: requests -> scheduler -> model runner -> sampler -> detokenizer -> outputs.
+
+Single-threaded and synchronous: `step()` runs one batch. Everything but the runner is CPU
+bookkeeping. Errors in user input raise typed exceptions before any state changes; an abort
+(or an exception inside a step) frees the request's KV blocks at once.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from bitfold.config import EngineConfig
+from bitfold.core.block_pool import BlockPool
+from bitfold.core.kv_manager import KVManager, blocks_for
+from bitfold.core.request import Request
+from bitfold.core.scheduler import Scheduler
+from bitfold.detokenizer import IncrementalDetokenizer
+from bitfold.errors import BitfoldError, InvalidRequestError, PromptTooLongError
+from bitfold.loader import open_model
+from bitfold.runner.model_runner import ModelRunner
+from bitfold.sampling import SamplingParams
+
+log = logging.getLogger("bitfold")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RequestOutput:
+    """What a request has produced so far. `text` excludes stop strings; `token_ids` are the
+    generated ids only; `delta` is the text new since the previous output of this request."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    delta: str = ""
+
+
+@dataclass
+class _State:
+    req: Request
+    prompt: str | None
+    detok: IncrementalDetokenizer
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed out
+    stop: list[str] = field(default_factory=list)
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BitfoldError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.config = config
+        source = open_model(config.model)
+        self.model_path = source.path
+        self.tokenizer = source.load_tokenizer()
+        self.device = resolve_device(config.device)
+        self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if config.max_model_len is not None and config.max_model_len > source.max_context:
+            raise BitfoldError(f"max_model_len={config.max_model_len} exceeds the model's context "
+                               f"length {source.max_context} ({source.path})")
+        self.max_model_len = config.max_model_len or source.max_context
+        self.runner = ModelRunner(source, config, self.device, self.dtype, self.max_model_len)
+        self.pool = BlockPool(self.runner.num_blocks)
+        self.kv = KVManager(self.pool, config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self._states: dict[str, _State] = {}
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    add_special_tokens: bool = True) -> str:
+        """Validate and queue a request; raises InvalidRequestError (nothing queued) when bad."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            text, ids = None, list(prompt)
+        vocab = self.runner.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:  # for text, a tokenizer that does not match the model
+            raise InvalidRequestError(f"prompt token id {bad[0]!r} is outside the model's vocabulary [0, {vocab})")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty (it encodes to no tokens)")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the model's context is "
+                                     f"{self.max_model_len} (prompt + at least one generated token must fit)")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._states:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
+        req = Request(request_id, ids, params, eos, self.max_model_len)
+        need = blocks_for(req.max_total_tokens, self.config.block_size)
+        if need > self.pool.num_blocks:
+            raise PromptTooLongError(
+                f"the request needs {need} KV blocks (prompt {len(ids)} + max_tokens {params.max_tokens} tokens) "
+                f"but the cache holds only {self.pool.num_blocks}; lower max_tokens or raise --kv-cache-memory-gb")
+        self._states[request_id] = _State(req, text, IncrementalDetokenizer(self.tokenizer, ids), stop=params.stop)
+        self.scheduler.add(req)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        st = self._states.pop(request_id, None)
+        if st is not None:
+            self.scheduler.finish(st.req, "abort")
+            self.runner.release(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that produced text or finished."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        sampled = self.runner.execute(sched)
+        self.scheduler.update(sched, sampled)
+        outputs = []
+        for chunk in sched.chunks:
+            rid = chunk.request.request_id
+            if rid in sampled and rid in self._states:
+                outputs.append(self._advance(self._states[rid], sampled[rid]))
+        return outputs
+
+    def _advance(self, st: _State, token: int) -> RequestOutput:
+        req = st.req
+        before = len(st.text)
+        st.text += st.detok.add(token)
+        if req.finished:
+            st.text += st.detok.flush()
+        if st.stop:
+            start = max(0, before - max(len(s) for s in st.stop) + 1)
+            hits = [(i, s) for s in st.stop if (i := st.text.find(s, start)) >= 0]
+            if hits:
+                st.text = st.text[: min(hits)[0]]
+                self.scheduler.finish(req, "stop")
+        visible = len(st.text) if req.finished else len(st.text) - _holdback(st.text, st.stop)
+        delta, st.emitted = st.text[st.emitted : visible], max(st.emitted, visible)
+        if req.finished:
+            del self._states[req.request_id]
+            self.runner.release(req.request_id)
+        return RequestOutput(req.request_id, st.prompt, req.prompt_token_ids, st.text[: st.emitted],
+                             list(req.output_token_ids), req.finished, req.finish_reason, delta)

@@ -1,0 +1,86 @@
+"""The one place kernels import Triton from, plus the small helpers every wrapper shares.
+
+Triton is optional: on a machine without it (or without a GPU) the engine runs the `*_ref`
+functions that sit beside each kernel, so importing a kernel file must never fail. When
+Triton is missing, `jit` turns a kernel into a stub that raises on launch, and `tl.constexpr`
+still exists so the kernel signatures parse.
+
+Tests run the kernels on CPU tensors through Triton's interpreter; `TRITON_INTERPRET=1` must
+be in the environment before Triton is imported (tests/kernels/conftest.py sets it).
+"""
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the refs still work; launching a kernel raises
+    triton = None
+    HAS_TRITON = False
+
+    class _NoTritonLanguage:
+        constexpr = object  # only ever read as a parameter annotation
+
+    tl = _NoTritonLanguage()
+
+
+class _MissingKernel:
+    def __init__(self, fn):
+        self.__name__ = fn.__name__
+
+    def __getitem__(self, grid):
+        raise RuntimeError(f"{self.__name__} needs Triton, which is not installed; use the *_ref function")
+
+
+def jit(fn):
+    """`triton.jit`, or a stub that raises on launch when Triton is missing."""
+    return triton.jit(fn) if HAS_TRITON else _MissingKernel(fn)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (tests on a GPU-less box)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def require(cond: bool, msg: str) -> None:
+    """Wrapper argument check; raises instead of `assert` so `python -O` keeps the checks."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def require_launchable(*tensors: torch.Tensor) -> None:
+    """Kernels need Triton and tensors it can address: CUDA, or CPU under the interpreter."""
+    require(HAS_TRITON, "Triton is not installed; call the *_ref function instead")
+    dev = tensors[0].device
+    for t in tensors:
+        require(t.device == dev, f"all tensors must be on one device, got {t.device} and {dev}")
+    require(dev.type == "cuda" or interpreting(),
+            f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {dev}")
+
+
+_SM_COUNT: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on `device`; 132 (an H100 SXM) when it is not a GPU, so the
+    interpreter picks the same launch shapes the target would."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

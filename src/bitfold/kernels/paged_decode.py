@@ -1,0 +1,219 @@
+"""Paged attention for decode: one new query token per sequence against its paged KV cache.
+
+Split-K "flash-decoding" (Dao et al., Flash-Decoding blog 2023; Hong et al., FlashDecoding++,
+arXiv 2311.01282) over the PagedAttention layout (Kwon et al., arXiv 2309.06180). With one
+query row per head there is little work per sequence, so a long context is cut into splits
+that run in parallel; each writes a partial (row max, row sum, unnormalized output) and a
+second kernel merges them with log-sum-exp. Short contexts or big batches use one split and
+skip the merge.
+
+GQA: one program owns a (sequence, kv head, split) and ALL query heads of that kv group, so
+each KV tile is read from memory once per group instead of once per query head. Decode is
+memory-bound; the padding of the group to 16 rows for tl.dot costs only idle tensor cores.
+"""
+import math
+
+import torch
+
+from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, jit, next_pow2, num_sms, require, require_launchable, tl
+
+_NO_WINDOW = 1 << 30  # "no sliding window" as a window longer than any context: no branch in the kernel
+
+
+@jit
+def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
+                         scale_log2, window, split_tokens, bt_stride, num_splits,
+                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QG: tl.constexpr, QG_PAD: tl.constexpr,
+                         BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(context_lens + b)
+    start = tl.maximum(seq_len - window, 0)  # the query sits at seq_len - 1
+    lo = start + split * split_tokens
+    hi = tl.minimum(lo + split_tokens, seq_len)
+    if lo >= hi:
+        return  # this sequence is shorter than the split grid; the merge skips this split
+
+    rows = tl.arange(0, QG_PAD)
+    d = tl.arange(0, BLOCK_D)
+    q_mask = (rows[:, None] < QG) & (d[None, :] < HEAD_DIM)
+    q_off = (b * NUM_HEADS + kh * QG + rows[:, None]) * HEAD_DIM + d[None, :]
+    qg = tl.load(q + q_off, mask=q_mask, other=0.0)  # [QG_PAD, BLOCK_D]; padded rows are 0
+
+    m_i = tl.full([QG_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([QG_PAD], tl.float32)
+    acc = tl.zeros([QG_PAD, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < hi
+        # A tile spans several pages: translate every position through the block table
+        # (masked, so entries past the sequence, possibly -1, are never read).
+        page = tl.load(block_tables + b * bt_stride + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        # Cached token row = NUM_KV_HEADS * HEAD_DIM elements; int64 since caches exceed 2**31.
+        tok = (page * BLOCK_SIZE + pos % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM) + kh * HEAD_DIM
+        kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
+        v = tl.load(v_cache + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if USE_DOT:
+            kt = tl.load(k_cache + tok[None, :] + d[:, None], mask=valid[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
+            s = tl.dot(qg, kt, input_precision=DOT_PREC)  # [QG_PAD, BLOCK_N]
+        else:
+            k = tl.load(k_cache + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.sum(qg.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        # Online softmax in base 2 (exp2 is one instruction); every tile holds >= 1 valid
+        # position, so m_new is finite and no -inf - -inf NaN can appear.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        m_i = m_new
+
+    if SINGLE_SPLIT:
+        o = acc / l_i[:, None]
+        tl.store(out + q_off, o.to(out.dtype.element_ty), mask=q_mask)
+    else:
+        part = (b * NUM_HEADS + kh * QG + rows) * num_splits + split  # partials are [B, H, num_splits(, D)]
+        tl.store(part_m + part, m_i, mask=rows < QG)
+        tl.store(part_l + part, l_i, mask=rows < QG)
+        tl.store(part_acc + part[:, None] * HEAD_DIM + d[None, :], acc, mask=q_mask)
+
+
+@jit
+def _decode_merge_kernel(out, part_m, part_l, part_acc, context_lens, window, split_tokens, num_splits,
+                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(context_lens + b)
+    # Splits this sequence filled (clamped so a too-small max_context_len cannot read past the buffer).
+    used = tl.minimum(tl.cdiv(seq_len - tl.maximum(seq_len - window, 0), split_tokens), num_splits)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    part = (b * NUM_HEADS + h) * num_splits + s
+    m = tl.load(part_m + part, mask=s < used, other=float("-inf"))
+    l = tl.load(part_l + part, mask=s < used, other=0.0)
+    acc = tl.load(part_acc + part[:, None] * HEAD_DIM + d[None, :],
+                  mask=(s[:, None] < used) & (d[None, :] < HEAD_DIM), other=0.0)
+    w = tl.exp2(m - tl.max(m, axis=0))  # unused splits: exp2(-inf) = 0
+    o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+    tl.store(out + (b * NUM_HEADS + h) * HEAD_DIM + d, o.to(out.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def _check(q, k_cache, v_cache, block_tables, context_lens, sliding_window):
+    require(q.dim() == 3, f"q must be [B, num_heads, head_dim], got {tuple(q.shape)}")
+    require(k_cache.dim() == 4 and v_cache.shape == k_cache.shape,
+            f"k_cache, v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, H, D = q.shape
+    require(k_cache.shape[3] == D, f"head_dim of q ({D}) != cache ({k_cache.shape[3]})")
+    require(H % k_cache.shape[2] == 0, f"num_heads {H} is not a multiple of num_kv_heads {k_cache.shape[2]}")
+    require(q.dtype in FLOAT_DTYPES and q.dtype == k_cache.dtype == v_cache.dtype,
+            f"q, k_cache, v_cache must share one float dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    require(block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.dtype == torch.int32,
+            f"block_tables must be int32 [B={B}, max_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}")
+    require(context_lens.shape == (B,) and context_lens.dtype == torch.int32,
+            f"context_lens must be int32 [B={B}], got {context_lens.dtype} {tuple(context_lens.shape)}")
+    require(sliding_window >= 0, f"sliding_window must be >= 0, got {sliding_window}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                    ("context_lens", context_lens)):
+        require(t.is_contiguous(), f"{name} must be contiguous")
+
+
+def split_plan(programs: int, span: int, sms: int, block_n: int, min_split_tokens: int,
+               num_splits: int | None = None) -> tuple[int, int]:
+    """(num_splits, split_tokens) for `programs` = B * num_kv_heads and `span` = the most KV
+    positions one query attends to. Splits are added only until the grid covers ~2 waves of
+    `sms`, and only while each split keeps >= `min_split_tokens`, so short contexts and big
+    batches get one split (and no merge). Splits are whole `block_n` tiles."""
+    if num_splits is None:
+        num_splits = max(1, min(cdiv(2 * sms, programs), span // min_split_tokens, 64))
+    split_tokens = cdiv(cdiv(span, num_splits), block_n) * block_n
+    return cdiv(span, split_tokens), split_tokens  # rounding up may leave fewer splits
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, sliding_window: int = 0, *,
+                 max_context_len: int | None = None, num_splits: int | None = None, block_n: int = 64,
+                 min_split_tokens: int = 256, use_dot: bool | None = None, num_warps: int = 4,
+                 num_stages: int = 2) -> torch.Tensor:
+    """Attention of each sequence's newest token over its whole paged context.
+
+    q: `[B, num_heads, head_dim]`, the new tokens (their K/V already written to the cache).
+    k_cache, v_cache: `[num_blocks, block_size, num_kv_heads, head_dim]`.
+    block_tables: int32 `[B, max_blocks_per_seq]`; context_lens: int32 `[B]`, >= 1, counts
+    the new token. sliding_window > 0 keeps the last `sliding_window` positions (HF Mistral).
+    Returns `[B, num_heads, head_dim]` in q's dtype.
+
+    Tuning knobs (keyword-only): `max_context_len` (any upper bound of context_lens, never
+    less than the true maximum; passing it avoids a device sync), `num_splits` (None: enough programs for ~2 waves on the GPU, at
+    least `min_split_tokens` per split), `block_n` KV tokens per tile, `use_dot` (None: tl.dot
+    with the group padded to 16 rows whenever the GQA group has > 1 head; the broadcast
+    product [group, block_n, head_dim] would not fit in registers), `num_warps`, `num_stages`.
+    """
+    _check(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
+    B, H, D = q.shape
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    require_launchable(q, k_cache, v_cache, block_tables, context_lens)
+    Hkv, block_size = k_cache.shape[2], k_cache.shape[1]
+    qg = H // Hkv
+    use_dot = qg > 1 if use_dot is None else use_dot
+    window = sliding_window if sliding_window > 0 else _NO_WINDOW
+    require(block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n must be a power of two >= 16, got {block_n}")
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())  # host sync; the engine should pass it
+    require(max_context_len >= 1, f"max_context_len must be >= 1, got {max_context_len}")
+    span = max(1, min(max_context_len, window))  # most positions any one query attends to
+    num_splits, split_tokens = split_plan(B * Hkv, span, num_sms(q.device), block_n, min_split_tokens, num_splits)
+    BLOCK_D = max(16, next_pow2(D)) if use_dot else next_pow2(D)  # tl.dot needs K >= 16
+    QG_PAD = max(16, next_pow2(qg)) if use_dot else next_pow2(qg)
+    single = num_splits == 1
+    if single:
+        part_m = part_l = part_acc = out  # never touched: SINGLE_SPLIT writes `out` directly
+    else:
+        part_m = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+    scale_log2 = float(scale) * math.log2(math.e)
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
+        scale_log2, window, split_tokens, block_tables.stride(0), num_splits,
+        NUM_HEADS=H, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=BLOCK_D, QG=qg,
+        QG_PAD=QG_PAD, BLOCK_N=block_n, USE_DOT=use_dot, SINGLE_SPLIT=single,
+        DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32: 3xTF32 keeps ~fp32 accuracy on tensor cores
+        num_warps=num_warps, num_stages=num_stages)
+    if not single:
+        _decode_merge_kernel[(B, H)](out, part_m, part_l, part_acc, context_lens, window, split_tokens,
+                                     num_splits, NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=BLOCK_D,
+                                     BLOCK_S=next_pow2(num_splits), num_warps=4)
+    return out
+
+
+def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, sliding_window: int = 0) -> torch.Tensor:
+    """Pure-PyTorch `paged_decode` (float32 math, output in q's dtype); the CPU path."""
+    _check(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
+    B, H, D = q.shape
+    if B == 0:
+        return torch.empty_like(q)
+    Hkv, block_size = k_cache.shape[2], k_cache.shape[1]
+    lens = context_lens.long()
+    pos = torch.arange(int(lens.max()), device=q.device)
+    valid = pos[None, :] < lens[:, None]  # [B, L]
+    if sliding_window > 0:
+        valid &= pos[None, :] >= lens[:, None] - sliding_window
+    pages = torch.where(valid, block_tables.long()[:, pos // block_size], 0)  # never follow an unused entry
+    k = k_cache[pages, pos % block_size].float()  # [B, L, Hkv, D]
+    v = v_cache[pages, pos % block_size].float()
+    qf = q.float().view(B, Hkv, H // Hkv, D)
+    scores = torch.einsum("bkgd,blkd->bkgl", qf, k) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    o = torch.einsum("bkgl,blkd->bkgd", scores.softmax(dim=-1), v)
+    return o.reshape(B, H, D).to(q.dtype)

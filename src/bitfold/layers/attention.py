@@ -1,0 +1,97 @@
+"""Paged attention backends and the per-step attention metadata.
+
+A backend declares what it supports as data and says why it refuses a configuration
+(vLLM's seam). The "torch" backend runs the pure-PyTorch references of kernels/ and is what
+the CPU uses; "triton" runs the Triton kernels of the same signatures on CUDA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bitfold.kernels.paged_decode import paged_decode, paged_decode_ref
+from bitfold.kernels.paged_prefill import paged_prefill, paged_prefill_ref
+from bitfold.kernels._triton import HAS_TRITON
+from bitfold.kvcache.codecs import KVCodec
+from bitfold.registry import Registry
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one step's batch to every attention layer.
+
+    slot_mapping: int64 [T] cache slot of each new token; block_tables: int32 [B, max_blocks];
+    context_lens: int32 [B] KV length of each sequence including this step's tokens;
+    cu_seqlens_q: int32 [B + 1] offsets of each sequence's new tokens in the flat batch.
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_q_len: int
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_q_len == 1
+
+
+class AttentionBackend:
+    name: str
+    devices: tuple[str, ...]
+    codecs: tuple[str, ...]
+
+    @classmethod
+    def why_unsupported(cls, device: torch.device, codec: KVCodec) -> str | None:
+        if device.type not in cls.devices:
+            return f"runs on {'/'.join(cls.devices)}, not {device.type}"
+        if codec.name not in cls.codecs:
+            return f"reads {'/'.join(cls.codecs)} KV pages, not {codec.name}"
+        return None
+
+    def __init__(self, codec: KVCodec):
+        self.codec = codec
+
+    def forward(self, q, k, v, kv_storage, meta: AttentionMetadata, scale: float, sliding_window: int):
+        """q: [T, H, D]; k, v: [T, KVH, D] (new tokens); writes k/v into the pages, returns [T, H, D]."""
+        self.codec.write(kv_storage, k, v, meta.slot_mapping)
+        k_cache, v_cache = kv_storage
+        if meta.decode_only:
+            return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, sliding_window)
+        return self.prefill(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
+                            scale, sliding_window)
+
+
+ATTENTION_BACKENDS: Registry[type[AttentionBackend]] = Registry("attention backend")
+
+
+@ATTENTION_BACKENDS.register("torch")
+class TorchAttention(AttentionBackend):
+    name, devices, codecs = "torch", ("cpu", "cuda"), ("dense",)
+    decode = staticmethod(paged_decode_ref)
+    prefill = staticmethod(paged_prefill_ref)
+
+
+@ATTENTION_BACKENDS.register("triton")
+class TritonAttention(AttentionBackend):
+    name, devices, codecs = "triton", ("cuda",), ("dense",)
+    decode = staticmethod(paged_decode)
+    prefill = staticmethod(paged_prefill)
+
+    @classmethod
+    def why_unsupported(cls, device, codec):
+        return "Triton is not installed" if not HAS_TRITON else super().why_unsupported(device, codec)
+
+
+def select_backend(name: str, device: torch.device, codec: KVCodec) -> AttentionBackend:
+    """`name` = "auto" takes the first backend (triton, then torch) that supports the setup."""
+    order = ["triton", "torch"] if name == "auto" else [name]
+    reasons = []
+    for n in order:
+        cls = ATTENTION_BACKENDS.get(n)
+        why = cls.why_unsupported(device, codec)
+        if why is None:
+            return cls(codec)
+        reasons.append(f"{n}: {why}")
+    raise ValueError("no attention backend fits: " + "; ".join(reasons))

@@ -1,0 +1,42 @@
+"""Linear layers whose storage and matmul belong to a weight format.
+
+`Linear` may be a merged layer (q|k|v or gate|up): `shards` names each part and its rows, and
+checkpoint tensors are loaded shard by shard.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitfold.weights import WEIGHT_FORMATS, WeightFormat
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool, fmt: str, dtype: torch.dtype):
+        """shards: ordered {shard name: rows}; a plain layer has one shard."""
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = sum(shards.values())
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        off = 0
+        for name, rows in shards.items():
+            self.shard_offsets[name] = (off, rows)
+            off += rows
+        self.fmt: WeightFormat = WEIGHT_FORMATS.get(fmt)()
+        self.fmt.create_weights(self, in_features, self.out_features, dtype)
+        self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def load_shard(self, shard: str, tensor: torch.Tensor, is_bias: bool) -> None:
+        off, rows = self.shard_offsets[shard]
+        if tensor.shape[0] != rows:
+            raise ValueError(f"shard {shard!r} expects {rows} rows, checkpoint has {tuple(tensor.shape)}")
+        if is_bias:
+            if self.bias is None:
+                raise ValueError(f"shard {shard!r} got a bias but the layer was built without one")
+            self.bias.data[off : off + rows].copy_(tensor)
+        else:
+            self.fmt.load(self, tensor, off)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fmt.apply(self, x)
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,3 @@
+"""Weight formats: how a linear layer stores and multiplies its weight. Importing registers them."""
+from bitfold.weights.base import WEIGHT_FORMATS, WeightFormat  # noqa: F401
+from bitfold.weights import dense  # noqa: F401

@@ -1,0 +1,36 @@
+"""The weight-format interface (vLLM's quantization-method seam, gpt-fast's module swap).
+
+Quantization belongs to the layer: a `Linear` asks its format to create parameters, to take
+checkpoint tensors (`load`, possibly one shard of a merged layer at a row offset), to finish
+after loading (repack for a kernel) and to `apply` itself to activations.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from bitfold.registry import Registry
+
+
+class WeightFormat(ABC):
+    name: str
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        """Register the layer's parameters/buffers (shape [out_features, in_features] logically)."""
+
+    @abstractmethod
+    def load(self, layer: nn.Module, weight: torch.Tensor, row_offset: int) -> None:
+        """Copy a checkpoint weight [rows, in_features] (float) into rows [row_offset, +rows)."""
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        """Repack once every shard is in (e.g. into a kernel's layout). Default: nothing."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in_features] -> [T, out_features] (bias added by the caller)."""
+
+
+WEIGHT_FORMATS: Registry[type[WeightFormat]] = Registry("weight format")

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from bitfold.kernels.paged_decode import paged_decode, paged_decode_ref, split_plan
+
+from ._util import (DEVICE, assert_close, attention_f64, gather_f64, make_paged_kv, need_triton, randn,
+                    skip_interpreted_bf16_dot)
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# (block_size, num_kv_heads, group, head_dim, context_lens, sliding_window, dtype, kernel knobs)
+CASES = {
+    # one token, exactly one block, one past it, ragged; GQA 1 -> broadcast-reduce path
+    "mha-edges": (16, 2, 1, 64, [1, 16, 17, 45], 0, F32, {}),
+    # GQA 4, split-K with a merge; contexts end on / one past a 32-token page
+    "gqa4-splits": (32, 2, 4, 128, [32, 33, 70], 0, F32, dict(num_splits=3, block_n=16)),
+    # GQA 8, sliding window spanning splits; window start not page-aligned
+    "gqa8-window": (16, 1, 8, 64, [5, 40, 100], 40, F32, dict(min_split_tokens=16, block_n=16)),
+    # default knobs, long enough that the auto plan picks 2 splits of 320 tokens
+    "auto-long": (16, 1, 8, 64, [600], 0, F32, {}),
+    # forced paths: tl.dot with one real row padded to 16; broadcast with 4 rows
+    "dot-mha": (16, 2, 1, 64, [20, 49], 0, F32, dict(use_dot=True, num_splits=2, block_n=16)),
+    "bcast-gqa4": (16, 2, 4, 64, [20, 49], 7, F32, dict(use_dot=False, num_splits=2, block_n=16)),
+    # a wider ragged batch: block_size 32, GQA 8, head_dim 128, window on, auto plan
+    "ragged-gqa8-d128": (32, 2, 8, 128, [3, 31, 32, 64, 65, 90], 50, F32, dict(min_split_tokens=16, block_n=16)),
+    "fp16-gqa4": (16, 2, 4, 64, [17, 48], 0, F16, dict(num_splits=2, block_n=16)),
+    "bf16-mha": (16, 2, 1, 128, [16, 33], 0, BF16, dict(num_splits=2, block_n=16)),
+    "bf16-gqa4": (16, 2, 4, 64, [17, 48], 10, BF16, dict(block_n=16)),
+}
+
+
+def _inputs(case, seed=0):
+    block_size, hkv, group, d, lens, window, dtype, knobs = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, tables, ctx = make_paged_kv(lens, block_size, hkv, d, dtype, gen)
+    q = randn(len(lens), hkv * group, d, dtype=dtype, gen=gen)
+    return q, k_cache, v_cache, tables, ctx, d ** -0.5, window, knobs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ref_matches_float64(case):
+    q, k_cache, v_cache, tables, ctx, scale, window, _ = _inputs(case)
+    out = paged_decode_ref(q, k_cache, v_cache, tables, ctx, scale, window)
+    for b, n in enumerate(ctx.tolist()):
+        k, v = gather_f64(k_cache, tables, b, n), gather_f64(v_cache, tables, b, n)
+        expected = attention_f64(q[b:b + 1], k, v, [n - 1], scale, window)[0]
+        assert_close(out[b], expected, q.dtype)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_ref(case):
+    need_triton()
+    q, k_cache, v_cache, tables, ctx, scale, window, knobs = _inputs(case)
+    use_dot = knobs.get("use_dot", q.shape[1] > k_cache.shape[2])
+    if use_dot:
+        skip_interpreted_bf16_dot(q.dtype)
+    out = paged_decode(q, k_cache, v_cache, tables, ctx, scale, window, **knobs)
+    assert_close(out, paged_decode_ref(q, k_cache, v_cache, tables, ctx, scale, window), q.dtype, kernel=True)
+
+
+def test_upper_bound_max_context_len():
+    """The engine may pass any upper bound (e.g. under CUDA graphs): extra splits stay empty."""
+    need_triton()
+    q, k_cache, v_cache, tables, ctx, scale, _, _ = _inputs("gqa4-splits")
+    out = paged_decode(q, k_cache, v_cache, tables, ctx, scale, max_context_len=400,
+                       min_split_tokens=16, block_n=16)
+    assert_close(out, paged_decode_ref(q, k_cache, v_cache, tables, ctx, scale), q.dtype)
+
+
+def test_split_plan():
+    # short context or a batch that already fills the GPU: one split, no merge kernel
+    assert split_plan(programs=8, span=200, sms=132, block_n=64, min_split_tokens=256) == (1, 256)
+    assert split_plan(programs=512, span=8192, sms=132, block_n=64, min_split_tokens=256)[0] == 1
+    # one long sequence: split until ~2 waves, whole tiles, covering the span
+    n, tokens = split_plan(programs=8, span=4096, sms=132, block_n=64, min_split_tokens=256)
+    assert n == 16 and tokens == 256
+    n, tokens = split_plan(programs=1, span=1000, sms=132, block_n=64, min_split_tokens=256)
+    assert tokens % 64 == 0 and n * tokens >= 1000 and (n - 1) * tokens < 1000
+
+
+def test_empty_batch_and_bad_inputs():
+    q, k_cache, v_cache, tables, ctx, scale, _, _ = _inputs("mha-edges")
+    for fn in (paged_decode, paged_decode_ref):
+        assert fn(q[:0], k_cache, v_cache, tables[:0], ctx[:0], scale).shape == (0, *q.shape[1:])
+        with pytest.raises(ValueError, match="context_lens must be int32"):
+            fn(q, k_cache, v_cache, tables, ctx.long(), scale)
+        with pytest.raises(ValueError, match="share one float dtype"):
+            fn(q.half(), k_cache, v_cache, tables, ctx, scale)
+        with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+            fn(q[:, :1].contiguous(), k_cache, v_cache, tables, ctx, scale)
+        with pytest.raises(ValueError, match="q must be contiguous"):
+            fn(q.transpose(0, 1).contiguous().transpose(0, 1), k_cache, v_cache, tables, ctx, scale)
