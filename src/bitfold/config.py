@@ -55,11 +55,26 @@ class ModelConfig:
                 raise ModelLoadError(f"{source}: field {key!r} is missing from config.json")
             return cfg[key]
 
+        def check_int(key: str, value, minimum: int = 1):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ModelLoadError(f"{source}: field {key!r} is {value!r}, expected an integer >= {minimum}")
+            return value
+
+        def need_int(key: str):
+            return check_int(key, need(key))
+
+        def opt_int(key: str):  # optional, with "absent", null and 0 meaning "derive it"
+            return check_int(key, cfg[key]) if cfg.get(key) is not None and cfg.get(key) != 0 else None
+
         archs = cfg.get("architectures") or []
-        if not archs:
+        if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
             raise ModelLoadError(f"{source}: config.json has no 'architectures' list (expected e.g. ['LlamaForCausalLM'])")
-        n_heads = need("num_attention_heads")
-        hidden = need("hidden_size")
+        n_heads = need_int("num_attention_heads")
+        hidden = need_int("hidden_size")
+        n_kv_heads = opt_int("num_key_value_heads") or n_heads
+        if n_heads % n_kv_heads:
+            raise ModelLoadError(f"{source}: num_attention_heads={n_heads} is not a multiple of "
+                                 f"num_key_value_heads={n_kv_heads}")
         rope = cfg.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -70,17 +85,17 @@ class ModelConfig:
             window = 0  # Qwen2/3 carry a window size but switch it off
         return cls(
             architecture=archs[0],
-            vocab_size=need("vocab_size"),
+            vocab_size=need_int("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"),
+            intermediate_size=need_int("intermediate_size"),
+            num_layers=need_int("num_hidden_layers"),
             num_heads=n_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or hidden // n_heads,
+            num_kv_heads=n_kv_heads,
+            head_dim=opt_int("head_dim") or hidden // n_heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=opt_int("max_position_embeddings") or 2048,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             o_bias=bool(cfg.get("attention_bias", False)),
@@ -107,7 +122,9 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = _opt(None, "memory for the KV cache in GiB (default 2 on CPU)")
     num_kv_blocks: int | None = _opt(None, "exact number of KV blocks (overrides --kv-cache-memory-gb)")
     kv_codec: str = _opt("auto", "KV-cache storage codec (auto = the compute dtype)")
-    max_num_seqs: int = _opt(64, "most requests decoded together in one step")
+    gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights, activations and KV cache")
+    enforce_eager: bool = _opt(False, "do not capture CUDA graphs for decode (GPU only)")
+    max_num_seqs: int = _opt(128, "most requests decoded together in one step")
     max_num_batched_tokens: int = _opt(1024, "token budget per step; longer prompts are prefilled in chunks")
 
     def validate(self) -> None:
@@ -122,6 +139,8 @@ class EngineConfig:
             bad("max_num_batched_tokens", "an integer >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             bad("max_model_len", "an integer >= 2")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            bad("gpu_memory_utilization", "a fraction in (0, 1]")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             bad("kv_cache_memory_gb", "a positive number of GiB")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

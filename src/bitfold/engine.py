@@ -20,6 +20,7 @@ from bitfold.core.scheduler import Scheduler
 from bitfold.detokenizer import IncrementalDetokenizer
 from bitfold.errors import BitfoldError, InvalidRequestError, PromptTooLongError
 from bitfold.loader import open_model
+from bitfold.loader.source import ModelSource
 from bitfold.runner.model_runner import ModelRunner
 from bitfold.sampling import SamplingParams
 
@@ -47,7 +48,7 @@ class RequestOutput:
 class _State:
     req: Request
     prompt: str | None
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None
     text: str = ""
     emitted: int = 0  # characters of `text` already handed out
     stop: list[str] = field(default_factory=list)
@@ -73,12 +74,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None):
+        """`source` overrides `config.model` (benchmarks build random-weight sources); a
+        source without a tokenizer runs token ids in, token ids out (text stays empty)."""
         config.validate()
         self.config = config
-        source = open_model(config.model)
+        source = source or open_model(config.model)
         self.model_path = source.path
-        self.tokenizer = source.load_tokenizer()
+        self.tokenizer = source.load_tokenizer() if source.load_tokenizer else None
         self.device = resolve_device(config.device)
         self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if config.max_model_len is not None and config.max_model_len > source.max_context:
@@ -100,6 +103,8 @@ class LLMEngine:
             raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: pass prompts as token ids")
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
             text, ids = None, list(prompt)
@@ -115,14 +120,15 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._states:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
+        eos = frozenset() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         req = Request(request_id, ids, params, eos, self.max_model_len)
         need = blocks_for(req.max_total_tokens, self.config.block_size)
         if need > self.pool.num_blocks:
             raise PromptTooLongError(
                 f"the request needs {need} KV blocks (prompt {len(ids)} + max_tokens {params.max_tokens} tokens) "
                 f"but the cache holds only {self.pool.num_blocks}; lower max_tokens or raise --kv-cache-memory-gb")
-        self._states[request_id] = _State(req, text, IncrementalDetokenizer(self.tokenizer, ids), stop=params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
+        self._states[request_id] = _State(req, text, detok, stop=params.stop)
         self.scheduler.add(req)
         return request_id
 
@@ -153,9 +159,10 @@ class LLMEngine:
     def _advance(self, st: _State, token: int) -> RequestOutput:
         req = st.req
         before = len(st.text)
-        st.text += st.detok.add(token)
-        if req.finished:
-            st.text += st.detok.flush()
+        if st.detok is not None:
+            st.text += st.detok.add(token)
+            if req.finished:
+                st.text += st.detok.flush()
         if st.stop:
             start = max(0, before - max(len(s) for s in st.stop) + 1)
             hits = [(i, s) for s in st.stop if (i := st.text.find(s, start)) >= 0]

@@ -49,3 +49,12 @@ def test_kv_manager_grows_tables_by_block_and_forks():
     assert pool.num_free == 8 and kv.num_tables == 0
     big = Request("c", [1] * 40, SamplingParams())
     assert not kv.allocate_slots(big, 40) and pool.num_free == 8 and kv.num_tables == 0
+
+
+def test_token_slice_equals_concatenation():
+    r = Request("a", list(range(7)), SamplingParams())
+    r.output_token_ids = list(range(100, 105))
+    full = r.all_token_ids
+    for a in range(13):
+        for b in range(a, 13):
+            assert r.token_slice(a, b) == full[a:b]

@@ -23,7 +23,9 @@ class AttentionMetadata:
 
     slot_mapping: int64 [T] cache slot of each new token; block_tables: int32 [B, max_blocks];
     context_lens: int32 [B] KV length of each sequence including this step's tokens;
-    cu_seqlens_q: int32 [B + 1] offsets of each sequence's new tokens in the flat batch.
+    cu_seqlens_q: int32 [B + 1] offsets of each sequence's new tokens in the flat batch;
+    max_context_len: a host-side upper bound of context_lens (kernels size their grid from it
+    without a device sync; CUDA graphs pass the model's max length).
     """
 
     slot_mapping: torch.Tensor
@@ -31,6 +33,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor
     max_q_len: int
+    max_context_len: int
 
     @property
     def decode_only(self) -> bool:
@@ -53,12 +56,16 @@ class AttentionBackend:
     def __init__(self, codec: KVCodec):
         self.codec = codec
 
+    def decode_kwargs(self, meta: AttentionMetadata) -> dict:
+        return {}
+
     def forward(self, q, k, v, kv_storage, meta: AttentionMetadata, scale: float, sliding_window: int):
         """q: [T, H, D]; k, v: [T, KVH, D] (new tokens); writes k/v into the pages, returns [T, H, D]."""
         self.codec.write(kv_storage, k, v, meta.slot_mapping)
         k_cache, v_cache = kv_storage
         if meta.decode_only:
-            return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, sliding_window)
+            return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, sliding_window,
+                               **self.decode_kwargs(meta))
         return self.prefill(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
                             scale, sliding_window)
 
@@ -82,6 +89,9 @@ class TritonAttention(AttentionBackend):
     @classmethod
     def why_unsupported(cls, device, codec):
         return "Triton is not installed" if not HAS_TRITON else super().why_unsupported(device, codec)
+
+    def decode_kwargs(self, meta):
+        return {"max_context_len": meta.max_context_len}  # no device sync: CUDA-graph safe
 
 
 def select_backend(name: str, device: torch.device, codec: KVCodec) -> AttentionBackend:

@@ -18,11 +18,11 @@ from bitfold.layers.sampler import sample
 from bitfold.loader.source import ModelSource
 from bitfold.models import MODELS
 from bitfold.models.base import StepContext
+from bitfold.runner.cuda_graphs import DecodeGraphs, default_batch_sizes
 
 log = logging.getLogger("bitfold")
 
 DEFAULT_CPU_KV_GB = 2.0
-DEFAULT_GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
 
 
 class ModelRunner:
@@ -34,31 +34,73 @@ class ModelRunner:
         with torch.device(device):
             self.model = model_cls(self.model_config, dtype, max_positions=max_model_len)
         self.model.load_weights(source.weights(), source.path)
-        self.model.eval()
+        self.model.eval().requires_grad_(False)
 
         mc = self.model_config
         if cfg.kv_codec not in KV_CODECS:
             raise BitfoldError(f"unknown KV codec {cfg.kv_codec!r}; known: {', '.join(KV_CODECS.names())}")
         codec = KV_CODECS.get(cfg.kv_codec)(dtype)
         self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, codec)
+        self.backend = select_backend("auto", device, codec)
+        self.max_model_len = max_model_len
         self.num_blocks = cfg.num_kv_blocks or self.kv_spec.num_blocks_for(self._kv_budget_bytes())
         if self.num_blocks < 1:
-            raise BitfoldError("the KV-cache budget is smaller than one block; raise --kv-cache-memory-gb")
+            raise BitfoldError("the KV-cache budget is smaller than one block; raise --kv-cache-memory-gb "
+                               "or --gpu-memory-utilization")
         self.kv_caches = [codec.allocate(self.num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, device)
                           for _ in range(mc.num_layers)]
-        self.backend = select_backend("auto", device, codec)
         self.generators: dict[str, torch.Generator] = {}
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s codec, %s attention)",
+        log.info("KV cache: %d blocks x %d tokens = %d tokens fit (%.2f GiB, %s codec, %s attention)",
                  self.num_blocks, cfg.block_size, self.num_blocks * cfg.block_size,
                  self.num_blocks * self.kv_spec.page_size_bytes / 2**30, codec.name, self.backend.name)
+        self.graphs = None
+        if device.type == "cuda" and not cfg.enforce_eager:
+            sizes = default_batch_sizes(cfg.max_num_seqs)
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, sizes, max_model_len, cfg.block_size)
+            log.info("captured CUDA graphs for decode batch sizes %s", sizes)
 
     def _kv_budget_bytes(self) -> int:
         if self.cfg.kv_cache_memory_gb is not None:
             return int(self.cfg.kv_cache_memory_gb * 2**30)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * DEFAULT_GPU_KV_FRACTION)
-        return int(DEFAULT_CPU_KV_GB * 2**30)
+        if self.device.type != "cuda":
+            return int(DEFAULT_CPU_KV_GB * 2**30)
+        # vLLM's recipe: profile the largest step with a throw-away cache, then give the KV
+        # cache what is left of `gpu_memory_utilization` of the card.
+        peak = self._profile_peak_bytes()
+        free, total = torch.cuda.mem_get_info(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, other processes
+        logits = self.cfg.max_num_seqs * self.model_config.vocab_size * 4 * 2  # decode logits, graphs included
+        budget = int(total * self.cfg.gpu_memory_utilization) - peak - others - logits
+        log.info("GPU memory: %.1f GiB total, peak %.2f GiB for weights + activations, %.2f GiB KV budget",
+                 total / 2**30, peak / 2**30, budget / 2**30)
+        return max(budget, 0)
+
+    @torch.inference_mode()
+    def _profile_peak_bytes(self) -> int:
+        """Peak memory of a forward over `max_num_batched_tokens` tokens (weights included)."""
+        from bitfold.core.request import Request
+        from bitfold.sampling import SamplingParams
+
+        n = min(self.cfg.max_num_batched_tokens, self.max_model_len)
+        bs = self.cfg.block_size
+        nb = -(-n // bs)
+        mc = self.model_config
+        scratch = [self.kv_spec.codec.allocate(nb, bs, mc.num_kv_heads, mc.head_dim, self.device)
+                   for _ in range(mc.num_layers)]
+        req = Request("profile", [0] * n, SamplingParams(max_tokens=1))
+        chunk = ScheduledChunk(req, 0, n, list(range(nb)))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        saved, self.kv_caches = getattr(self, "kv_caches", None), scratch
+        try:
+            self.forward_logits([chunk])
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated(self.device)
+        finally:
+            self.kv_caches = saved
+            del scratch
+            torch.cuda.empty_cache()
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepContext]:
         """Flatten the step's chunks into input_ids [T] and the attention metadata."""
@@ -81,6 +123,7 @@ class ModelRunner:
             context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             max_q_len=max(c.num_tokens for c in chunks),
+            max_context_len=max(ctx_lens),
         )
         ctx = StepContext(torch.tensor(pos, dtype=torch.int64, device=dev), meta, self.kv_caches, self.backend)
         return torch.tensor(ids, dtype=torch.int64, device=dev), ctx
@@ -94,9 +137,16 @@ class ModelRunner:
             h = h[ctx.attn.cu_seqlens_q[1:].long() - 1]
         return self.model.compute_logits(h)
 
+    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run one scheduled step; return {request_id: sampled token} for chunks that sample."""
-        logits = self.forward_logits(out.chunks)
+        chunks = out.chunks
+        if self.graphs is not None and all(c.num_tokens == 1 for c in chunks) and self.graphs.fits(len(chunks)):
+            input_ids, ctx = self.prepare(chunks)
+            m = ctx.attn
+            logits = self.graphs.run(input_ids, ctx.positions, m.slot_mapping, m.block_tables, m.context_lens)
+        else:
+            logits = self.forward_logits(chunks)
         rows = [i for i, c in enumerate(out.chunks) if c.samples]
         if not rows:
             return {}
