@@ -22,7 +22,6 @@ def _greedy(llm, n=32):
 
 
 def _prefill_logits(llm):
-    from tests.helpers import rel_err  # noqa: F401  (keeps helpers importable in this module)
     from bitfold.core.request import Request
     from bitfold.core.scheduler import ScheduledChunk
 
@@ -46,12 +45,29 @@ def test_fp32_gpu_greedy_equals_cpu(smollm2_path, cpu_llm, enforce_eager):
     assert gpu.engine.pool.num_free == gpu.engine.pool.num_blocks
 
 
-def test_bf16_gpu_logits_within_bf16_tolerance(smollm2_path, cpu_llm):
+def test_bf16_gpu_logits_within_bf16_tolerance(smollm2_path, smollm2_hf, cpu_llm):
+    """bf16's own error on this model, measured with transformers in bf16 against the fp32
+    CPU path, sets the bar: bitfold's bf16 GPU logits may not be much worse."""
+    import os
+
+    import transformers
+
     from tests.helpers import rel_err
 
+    folder, name = os.path.split(smollm2_path)
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16).cuda()
     gpu = LLM(smollm2_path, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3)
-    for g, c in zip(_prefill_logits(gpu), _prefill_logits(cpu_llm)):
-        assert rel_err(g.float(), c) < 3e-2
+    ours, hf_errs = [], []
+    for p, g, c in zip(PROMPTS, _prefill_logits(gpu), _prefill_logits(cpu_llm)):
+        ids = torch.tensor([gpu.tokenizer.encode(p, add_special_tokens=False)], device="cuda")
+        with torch.no_grad():
+            h = hf_bf16(ids).logits[0].float().cpu()
+        ours.append(rel_err(g.float(), c))
+        hf_errs.append(rel_err(h, c))
+    print("bf16 logits rel. error vs fp32: bitfold", [f"{e:.4f}" for e in ours], "transformers", [f"{e:.4f}" for e in hf_errs])
+    # Per prompt, bf16 error is noisy for any implementation (transformers' sdpa and eager
+    # differ by up to 1.7x on one prompt), so compare the means over the prompts.
+    assert sum(ours) / len(ours) < 1.3 * sum(hf_errs) / len(hf_errs)
     # Greedy in bf16 may drift from fp32 after many tokens; the first ones must agree.
     agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(_greedy(gpu), _greedy(cpu_llm))]
     print("bf16 vs fp32 greedy: tokens agreeing before the first difference:", agree)

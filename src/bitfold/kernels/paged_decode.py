@@ -22,7 +22,7 @@ _NO_WINDOW = 1 << 30  # "no sliding window" as a window longer than any context:
 
 @jit
 def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
-                         scale_log2, window, split_tokens, bt_stride, num_splits,
+                         scale_log2, window, bt_stride, num_splits,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QG: tl.constexpr, QG_PAD: tl.constexpr,
                          BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
@@ -32,6 +32,9 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
     split = tl.program_id(2)
     seq_len = tl.load(context_lens + b)
     start = tl.maximum(seq_len - window, 0)  # the query sits at seq_len - 1
+    # Each sequence cuts ITS span into the launched splits (whole BLOCK_N tiles), so a grid
+    # planned for the longest possible context (CUDA graphs) stays balanced for short ones.
+    split_tokens = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
     lo = start + split * split_tokens
     hi = tl.minimum(lo + split_tokens, seq_len)
     if lo >= hi:
@@ -86,14 +89,15 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
 
 
 @jit
-def _decode_merge_kernel(out, part_m, part_l, part_acc, context_lens, window, split_tokens, num_splits,
+def _decode_merge_kernel(out, part_m, part_l, part_acc, context_lens, window, num_splits,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+                         BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(context_lens + b)
-    # Splits this sequence filled (clamped so a too-small max_context_len cannot read past the buffer).
-    used = tl.minimum(tl.cdiv(seq_len - tl.maximum(seq_len - window, 0), split_tokens), num_splits)
+    span = seq_len - tl.maximum(seq_len - window, 0)
+    split_tokens = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N  # as the split kernel cut it
+    used = tl.minimum(tl.cdiv(span, split_tokens), num_splits)  # splits this sequence filled
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     part = (b * NUM_HEADS + h) * num_splits + s
@@ -184,15 +188,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     scale_log2 = float(scale) * math.log2(math.e)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
-        scale_log2, window, split_tokens, block_tables.stride(0), num_splits,
+        scale_log2, window, block_tables.stride(0), num_splits,
         NUM_HEADS=H, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=BLOCK_D, QG=qg,
         QG_PAD=QG_PAD, BLOCK_N=block_n, USE_DOT=use_dot, SINGLE_SPLIT=single,
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32: 3xTF32 keeps ~fp32 accuracy on tensor cores
         num_warps=num_warps, num_stages=num_stages)
     if not single:
-        _decode_merge_kernel[(B, H)](out, part_m, part_l, part_acc, context_lens, window, split_tokens,
+        _decode_merge_kernel[(B, H)](out, part_m, part_l, part_acc, context_lens, window,
                                      num_splits, NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=BLOCK_D,
-                                     BLOCK_S=next_pow2(num_splits), num_warps=4)
+                                     BLOCK_S=next_pow2(num_splits), BLOCK_N=block_n, num_warps=4)
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 from bitfold.kernels.paged_decode import paged_decode, paged_decode_ref
 from bitfold.kernels.paged_prefill import paged_prefill, paged_prefill_ref
 from bitfold.kernels._triton import HAS_TRITON
+from bitfold.errors import BitfoldError
 from bitfold.kvcache.codecs import KVCodec
 from bitfold.registry import Registry
 
@@ -44,6 +45,7 @@ class AttentionBackend:
     name: str
     devices: tuple[str, ...]
     codecs: tuple[str, ...]
+    graph_safe: bool = False  # no host syncs, so a decode step can be captured in a CUDA graph
 
     @classmethod
     def why_unsupported(cls, device: torch.device, codec: KVCodec) -> str | None:
@@ -82,7 +84,7 @@ class TorchAttention(AttentionBackend):
 
 @ATTENTION_BACKENDS.register("triton")
 class TritonAttention(AttentionBackend):
-    name, devices, codecs = "triton", ("cuda",), ("dense",)
+    name, devices, codecs, graph_safe = "triton", ("cuda",), ("dense",), True
     decode = staticmethod(paged_decode)
     prefill = staticmethod(paged_prefill)
 
@@ -97,6 +99,8 @@ class TritonAttention(AttentionBackend):
 def select_backend(name: str, device: torch.device, codec: KVCodec) -> AttentionBackend:
     """`name` = "auto" takes the first backend (triton, then torch) that supports the setup."""
     order = ["triton", "torch"] if name == "auto" else [name]
+    if name != "auto" and name not in ATTENTION_BACKENDS:
+        raise BitfoldError(f"unknown attention backend {name!r}; known: auto, {', '.join(ATTENTION_BACKENDS.names())}")
     reasons = []
     for n in order:
         cls = ATTENTION_BACKENDS.get(n)
@@ -104,4 +108,4 @@ def select_backend(name: str, device: torch.device, codec: KVCodec) -> Attention
         if why is None:
             return cls(codec)
         reasons.append(f"{n}: {why}")
-    raise ValueError("no attention backend fits: " + "; ".join(reasons))
+    raise BitfoldError("no attention backend fits: " + "; ".join(reasons))

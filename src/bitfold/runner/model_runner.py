@@ -41,7 +41,7 @@ class ModelRunner:
             raise BitfoldError(f"unknown KV codec {cfg.kv_codec!r}; known: {', '.join(KV_CODECS.names())}")
         codec = KV_CODECS.get(cfg.kv_codec)(dtype)
         self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, codec)
-        self.backend = select_backend("auto", device, codec)
+        self.backend = select_backend(cfg.attention_backend, device, codec)
         self.max_model_len = max_model_len
         self.num_blocks = cfg.num_kv_blocks or self.kv_spec.num_blocks_for(self._kv_budget_bytes())
         if self.num_blocks < 1:
@@ -54,7 +54,7 @@ class ModelRunner:
                  self.num_blocks, cfg.block_size, self.num_blocks * cfg.block_size,
                  self.num_blocks * self.kv_spec.page_size_bytes / 2**30, codec.name, self.backend.name)
         self.graphs = None
-        if device.type == "cuda" and not cfg.enforce_eager:
+        if device.type == "cuda" and not cfg.enforce_eager and self.backend.graph_safe:
             sizes = default_batch_sizes(cfg.max_num_seqs)
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, sizes, max_model_len, cfg.block_size)
