@@ -103,30 +103,32 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepContext]:
-        """Flatten the step's chunks into input_ids [T] and the attention metadata."""
+        """Flatten the step's chunks into input_ids [T] and the attention metadata, with two
+        host-to-device transfers (this runs every decode step, up to 256 sequences)."""
         bs = self.cfg.block_size
-        ids, pos, slots, ctx_lens, cu = [], [], [], [], [0]
+        ids, pos, slots, ctx_lens, cu, tables = [], [], [], [], [0], []
         max_blocks = max(len(c.block_table) for c in chunks)
-        tables = torch.zeros(len(chunks), max_blocks, dtype=torch.int32)
-        for i, c in enumerate(chunks):
+        for c in chunks:
+            table, end = c.block_table, c.start + c.num_tokens
             ids.extend(c.token_ids)
-            p = range(c.start, c.start + c.num_tokens)
+            p = range(c.start, end)
             pos.extend(p)
-            slots.extend(c.block_table[j // bs] * bs + j % bs for j in p)
-            ctx_lens.append(c.start + c.num_tokens)
+            slots.extend(table[j // bs] * bs + j % bs for j in p)
+            ctx_lens.append(end)
             cu.append(cu[-1] + c.num_tokens)
-            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
-        dev = self.device
+            tables.append(table + [0] * (max_blocks - len(table)))
+        T, B, dev = len(ids), len(chunks), self.device
+        vec64 = torch.tensor(ids + pos + slots, dtype=torch.int64).to(dev)
+        small32 = torch.tensor(ctx_lens + cu, dtype=torch.int32).to(dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=tables.to(dev),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            slot_mapping=vec64[2 * T :],
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev),
+            context_lens=small32[:B],
+            cu_seqlens_q=small32[B:],
             max_q_len=max(c.num_tokens for c in chunks),
             max_context_len=max(ctx_lens),
         )
-        ctx = StepContext(torch.tensor(pos, dtype=torch.int64, device=dev), meta, self.kv_caches, self.backend)
-        return torch.tensor(ids, dtype=torch.int64, device=dev), ctx
+        return vec64[:T], StepContext(vec64[T : 2 * T], meta, self.kv_caches, self.backend)
 
     @torch.inference_mode()
     def forward_logits(self, chunks: list[ScheduledChunk], all_tokens: bool = False) -> torch.Tensor:
@@ -147,12 +149,14 @@ class ModelRunner:
             logits = self.graphs.run(input_ids, ctx.positions, m.slot_mapping, m.block_tables, m.context_lens)
         else:
             logits = self.forward_logits(chunks)
-        rows = [i for i, c in enumerate(out.chunks) if c.samples]
+        rows = [i for i, c in enumerate(chunks) if c.samples]
         if not rows:
             return {}
-        reqs = [out.chunks[i].request for i in rows]
+        reqs = [chunks[i].request for i in rows]
         gens = [self._generator(r.request_id, r.sampling.seed) if not r.sampling.greedy else None for r in reqs]
-        tokens = sample(logits[rows], [r.sampling for r in reqs], gens)
+        if len(rows) < len(chunks):  # partial-prefill chunks sample nothing
+            logits = logits[rows]
+        tokens = sample(logits, [r.sampling for r in reqs], gens)
         return {r.request_id: t for r, t in zip(reqs, tokens)}
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
