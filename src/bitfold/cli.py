@@ -11,9 +11,17 @@ import sys
 import time
 
 from bitfold.config import EngineConfig, add_dataclass_args, dataclass_from_args
-from bitfold.errors import BitfoldError
+from bitfold.errors import BitfoldError, InvalidRequestError
 
 EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are bad input too: one `bitfold: error: ...` line and status 2, not
+    argparse's usage block (`--help` still shows it)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"bitfold: error: {message} (see '{self.prog} --help')\n")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -34,7 +42,7 @@ def _params(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitfold", description="Memory-bound-first LLM inference.")
+    parser = _Parser(prog="bitfold", description="Memory-bound-first LLM inference.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details (KV capacity, ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -52,26 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
+    """The LLM and its status line, printed by the caller once the input is known to be good
+    (bad input is one stderr line and nothing else)."""
     from bitfold.llm import LLM
 
     cfg = dataclass_from_args(EngineConfig, args)
     t0 = time.perf_counter()
     llm = LLM(**vars(cfg))
-    print(f"[bitfold] {llm.engine.model_path} on {llm.engine.device} ({str(llm.engine.dtype)[6:]}), "
-          f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return llm
+    status = (f"[bitfold] {llm.engine.model_path} on {llm.engine.device} ({str(llm.engine.dtype)[6:]}), "
+              f"loaded in {time.perf_counter() - t0:.1f}s")
+    return llm, status
 
 
 def cmd_generate(args) -> None:
     params = _params(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    llm = _load(args)
+    llm, status = _load(args)
     t0 = time.perf_counter()
     if args.chat:
         stream = llm.chat_stream([{"role": "user", "content": prompt}], params)
     else:
-        sys.stdout.write(prompt)
         stream = llm.stream(prompt, params)
+    first = next(stream, "")  # validates the request (prompt length...) before anything is printed
+    print(status, file=sys.stderr)
+    sys.stdout.write(first if args.chat else prompt + first)
+    sys.stdout.flush()
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -84,8 +97,9 @@ def cmd_generate(args) -> None:
 
 def cmd_chat(args) -> None:
     params = _params(args)
-    llm = _load(args)
+    llm, status = _load(args)
     llm.tokenizer.apply_chat_template([{"role": "user", "content": "x"}])  # fail now if there is no template
+    print(status, file=sys.stderr)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("[bitfold] chat: type a message; /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
@@ -110,12 +124,20 @@ def cmd_chat(args) -> None:
                 sys.stdout.flush()
         except KeyboardInterrupt:  # stop this reply, keep the session
             sys.stdout.write(" [interrupted]")
+        except InvalidRequestError as e:  # e.g. the conversation outgrew the context: drop this turn
+            history.pop()
+            sys.stdout.flush()
+            print(f"bitfold: error: {e} (/reset clears the history)", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[bitfold] %(message)s")
     try:
         {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)

@@ -29,29 +29,44 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        elif self.stop is None:
+            self.stop = []
+        if isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
         self.validate()
 
     def validate(self) -> None:
         def bad(name: str, value, expected: str):
             raise InvalidSamplingParamsError(f"invalid sampling parameter {name}={value!r}: expected {expected}")
 
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if not number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             bad("temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
-        if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
+        if not number(self.top_p) or not (0 < self.top_p <= 1):
             bad("top_p", self.top_p, "a number in (0, 1]")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             bad("top_k", self.top_k, "an integer >= 0 (0 or -1 disables it)")
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             bad("max_tokens", self.max_tokens, "an integer >= 1")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            bad("seed", self.seed, "an integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(2**63) <= self.seed < 2**64):
+            bad("seed", self.seed, "an integer in [-2**63, 2**64) or None")
+        if not isinstance(self.stop, list):
+            bad("stop", self.stop, "a string or a list of strings")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 bad("stop", s, "non-empty strings")
+        if not isinstance(self.stop_token_ids, list):
+            bad("stop_token_ids", self.stop_token_ids, "a list of token ids")
         for t in self.stop_token_ids:
-            if not isinstance(t, int) or t < 0:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 bad("stop_token_ids", t, "non-negative token ids")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", self.ignore_eos, "True or False")
 
     @property
     def greedy(self) -> bool:

@@ -11,8 +11,13 @@ from bitfold.sampling import SamplingParams
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """logits: float32 [V] -> temperature-scaled logits with filtered entries at -inf."""
-    logits = logits / temperature
+    """logits: float32 [V] -> temperature-scaled logits with filtered entries at -inf.
+
+    The logits are shifted so their maximum is 0 before dividing (softmax, top-k and top-p do
+    not change): a tiny temperature then sends the others to -inf instead of overflowing the
+    maximum to inf and the softmax to NaN."""
+    logits = logits - logits.max()
+    logits = torch.where(logits == 0, logits, logits / temperature)
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -20,8 +20,11 @@ def open_model(path: str | None) -> ModelSource:
         return load_hf_folder(path)
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file or folder (expected an HF model folder or a .gguf file)")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:  # no permission, a special file...
+        raise ModelLoadError(f"{path}: cannot be read ({e.strerror or e})") from None
     if magic == b"GGUF":
         return load_gguf(path)
     raise ModelLoadError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF') and not a model folder")

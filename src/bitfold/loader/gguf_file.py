@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, UnsupportedFormatError
+from bitfold.loader.gguf_reader import GGUFFile
 from bitfold.loader.source import ModelSource
 
 # Types the gguf package dequantizes and we have checked against real files.
@@ -56,10 +57,7 @@ class GGUFMetadata:
         self.reader, self.path = reader, path
 
     def get(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        return self.reader.get(key, default)
 
     def need(self, key: str):
         v = self.get(key)
@@ -68,14 +66,14 @@ class GGUFMetadata:
         return v
 
 
-def _open(path: str):
-    import gguf
-
+def _open(path: str) -> GGUFFile:
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: file not found")
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad bytes
+        return GGUFFile(path)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # GGUFFile validates the layout; this is a safety net for anything it missed
         raise ModelLoadError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
 
 
@@ -100,7 +98,10 @@ def load_gguf(path: str) -> ModelSource:
     names = {t.name for t in reader.tensors}
     n_heads = md.need(f"{arch}.attention.head_count")
     hidden = md.need(f"{arch}.embedding_length")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    for key, v in ((f"{arch}.attention.head_count", n_heads), (f"{arch}.embedding_length", hidden)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:  # 0 would divide by zero below
+            raise ModelLoadError(f"{path}: GGUF metadata field {key!r} is {v!r}, expected an integer >= 1")
+    tokens = reader.get("tokenizer.ggml.tokens")
     scaling = None
     if "rope_freqs.weight" in names:
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
@@ -109,7 +110,7 @@ def load_gguf(path: str) -> ModelSource:
         scaling = {"rope_type": "linear", "factor": md.need(f"{arch}.rope.scaling.factor")}
     config = ModelConfig(
         architecture=model_cls.__name__,
-        vocab_size=md.get(f"{arch}.vocab_size") or (len(tokens.data) if tokens else 0),
+        vocab_size=md.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0),
         hidden_size=hidden,
         intermediate_size=md.need(f"{arch}.feed_forward_length"),
         num_layers=md.need(f"{arch}.block_count"),
@@ -150,7 +151,7 @@ def _iter_tensors(reader, path: str, cfg: ModelConfig, permuted_qk: bool) -> Ite
                 w = quants.dequantize(t.data, t.tensor_type)
             except Exception as e:
                 raise ModelLoadError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) could not be read: {e}") from None
-            expected = tuple(int(d) for d in reversed(t.shape.tolist()))
+            expected = tuple(int(d) for d in reversed(t.shape))
             w = w.reshape(expected) if w.size == int(np.prod(expected)) else w
             if w.shape != expected:
                 raise ModelLoadError(f"{path}: tensor {t.name!r} decodes to {w.shape}, header says {expected}")

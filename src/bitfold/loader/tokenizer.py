@@ -20,6 +20,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from bitfold.errors import BitfoldError, ModelLoadError
 from bitfold.loader.chat_template import render_chat_template
+from bitfold.loader.gguf_reader import GGUFFile
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +103,11 @@ class Tokenizer:
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader, path: str) -> Tokenizer:
+    def from_gguf(cls, reader: GGUFFile | gguf.GGUFReader, path: str) -> Tokenizer:
         """Build the tokenizer llama.cpp would use for this GGUF file, from its metadata alone."""
         def get(key: str, default: Any = None) -> Any:
-            field = reader.fields.get(key)
-            return default if field is None else field.contents()
+            field = reader.fields.get(key)  # GGUFFile: the value itself; gguf.GGUFReader: a ReaderField
+            return default if field is None else field.contents() if isinstance(field, gguf.ReaderField) else field
 
         model = get("tokenizer.ggml.model")
         if model not in ("gpt2", "llama"):
