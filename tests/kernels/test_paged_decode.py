@@ -93,3 +93,25 @@ def test_empty_batch_and_bad_inputs():
             fn(q[:, :1].contiguous(), k_cache, v_cache, tables, ctx, scale)
         with pytest.raises(ValueError, match="q must be contiguous"):
             fn(q.transpose(0, 1).contiguous().transpose(0, 1), k_cache, v_cache, tables, ctx, scale)
+
+
+@pytest.mark.parametrize("case", ["mha-edges", "ragged-gqa8-d128"])
+def test_unwritten_cache_slots_never_leak(case):
+    """The engine allocates KV pages uninitialized: poison every slot no sequence owns with
+    NaN; the ref and the kernel must give the same finite result as before."""
+    q, k_cache, v_cache, tables, ctx, scale, window, knobs = _inputs(case)
+    expected = paged_decode_ref(q, k_cache, v_cache, tables, ctx, scale, window)
+    bs = k_cache.shape[1]
+    owned = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=k_cache.device)
+    for b, n in enumerate(ctx.tolist()):
+        p = torch.arange(n, device=k_cache.device)
+        owned[tables[b].long()[p // bs], p % bs] = True
+    k_cache[~owned] = float("nan")
+    v_cache[~owned] = float("nan")
+    out = paged_decode_ref(q, k_cache, v_cache, tables, ctx, scale, window)
+    assert torch.isfinite(out).all()
+    assert_close(out, expected, q.dtype)
+    if knobs.get("use_dot", q.shape[1] > k_cache.shape[2]) and q.dtype == torch.bfloat16:
+        return
+    need_triton()
+    assert_close(paged_decode(q, k_cache, v_cache, tables, ctx, scale, window, **knobs), expected, q.dtype, kernel=True)

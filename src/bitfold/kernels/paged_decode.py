@@ -215,7 +215,9 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         valid &= pos[None, :] >= lens[:, None] - sliding_window
     pages = torch.where(valid, block_tables.long()[:, pos // block_size], 0)  # never follow an unused entry
     k = k_cache[pages, pos % block_size].float()  # [B, L, Hkv, D]
-    v = v_cache[pages, pos % block_size].float()
+    # Masked positions read slot 0 of block 0, which may hold anything (the cache is not
+    # zero-filled): zero V there, since a 0 probability times NaN is still NaN.
+    v = v_cache[pages, pos % block_size].float().masked_fill(~valid[:, :, None, None], 0.0)
     qf = q.float().view(B, Hkv, H // Hkv, D)
     scores = torch.einsum("bkgd,blkd->bkgl", qf, k) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))

@@ -19,8 +19,10 @@ class DenseCodec(KVCodec):
         return block_size * num_kv_heads * head_dim * torch.finfo(self.dtype).bits // 8
 
     def allocate(self, num_blocks, block_size, num_kv_heads, head_dim, device):
+        # Uninitialized: attention never uses a slot before writing it (kernels mask their
+        # loads, references mask values), and zero-filling 2 GiB on a CPU costs seconds.
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device)
+        return torch.empty(shape, dtype=self.dtype, device=device), torch.empty(shape, dtype=self.dtype, device=device)
 
     def write(self, storage, k, v, slot_mapping) -> None:
         k_cache, v_cache = storage
