@@ -148,7 +148,7 @@ def _iter_tensors(reader, path: str, cfg: ModelConfig, permuted_qk: bool) -> Ite
             if name is None:
                 raise ModelLoadError(f"{path}: unexpected tensor {t.name!r} for {cfg.architecture}")
             try:
-                w = quants.dequantize(t.data, t.tensor_type)
+                w = quants.dequantize(t.data.view(np.ndarray), t.tensor_type)  # memmap subclass overhead per slice
             except Exception as e:
                 raise ModelLoadError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) could not be read: {e}") from None
             expected = tuple(int(d) for d in reversed(t.shape))
