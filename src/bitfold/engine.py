@@ -19,6 +19,7 @@ from bitfold.core.request import Request
 from bitfold.core.scheduler import Scheduler
 from bitfold.detokenizer import IncrementalDetokenizer
 from bitfold.errors import BitfoldError, InvalidRequestError, PromptTooLongError
+from bitfold.layers.sampler import TokenLogprob
 from bitfold.loader import open_model
 from bitfold.loader.source import ModelSource
 from bitfold.runner.model_runner import ModelRunner
@@ -32,7 +33,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass
 class RequestOutput:
     """What a request has produced so far. `text` excludes stop strings; `token_ids` are the
-    generated ids only; `delta` is the text new since the previous output of this request."""
+    generated ids only; `delta` is the text new since the previous output of this request;
+    `logprobs` (when the sampling params ask) has one entry per generated token."""
 
     request_id: str
     prompt: str | None
@@ -42,6 +44,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     delta: str = ""
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -52,6 +55,7 @@ class _State:
     text: str = ""
     emitted: int = 0  # characters of `text` already handed out
     stop: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
 
 
 def _holdback(text: str, stops: list[str]) -> int:
@@ -128,7 +132,8 @@ class LLMEngine:
                 f"the request needs {need} KV blocks (prompt {len(ids)} + max_tokens {params.max_tokens} tokens) "
                 f"but the cache holds only {self.pool.num_blocks}; lower max_tokens or raise --kv-cache-memory-gb")
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        self._states[request_id] = _State(req, text, detok, stop=params.stop)
+        self._states[request_id] = _State(req, text, detok, stop=params.stop,
+                                          logprobs=[] if params.logprobs is not None else None)
         self.scheduler.add(req)
         return request_id
 
@@ -159,6 +164,8 @@ class LLMEngine:
     def _advance(self, st: _State, token: int) -> RequestOutput:
         req = st.req
         before = len(st.text)
+        if st.logprobs is not None:
+            st.logprobs.append(self.runner.logprobs[req.request_id])
         if st.detok is not None:
             st.text += st.detok.add(token)
             if req.finished:
@@ -175,4 +182,5 @@ class LLMEngine:
             del self._states[req.request_id]
             self.runner.release(req.request_id)
         return RequestOutput(req.request_id, st.prompt, req.prompt_token_ids, st.text[: st.emitted],
-                             list(req.output_token_ids), req.finished, req.finish_reason, delta)
+                             list(req.output_token_ids), req.finished, req.finish_reason, delta,
+                             None if st.logprobs is None else list(st.logprobs))

@@ -14,7 +14,7 @@ from bitfold.errors import BitfoldError
 from bitfold.kvcache.codecs import KV_CODECS
 from bitfold.kvcache.spec import KVCacheSpec
 from bitfold.layers.attention import AttentionMetadata, select_backend
-from bitfold.layers.sampler import sample
+from bitfold.layers.sampler import TokenLogprob, apply_penalties, sample, token_logprobs
 from bitfold.loader.source import ModelSource
 from bitfold.models import MODELS
 from bitfold.models.base import StepContext
@@ -50,6 +50,9 @@ class ModelRunner:
         self.kv_caches = [codec.allocate(self.num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, device)
                           for _ in range(mc.num_layers)]
         self.generators: dict[str, torch.Generator] = {}
+        # Filled by every `execute` for the requests that asked for logprobs (beside its return
+        # value, so callers that only want token ids are unchanged).
+        self.logprobs: dict[str, TokenLogprob] = {}
         log.info("KV cache: %d blocks x %d tokens = %d tokens fit (%.2f GiB, %s codec, %s attention)",
                  self.num_blocks, cfg.block_size, self.num_blocks * cfg.block_size,
                  self.num_blocks * self.kv_spec.page_size_bytes / 2**30, codec.name, self.backend.name)
@@ -141,7 +144,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run one scheduled step; return {request_id: sampled token} for chunks that sample."""
+        """Run one scheduled step; return {request_id: sampled token} for chunks that sample.
+        Requests whose sampling asks for logprobs also get an entry in `self.logprobs`."""
+        self.logprobs = {}
         chunks = out.chunks
         if self.graphs is not None and all(c.num_tokens == 1 for c in chunks) and self.graphs.fits(len(chunks)):
             input_ids, ctx = self.prepare(chunks)
@@ -156,7 +161,15 @@ class ModelRunner:
         gens = [self._generator(r.request_id, r.sampling.seed) if not r.sampling.greedy else None for r in reqs]
         if len(rows) < len(chunks):  # partial-prefill chunks sample nothing
             logits = logits[rows]
-        tokens = sample(logits, [r.sampling for r in reqs], gens)
+        params = [r.sampling for r in reqs]
+        raw = logits
+        if any(sp.penalized for sp in params):
+            logits = apply_penalties(logits, [r.output_token_ids for r in reqs], params)
+        tokens = sample(logits, params, gens)
+        want = [i for i, sp in enumerate(params) if sp.logprobs is not None]
+        if want:
+            lps = token_logprobs(raw[want], [tokens[i] for i in want], [params[i].logprobs for i in want])
+            self.logprobs = {reqs[i].request_id: lp for i, lp in zip(want, lps)}
         return {r.request_id: t for r, t in zip(reqs, tokens)}
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator:

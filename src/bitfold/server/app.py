@@ -1,0 +1,196 @@
+"""The FastAPI app: OpenAI's /v1 endpoints over one shared AsyncEngine, plus /health and /metrics.
+
+Order of checks for a /v1 request: API key (401), model loaded (503) in an ASGI gate before any
+routing; then the body (400, OpenAI's error shape, never an echo of the input), the model name
+(404), the prompt against the context (400) and the engine's own validation and queue bound
+(400 / 429) before anything is queued. Every error body is {"error": {message, type, param,
+code}}; an unexpected exception is a logged 500 in the same shape.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bitfold.config import EngineConfig
+from bitfold.engine import LLMEngine
+from bitfold.errors import BitfoldError
+from bitfold.server.async_engine import AsyncEngine, EngineUnavailableError
+from bitfold.server.generate import generate
+from bitfold.server.http_errors import APIError, api_error, error_response, validation_error
+from bitfold.server.protocol import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger("bitfold")
+
+_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+
+
+def model_name_for(path: str) -> str:
+    """The default served name: the model file or folder's name (`.gguf` dropped)."""
+    name = os.path.basename(os.path.normpath(path))
+    return name[:-5] if name.endswith(".gguf") else name
+
+
+class ServerState:
+    """What the routes share: the engine, the served name, the API key."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str | None, api_key: str | None):
+        self.engine, self._model_name, self.api_key = engine, model_name, api_key
+        self.created = int(time.time())
+
+    @property
+    def model_name(self) -> str:
+        if self._model_name is None:
+            self._model_name = model_name_for(self.engine.check_ready().model_path)
+        return self._model_name
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`).",
+                           param="model", code="model_not_found")
+
+
+class _Gate:
+    """Pure ASGI middleware (streaming responses pass through untouched): counts every request
+    by endpoint and status, and answers /v1 requests 401 without the API key and 503 while the
+    model is not ready."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, status = scope["path"], [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            err = self._check(scope) if path.startswith("/v1") else None
+            if err is not None:
+                await error_response(err)(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            endpoint = (path if path in _ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/")
+                        else "other")  # a bounded set of label values
+            self.state.engine.metrics.http_requests.inc(endpoint=endpoint, code=str(status[0]))
+
+    def _check(self, scope) -> APIError | None:
+        key = self.state.api_key
+        if key is not None:
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+                return APIError(401, "Incorrect or missing API key: pass it as 'Authorization: Bearer <key>'.",
+                                code="invalid_api_key")
+        try:
+            self.state.engine.check_ready()
+        except EngineUnavailableError as e:
+            return api_error(e)
+        return None
+
+
+def create_app(engine_or_config: LLMEngine | EngineConfig | AsyncEngine | Callable[[], LLMEngine], *,
+               model_name: str | None = None, api_key: str | None = None, max_queue: int = 1024) -> FastAPI:
+    """The app. An EngineConfig (or a callable returning an LLMEngine) is loaded in the engine
+    thread once the app starts, and requests get 503 until it is ready; an LLMEngine is served
+    as is. `model_name` is what clients pass as `model` (default: the model file's name)."""
+    if isinstance(engine_or_config, AsyncEngine):
+        engine = engine_or_config
+    else:
+        if isinstance(engine_or_config, LLMEngine):
+            loaded = engine_or_config
+            load = lambda: loaded  # noqa: E731
+        elif isinstance(engine_or_config, EngineConfig):
+            config = engine_or_config
+            load = lambda: LLMEngine(config)  # noqa: E731
+        else:
+            load = engine_or_config
+        engine = AsyncEngine(load, max_queue=max_queue)
+    state = ServerState(engine, model_name, api_key)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="bitfold", summary="OpenAI-compatible completions and chat completions", lifespan=lifespan)
+    app.state.server = state
+    app.add_middleware(_Gate, state=state)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        return error_response(APIError(exc.status_code, message, code=code))
+
+    @app.exception_handler(APIError)
+    @app.exception_handler(BitfoldError)
+    async def _known(request: Request, exc: Exception):
+        return error_response(api_error(exc))
+
+    @app.exception_handler(Exception)  # a bug: still OpenAI's shape (Starlette then re-raises it to be logged)
+    async def _any(request: Request, exc: Exception):
+        return error_response(api_error(exc))
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        try:
+            return await generate(state, body, request, chat=False)
+        except Exception as e:
+            return error_response(api_error(e))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        try:
+            return await generate(state, body, request, chat=True)
+        except Exception as e:
+            return error_response(api_error(e))
+
+    def _card() -> dict:
+        eng = engine.check_ready()
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "bitfold",
+                "root": eng.model_path, "max_model_len": eng.max_model_len}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        state.check_model(model)
+        return _card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            engine.check_ready()
+        except EngineUnavailableError as e:
+            return error_response(api_error(e))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(engine.metrics.render(engine.stats, engine.ready),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
