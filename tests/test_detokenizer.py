@@ -13,6 +13,7 @@ import pytest
 
 from bitfold import SamplingParams
 from bitfold.detokenizer import IncrementalDetokenizer
+from tests.helpers import gpt2_bytes_to_unicode
 
 TEXTS = [
     "Hello, world!",
@@ -26,21 +27,7 @@ TEXTS = [
 ]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's table (openai/gpt-2 encoder.py): printable bytes map to themselves, the others
-    to code points from 256 on."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-BYTE_TO_CHAR = _bytes_to_unicode()
+BYTE_TO_CHAR = gpt2_bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 

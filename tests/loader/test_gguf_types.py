@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from bitfold.loader import open_model  # noqa: E402
 from bitfold.loader.gguf_file import SUPPORTED_TYPES  # noqa: E402
 from bitfold.loader.gguf_reader import GGUFFile  # noqa: E402
-from tests.helpers import PagedDriver, rel_err  # noqa: E402
+from tests.helpers import PagedDriver, gpt2_bytes_to_unicode, rel_err  # noqa: E402
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, CTX = 256, 512, 2, 4, 2, 256  # K-quant rows: multiples of 256
 ROPE_THETA, EPS = 50000.0, 1e-5  # not the defaults, so the metadata must be read
@@ -47,22 +47,9 @@ LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (what byte-level BPE vocabularies are spelled in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def make_vocab() -> tuple[list[str], list[str], list[int]]:
     """256 byte tokens, a few merges (with their merged tokens), then <s> and </s> (CONTROL)."""
-    byte_tokens = [bytes_to_unicode()[b] for b in range(256)]
+    byte_tokens = [gpt2_bytes_to_unicode()[b] for b in range(256)]
     merges = ["Ġ t", "h e", "Ġt he", "i n", "e r", "a n", "o n", "Ġ a", "Ġa n", "Ġ w", "o r", "Ġw or", "l d",
               "Ġwor ld", "l l", "e ll", "h ell", "hell o"]
     merged = [m.replace(" ", "") for m in merges]

@@ -106,8 +106,9 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepContext]:
-        """Flatten the step's chunks into input_ids [T] and the attention metadata, with two
-        host-to-device transfers (this runs every decode step, up to 256 sequences)."""
+        """Flatten the step's chunks into input_ids [T] and the attention metadata, with three
+        host-to-device transfers (int64 ids/positions/slots, int32 lengths, the block tables):
+        this runs every decode step, for up to max_num_seqs sequences."""
         bs = self.cfg.block_size
         ids, pos, slots, ctx_lens, cu, tables = [], [], [], [], [0], []
         max_blocks = max(len(c.block_table) for c in chunks)
