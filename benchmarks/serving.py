@@ -20,6 +20,10 @@ from the first send to the last completion.
         --server-args "--max-num-seqs 128 --gpu-memory-utilization 0.9"
     # or against a running server (prompts are cut with --model's tokenizer):
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --num-prompts 100 --request-rate inf
+    # a random-weight model of a real shape (serve_random.py: the tokenizer is padded to its vocabulary),
+    # fewer prompts at low rates (one count per rate):
+    python benchmarks/serving.py --random-shape llama3-8b --request-rate 1,4,16,inf --num-prompts 60,120,240,256 \
+        --max-concurrency 64 --input-len 512 --output-len 128
 """
 from __future__ import annotations
 
@@ -167,11 +171,16 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[f] + (xs[min(f + 1, len(xs) - 1)] - xs[f]) * (k - f)
 
 
-def launch_server(model: str | None, extra: str) -> tuple[subprocess.Popen, str, str]:
-    """`bitfold serve` on a free loopback port; returns (process, base url, its status line)."""
-    cmd = [sys.executable, "-m", "bitfold.cli", "serve", "--host", "127.0.0.1", "--port", "0", *shlex.split(extra)]
-    if model:
-        cmd += ["--model", model]
+def launch_server(model: str | None, extra: str, random_shape: str | None = None,
+                  tokenizer: str | None = None) -> tuple[subprocess.Popen, str, str]:
+    """`bitfold serve` (or serve_random.py's, for --random-shape) on a free loopback port;
+    returns (process, base url, its status line)."""
+    if random_shape:
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_random.py"),
+               "--shape", random_shape] + (["--tokenizer", tokenizer] if tokenizer else [])
+    else:
+        cmd = [sys.executable, "-m", "bitfold.cli", "serve"] + (["--model", model] if model else [])
+    cmd += ["--host", "127.0.0.1", "--port", "0", *shlex.split(extra)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     url = status = None
     for line in proc.stderr:
@@ -194,9 +203,15 @@ def main():
     ap.add_argument("--base-url", default=None, help="a running server (default: start `bitfold serve` for the run)")
     ap.add_argument("--model", default=None, help="model path: the server's model and the prompts' tokenizer "
                                                   "(default: the embedded SmolLM2)")
+    ap.add_argument("--random-shape", default=None, help="serve a random-weight model of this shape instead "
+                                                         "(serve_random.py: llama3-8b, qwen2.5-7b, ..., tiny-128k)")
+    ap.add_argument("--tokenizer", default=None, help="with --random-shape: serve_random.py's --tokenizer "
+                                                      "(default: the embedded SmolLM2's, padded to the vocabulary)")
     ap.add_argument("--served-model-name", default=None, help="`model` in the requests (default: the server's)")
     ap.add_argument("--server-args", default="", help="extra `bitfold serve` flags when this script starts it")
-    ap.add_argument("--num-prompts", type=int, default=100)
+    ap.add_argument("--num-prompts", default="100", help="requests per run: one count, or one per request rate")
+    ap.add_argument("--warmup-prompts", type=int, default=2, help="requests sent all at once before measuring "
+                                                                  "(compiles kernels for the shapes they meet)")
     ap.add_argument("--request-rate", default="inf", help="req/s, comma-separated for a sweep; inf = all at once")
     ap.add_argument("--max-concurrency", default="", help="most requests in flight, comma-separated for a sweep")
     ap.add_argument("--input-len", type=int, default=256)
@@ -207,34 +222,52 @@ def main():
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
 
-    from bitfold.loader import open_model
-    from bitfold.loader.default_model import default_model_path
     from bitfold.server.metrics import parse_metrics
 
-    model_path = args.model or default_model_path()
-    tokenizer = open_model(model_path).load_tokenizer()
-    requests = make_requests(tokenizer, args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+    rates = [float(r) for r in args.request_rate.split(",")]
+    caps = [int(c) for c in args.max_concurrency.split(",") if c] or [None]
+    counts = [int(n) for n in args.num_prompts.split(",")]
+    if len(counts) not in (1, len(rates)):
+        sys.exit(f"--num-prompts: give one count or one per request rate ({len(rates)})")
+    counts = dict(zip(rates, counts * len(rates) if len(counts) == 1 else counts))
+    if args.random_shape:
+        from serve_random import ALL_SHAPES, load_tokenizer
+
+        if args.model:
+            sys.exit("--model and --random-shape exclude each other")
+        vocab = ALL_SHAPES[args.random_shape][1]["vocab_size"]
+        tokenizer, tokenizer_note = load_tokenizer(args.tokenizer, vocab)
+        model_note = f"random-weight {args.random_shape} ({ALL_SHAPES[args.random_shape][1]}); tokenizer: {tokenizer_note}"
+    else:
+        from bitfold.loader import open_model
+        from bitfold.loader.default_model import default_model_path
+
+        model_path = args.model or default_model_path()
+        tokenizer, model_note = open_model(model_path).load_tokenizer(), model_path
+    n_measured = max(counts.values())
+    requests = make_requests(tokenizer, n_measured + args.warmup_prompts, args.input_len, args.output_len,
+                             args.range_ratio, args.seed)
     proc, status = None, None
     base = args.base_url
     if base is None:
-        proc, base, status = launch_server(args.model, args.server_args)
+        proc, base, status = launch_server(args.model, args.server_args, args.random_shape, args.tokenizer)
     try:
         card = httpx.get(base + "/v1/models", timeout=60).json()["data"][0]
         model = args.served_model_name or card["id"]
-        asyncio.run(run_load(base, model, requests[:2], float("inf"), None, args.seed))  # warm-up
+        asyncio.run(run_load(base, model, requests[n_measured:], float("inf"), None, args.seed))  # unmeasured prompts
         rows = []
-        rates = [float(r) for r in args.request_rate.split(",")]
-        caps = [int(c) for c in args.max_concurrency.split(",") if c] or [None]
         for rate, cap in itertools.product(rates, caps):
-            before = parse_metrics(httpx.get(base + "/metrics").text)
-            results, duration = asyncio.run(run_load(base, model, requests, rate, cap, args.seed))
-            after = parse_metrics(httpx.get(base + "/metrics").text)
+            before, cpu = parse_metrics(httpx.get(base + "/metrics").text), time.process_time()
+            results, duration = asyncio.run(run_load(base, model, requests[:counts[rate]], rate, cap, args.seed))
+            after, cpu = parse_metrics(httpx.get(base + "/metrics").text), time.process_time() - cpu
             row = {"request_rate": "inf" if rate == float("inf") else rate, "max_concurrency": cap,
                    **summarize(results, duration),
-                   "preemptions": after["bitfold_preemptions_total"] - before["bitfold_preemptions_total"]}
+                   "preemptions": after["bitfold_preemptions_total"] - before["bitfold_preemptions_total"],
+                   # near 1, this client (one Python thread) would be the bottleneck, not the server
+                   "client_cpu_fraction": round(cpu / duration, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        server = {"status": status, "model": model, "max_model_len": card.get("max_model_len"),
+        server = {"status": status, "model": model, "model_note": model_note, "max_model_len": card.get("max_model_len"),
                   "kv_cache_tokens": int(after["bitfold_kv_blocks_total"] * after["bitfold_kv_block_size_tokens"])}
     finally:
         if proc is not None:
@@ -242,9 +275,10 @@ def main():
             proc.wait(60)
     payload = {"environment": environment(), "server": server, "args": vars(args), "results": rows}
     cols = ["request_rate", "max_concurrency", "completed", "failed", "request_throughput", "output_throughput",
-            "total_token_throughput", "mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_tpot_ms",
-            "p99_tpot_ms", "mean_itl_ms", "p50_itl_ms", "p99_itl_ms", "p99_e2el_ms", "preemptions"]
-    note = (f"{server['model']}, KV cache {server['kv_cache_tokens']} tokens; {args.num_prompts} prompts, input "
+            "total_token_throughput", "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+            "p50_tpot_ms", "p90_tpot_ms", "p99_tpot_ms", "p50_itl_ms", "p99_itl_ms", "p99_e2el_ms", "preemptions"]
+    note = (f"{model_note}; served as `{server['model']}`, KV cache {server['kv_cache_tokens']} tokens; "
+            f"{args.num_prompts} prompts, input "
             f"{args.input_len} / output {args.output_len} tokens +-{args.range_ratio:.0%} (Wikipedia text, greedy, "
             "ignore_eos); times in ms\n\n")
     paths = write_results(args.name, payload, note + md_table(rows, cols), args.out)

@@ -16,6 +16,7 @@ import asyncio
 import signal
 import sys
 import threading
+from typing import Callable
 
 from bitfold.config import EngineConfig, add_dataclass_args, dataclass_from_args
 from bitfold.errors import BitfoldError
@@ -46,7 +47,10 @@ def _status_line(engine, name: str) -> str:
             f"max_model_len {engine.max_model_len}")
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def cmd_serve(args: argparse.Namespace, build_engine: Callable[[EngineConfig], object] | None = None) -> None:
+    """Serve until SIGTERM. `build_engine(config)` makes the LLMEngine in the engine thread
+    (default: `LLMEngine(config)`, the model at --model); benchmarks/serve_random.py passes one
+    that builds a random-weight model of a real shape."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -62,7 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise BitfoldError(f"invalid --port {args.port}: expected 0..65535")
     config = dataclass_from_args(EngineConfig, args)
     config.validate()
-    engine = AsyncEngine(lambda: LLMEngine(config), max_queue=args.max_queue)
+    build_engine = build_engine or LLMEngine
+    engine = AsyncEngine(lambda: build_engine(config), max_queue=args.max_queue)
     app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key)
     # uvicorn cancels what still runs after its grace period, mid-response; we end those
     # requests ourselves at --shutdown-timeout so every response closes properly, and keep
