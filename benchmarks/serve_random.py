@@ -110,7 +110,8 @@ def meta_model(shape: str, max_positions: int):
     import transformers as tf
 
     kind, dims = ALL_SHAPES[shape]
-    cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[kind]
+    cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                          "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[kind]
     with torch.device("meta"):
         return model_cls(cfg_cls(**dims, max_position_embeddings=max_positions, tie_word_embeddings=False))
 

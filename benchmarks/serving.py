@@ -237,7 +237,8 @@ def main():
             sys.exit("--model and --random-shape exclude each other")
         vocab = ALL_SHAPES[args.random_shape][1]["vocab_size"]
         tokenizer, tokenizer_note = load_tokenizer(args.tokenizer, vocab)
-        model_note = f"random-weight {args.random_shape} ({ALL_SHAPES[args.random_shape][1]}); tokenizer: {tokenizer_note}"
+        dims = ALL_SHAPES[args.random_shape][1]
+        model_note = f"random-weight {args.random_shape} ({dims}); tokenizer: {tokenizer_note}"
     else:
         from bitfold.loader import open_model
         from bitfold.loader.default_model import default_model_path
@@ -267,7 +268,8 @@ def main():
                    "client_cpu_fraction": round(cpu / duration, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        server = {"status": status, "model": model, "model_note": model_note, "max_model_len": card.get("max_model_len"),
+        server = {"status": status, "model": model, "model_note": model_note,
+                  "max_model_len": card.get("max_model_len"),
                   "kv_cache_tokens": int(after["bitfold_kv_blocks_total"] * after["bitfold_kv_block_size_tokens"])}
     finally:
         if proc is not None:
