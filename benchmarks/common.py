@@ -28,12 +28,14 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           cwd=os.path.dirname(RESULTS)).stdout.strip() or os.environ.get("GIT_COMMIT")
-    except OSError:
-        env["git_commit"] = os.environ.get("GIT_COMMIT")
-    env["git_commit"] = env["git_commit"] or os.environ.get("GIT_COMMIT", "unknown")
+    # GIT_COMMIT wins when set: the device machine's copy of the tree may carry a stale .git.
+    env["git_commit"] = os.environ.get("GIT_COMMIT")
+    if not env["git_commit"]:
+        try:
+            env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                               cwd=os.path.dirname(RESULTS)).stdout.strip() or "unknown"
+        except OSError:
+            env["git_commit"] = "unknown"
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
         env["device_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
