@@ -117,6 +117,9 @@ class EngineConfig:
     device: str = _opt("auto", "cpu, cuda or auto (cuda when available)", choices=["auto", "cpu", "cuda"])
     dtype: str = _opt("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16",
                       choices=["auto", "float32", "bfloat16", "float16"])
+    weights: str = _opt("auto", "weight format: auto (the checkpoint's own), dense, or a low-bit CPU format "
+                        "quantized at load: int4, int3, int2, int1, ternary (group 64; e.g. int2-g32 for "
+                        "groups of 32)")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's context)")
     block_size: int = _opt(16, "tokens per KV-cache block")
     kv_cache_memory_gb: float | None = _opt(None, "memory for the KV cache in GiB (default 2 on CPU)")
@@ -146,6 +149,10 @@ class EngineConfig:
             bad("kv_cache_memory_gb", "a positive number of GiB")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             bad("num_kv_blocks", "an integer >= 1")
+        from bitfold.weights import WEIGHT_FORMATS
+
+        if self.weights != "auto" and self.weights not in WEIGHT_FORMATS:
+            bad("weights", "auto or one of " + ", ".join(WEIGHT_FORMATS.names()))
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:

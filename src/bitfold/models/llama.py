@@ -17,6 +17,7 @@ from bitfold.layers.linear import Linear
 from bitfold.layers.norm import RMSNorm
 from bitfold.layers.rotary import apply_rotary, cos_sin_cache
 from bitfold.models.base import MODELS, StepContext
+from bitfold.weights import WEIGHT_FORMATS
 
 
 class Attention(nn.Module):
@@ -102,7 +103,13 @@ class LlamaForCausalLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, fmt, dtype) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, {"lm_head": cfg.vocab_size}, False, fmt, dtype)
+        # A quantized model quantizes its output projection too (for a memory-bound decode it is
+        # the largest single matrix), from the embedding when the two are tied; the embedding
+        # itself stays dense (one row is read per token). Formats may pick a wider head format.
+        head_fmt = getattr(WEIGHT_FORMATS.get(fmt), "lm_head_format", None) or fmt
+        self.tied_quantized_head = cfg.tie_word_embeddings and fmt != "dense"
+        self.lm_head = (None if cfg.tie_word_embeddings and not self.tied_quantized_head
+                        else Linear(cfg.hidden_size, {"lm_head": cfg.vocab_size}, False, head_fmt, dtype))
         self.register_buffer("rope", cos_sin_cache(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
 
@@ -142,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _expected_names(self) -> set[str]:
         names = {"model.embed_tokens.weight", "model.norm.weight"}
-        if self.lm_head is not None:
+        if self.lm_head is not None and not self.tied_quantized_head:
             names.add("lm_head.weight")
         for i in range(len(self.layers)):
             names.update(f"model.layers.{i}.{s}" for s in _LAYER_WEIGHTS if self._layer_target(i, s) is not None)
@@ -163,6 +170,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _load_one(self, name: str, tensor: torch.Tensor) -> None:
         if name == "model.embed_tokens.weight":
+            if self.tied_quantized_head:
+                self.lm_head.load_shard("lm_head", tensor, False)
             return _copy(self.embed.weight, tensor)
         if name == "model.norm.weight":
             return _copy(self.norm.weight, tensor)

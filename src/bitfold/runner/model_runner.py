@@ -17,6 +17,7 @@ from bitfold.layers.attention import AttentionMetadata, select_backend
 from bitfold.layers.sampler import TokenLogprob, apply_penalties, sample, token_logprobs
 from bitfold.loader.source import ModelSource
 from bitfold.models import MODELS
+from bitfold.weights.base import resolve_weight_format
 from bitfold.models.base import StepContext
 from bitfold.runner.cuda_graphs import DecodeGraphs, default_batch_sizes
 
@@ -32,7 +33,8 @@ class ModelRunner:
         model_cls = MODELS.get(source.config.architecture)
         self.model_config = replace(source.config, **model_cls.config_overrides)
         with torch.device(device):
-            self.model = model_cls(self.model_config, dtype, max_positions=max_model_len)
+            fmt = resolve_weight_format(cfg.weights, getattr(source, "weight_format", None), device.type)
+            self.model = model_cls(self.model_config, dtype, max_positions=max_model_len, fmt=fmt)
         self.model.load_weights(source.weights(), source.path)
         self.model.eval().requires_grad_(False)
 

@@ -34,3 +34,19 @@ class WeightFormat(ABC):
 
 
 WEIGHT_FORMATS: Registry[type[WeightFormat]] = Registry("weight format")
+
+
+def resolve_weight_format(name: str, checkpoint_format: str | None, device_type: str) -> str:
+    """The registered format a model is built with: `name`, or for "auto" the checkpoint's own
+    (`checkpoint_format`, from its quantization_config) or dense. Raises BitfoldError when the
+    format cannot run on `device_type` ("cpu" / "cuda")."""
+    from bitfold.errors import BitfoldError
+
+    fmt = (checkpoint_format or "dense") if name == "auto" else name
+    if fmt not in WEIGHT_FORMATS:
+        raise BitfoldError(f"unknown weight format {fmt!r}; known: auto, {', '.join(WEIGHT_FORMATS.names())}")
+    devices = getattr(WEIGHT_FORMATS.get(fmt), "devices", None)
+    if devices is not None and device_type not in devices:
+        raise BitfoldError(f"weight format {fmt!r} runs on {', '.join(devices)} only (its LUT kernels are CPU "
+                           f"kernels); use --device cpu or --weights dense")
+    return fmt
