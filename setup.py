@@ -1,4 +1,4 @@
-"""Builds the CPU LUT kernel (src/bitfold/kernels/cpu/lut_gemm.cpp) as bitfold._lut at install.
+"""Builds the C++ CPU kernels (src/bitfold/kernels/cpu/*.cpp) as bitfold._lut at install.
 
 Optional on purpose: without a C++ compiler the install still succeeds, and bitfold compiles
 the kernel on first use if a compiler appears later (else low-bit layers fall back to a slow
@@ -19,7 +19,7 @@ class OptionalBuildExt(build_ext):
 setup(
     ext_modules=[Extension(
         "bitfold._lut",
-        sources=["src/bitfold/kernels/cpu/lut_gemm.cpp"],
+        sources=["src/bitfold/kernels/cpu/lut_gemm.cpp", "src/bitfold/kernels/cpu/decode_ops.cpp"],
         # Portable build: the kernel picks AVX-512 / AVX2 / scalar per function at run time.
         extra_compile_args=["-O3", "-std=c++17", "-Wno-maybe-uninitialized"],
         language="c++",

@@ -125,7 +125,7 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = _opt(None, "memory for the KV cache in GiB (default 2 on CPU)")
     num_kv_blocks: int | None = _opt(None, "exact number of KV blocks (overrides --kv-cache-memory-gb)")
     kv_codec: str = _opt("auto", "KV-cache storage codec (auto = the compute dtype)")
-    attention_backend: str = _opt("auto", "attention backend: auto (triton on GPU, torch elsewhere), triton, torch")
+    attention_backend: str = _opt("auto", "attention backend: auto (triton on GPU, cpu = C++ for float32 on CPU, else torch), triton, cpu, torch")
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights, activations and KV cache")
     enforce_eager: bool = _opt(False, "do not capture CUDA graphs for decode (GPU only)")
     max_num_seqs: int = _opt(128, "most requests decoded together in one step")

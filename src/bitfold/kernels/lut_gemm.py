@@ -1,90 +1,86 @@
 """Lookup-table GEMV/GEMM for 1-4-bit group-quantized weights on the CPU (T-MAC, arXiv
 2407.00088; SAIL's batched reuse of the index stream).
 
-The kernel is C++ (`cpu/lut_gemm.cpp`, AVX-512BW / AVX2 / scalar, dispatched at run time). pip
-compiles it at install as the extension `bitfold._lut`; where that is missing (a source tree
-on PYTHONPATH) it is compiled once with the system C++ compiler into a cache folder. Python
-calls it through ctypes. `lut_gemm_ref` is the same computation in PyTorch (tables quantized
-to int8 the same way, float64 accumulation), and `pack_lut` / `unpack_lut` define the layout.
+The kernel is C++ (`cpu/lut_gemm.cpp`, AVX-512BW / AVX2 / scalar, dispatched at run time),
+reached through ctypes (`cpu_lib.py` builds or finds the library). `lut_gemm_ref` is the same
+computation in PyTorch (tables quantized to int8 the same way, float64 accumulation), and
+`pack_lut` / `unpack_lut` define the layout.
 
 Weights: w[n, k] = scale[n, g] * q[n, k] + min[n, g] with q in [0, 2^bits), g = k // group.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
-import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from bitfold.kernels.cpu_lib import ISAS, load_cpu_library
 
 TILE = 64  # output rows per kernel tile
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
-_SOURCE = Path(__file__).with_name("cpu") / "lut_gemm.cpp"
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_lib_error: str | None = None
 
 
 # ---- layout ------------------------------------------------------------------------------------
 
-def kernel_order() -> torch.Tensor:
-    """[64] int64: the row (within a tile) of each kernel-order position (see lut_gemm.cpp)."""
-    pos = torch.arange(TILE)
-    return 32 * (pos >> 5) + 2 * (pos & 15) + ((pos >> 4) & 1)
+def group_bytes(bits: int, group: int) -> int:
+    """Packed bytes of one (tile of 64 rows, group): 64 * group * bits / 8."""
+    return 8 * group * bits
 
 
 def pack_lut(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int, group: int):
-    """Repack codes into the kernel's bit-plane layout.
+    """Repack codes into the kernel's layout (described in cpu/lut_gemm.cpp).
 
     q: uint8 [N, K] codes in [0, 2^bits); scales, mins: [N, K // group] (any float dtype);
-    K a multiple of `group`, group a multiple of 8. Returns (packed uint8
-    [tiles, groups, bits, group // 4, 32], scales fp16 [tiles, groups, 64], mins fp16 same),
-    rows padded to a multiple of 64 with zeros.
+    K a multiple of `group`, group a multiple of 8. Returns (packed uint8 [tiles, groups,
+    8 * group * bits], scales fp16 [tiles, groups, 64], mins fp16 same), rows padded to a
+    multiple of 64 with zeros.
     """
     N, K = q.shape
     _check_shape(N, K, bits, group)
     tiles, groups, cpg = -(-N // TILE), K // group, group // 4
     pad = tiles * TILE - N
     qp = torch.nn.functional.pad(q.to(torch.uint8), (0, 0, 0, pad))
-    planes = torch.stack([(qp >> p) & 1 for p in range(bits)])  # [bits, Np, K]
-    nib = (planes.view(bits, tiles * TILE, K // 4, 4) << torch.arange(4, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
-    nib = nib.view(bits, tiles, 2, 32, groups, cpg)  # row = tile*64 + half*32 + j
-    byte = nib[:, :, 0] | (nib[:, :, 1] << 4)  # [bits, tiles, 32, groups, cpg]
-    packed = byte.permute(1, 3, 0, 4, 2).contiguous()  # [tiles, groups, bits, cpg, 32]
-
-    order = kernel_order()
+    shifts = torch.arange(4, dtype=torch.uint8)
+    byte = []  # per plane: uint8 [tiles, 32, groups, cpg]; row i in the low nibble, row 32+i high
+    for p in range(bits):
+        nib = (((qp >> p) & 1).view(tiles * TILE, K // 4, 4) << shifts).sum(-1, dtype=torch.uint8)
+        nib = nib.view(tiles, 2, 32, groups, cpg)
+        byte.append(nib[:, 0] | (nib[:, 1] << 4))
+    streams = []
+    for m in range(bits // 2):  # plane pairs: byte 2i+e = plane 2m+e, one block per chunk
+        pair = torch.stack([byte[2 * m], byte[2 * m + 1]], dim=-1)  # [tiles, 32, groups, cpg, 2]
+        streams.append(pair.permute(0, 2, 3, 1, 4).reshape(tiles, groups, cpg * 64))
+    if bits & 1:  # the odd plane: byte 2i+e = chunk c+e, one block per chunk pair
+        single = byte[bits - 1].view(tiles, 32, groups, cpg // 2, 2)
+        streams.append(single.permute(0, 2, 3, 1, 4).reshape(tiles, groups, cpg * 32))
+    packed = torch.cat(streams, dim=-1).contiguous()
 
     def meta(t: torch.Tensor) -> torch.Tensor:
         t = torch.nn.functional.pad(t.to(torch.float16), (0, 0, 0, pad)).view(tiles, TILE, groups)
-        return t[:, order].permute(0, 2, 1).contiguous()  # [tiles, groups, 64] in kernel order
+        return t.permute(0, 2, 1).contiguous()  # [tiles, groups, 64]
 
     return packed, meta(scales), meta(mins)
 
 
 def unpack_lut(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, n: int, bits: int, group: int):
     """Inverse of `pack_lut`: (q uint8 [n, K], scales fp16 [n, K // group], mins fp16 [n, K // group])."""
-    tiles, groups, _, cpg, _ = packed.shape
-    K = groups * group
-    nib = torch.stack([packed & 15, packed >> 4], dim=3)  # [tiles, groups, bits, 2, cpg, 32]
-    rows = nib.permute(2, 0, 3, 5, 1, 4).reshape(bits, tiles * TILE, K // 4)  # [bits, Np, chunks]
+    tiles, groups, _ = packed.shape
+    cpg, K = group // 4, groups * group
+    byte = [None] * bits
+    pairs = packed[..., : (bits // 2) * cpg * 64].reshape(tiles, groups, bits // 2, cpg, 32, 2)
+    for m in range(bits // 2):
+        for e in range(2):
+            byte[2 * m + e] = pairs[:, :, m, :, :, e].permute(0, 3, 1, 2)  # [tiles, 32, groups, cpg]
+    if bits & 1:
+        single = packed[..., (bits // 2) * cpg * 64 :].reshape(tiles, groups, cpg // 2, 32, 2)
+        byte[bits - 1] = single.permute(0, 3, 1, 2, 4).reshape(tiles, 32, groups, cpg)
     q = torch.zeros(tiles * TILE, K // 4, 4, dtype=torch.uint8)
     for p in range(bits):
+        nib = torch.stack([byte[p] & 15, byte[p] >> 4], dim=1).reshape(tiles * TILE, K // 4)
         for j in range(4):
-            q[:, :, j] |= ((rows[p] >> j) & 1) << p
-    inv = torch.argsort(kernel_order())
+            q[:, :, j] |= ((nib >> j) & 1) << p
 
     def meta(t: torch.Tensor) -> torch.Tensor:
-        return t.permute(0, 2, 1)[:, inv].reshape(tiles * TILE, groups)[:n]
+        return t.permute(0, 2, 1).reshape(tiles * TILE, groups)[:n]
 
     return q.view(tiles * TILE, K)[:n], meta(scales), meta(mins)
 
@@ -148,59 +144,8 @@ def dequantize_ref(packed, scales, mins, n: int, bits: int, group: int) -> torch
 
 # ---- the compiled kernel -----------------------------------------------------------------------
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bitfold"
-
-
-def _compile(src: Path) -> Path:
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    out = _cache_dir() / f"lut_gemm-{digest}.so"
-    if out.exists():
-        return out
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if not cxx:
-        raise RuntimeError("no C++ compiler found (install g++), and bitfold._lut was not built at install")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"bitfold: compiling the LUT kernel ({src.name}) once into {out.parent} ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_out = Path(tmp) / out.name
-        cmd = [cxx, *COMPILE_FLAGS, "-DBITFOLD_NO_PYMODULE", str(src), "-o", str(tmp_out), "-lpthread"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"compiling {src} failed:\n{' '.join(cmd)}\n{res.stderr[-2000:]}")
-        os.replace(tmp_out, out)  # atomic: concurrent builders never see a half-written file
-    return out
-
-
-COMPILE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-maybe-uninitialized"]
-
-
 def _load() -> ctypes.CDLL:
-    global _lib, _lib_error
-    with _lock:
-        if _lib is not None:
-            return _lib
-        if _lib_error is not None:
-            raise RuntimeError(_lib_error)
-        try:
-            spec = importlib.util.find_spec("bitfold._lut")
-            built = spec.origin if spec is not None and spec.origin else None
-            # An editable install's module goes stale when the source changes: rebuild then.
-            if built is None or (_SOURCE.exists() and os.path.getmtime(built) < os.path.getmtime(_SOURCE)):
-                built = str(_compile(_SOURCE))
-            path = built
-            lib = ctypes.CDLL(path)
-        except (OSError, RuntimeError) as e:
-            _lib_error = f"the LUT kernel is unavailable: {e}"
-            raise RuntimeError(_lib_error) from None
-        lib.bitfold_lut_isa.restype = ctypes.c_int
-        lib.bitfold_lut_gemm.restype = ctypes.c_int
-        p = ctypes.c_void_p
-        i = ctypes.c_int
-        lib.bitfold_lut_gemm.argtypes = [p, i, i, p, p, p, i, i, i, p, i, i]
-        _lib = lib
-        return lib
+    return load_cpu_library()
 
 
 def available() -> bool:
@@ -227,8 +172,10 @@ def lut_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: 
     lib = _load()
     x = x.float().contiguous()
     B, K = x.shape
-    tiles, groups, pb, cpg, width = packed.shape
-    if pb != bits or groups * group != K or cpg * 4 != group or width != 32 or tiles * TILE < n:
+    if packed.dim() != 3:
+        raise ValueError(f"packed weight must be [tiles, groups, bytes] (pack_lut), got {tuple(packed.shape)}")
+    tiles, groups, width = packed.shape
+    if groups * group != K or width != group_bytes(bits, group) or tiles * TILE < n or scales.shape != (tiles, groups, TILE):
         raise ValueError(f"packed weight of shape {tuple(packed.shape)} does not match x [{B}, {K}], "
                          f"n={n}, bits={bits}, group={group}")
     if packed.dtype != torch.uint8 or scales.dtype != torch.float16 or mins.dtype != torch.float16:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bitfold.kernels import cpu_ops
 from bitfold.kernels.paged_decode import paged_decode, paged_decode_ref
 from bitfold.kernels.paged_prefill import paged_prefill, paged_prefill_ref
 from bitfold.kernels._triton import HAS_TRITON
@@ -82,6 +83,24 @@ class TorchAttention(AttentionBackend):
     prefill = staticmethod(paged_prefill_ref)
 
 
+@ATTENTION_BACKENDS.register("cpu")
+class CpuAttention(AttentionBackend):
+    """C++ paged decode for CPU float32 caches (one call per layer instead of ~20 PyTorch ops);
+    prefill stays on the reference."""
+
+    name, devices, codecs = "cpu", ("cpu",), ("dense",)
+    decode = staticmethod(cpu_ops.paged_decode)
+    prefill = staticmethod(paged_prefill_ref)
+
+    @classmethod
+    def why_unsupported(cls, device, codec):
+        if getattr(codec, "dtype", None) != torch.float32:
+            return "float32 KV pages only"
+        if not cpu_ops.available():
+            return "the C++ CPU kernels could not be built"
+        return super().why_unsupported(device, codec)
+
+
 @ATTENTION_BACKENDS.register("triton")
 class TritonAttention(AttentionBackend):
     name, devices, codecs, graph_safe = "triton", ("cuda",), ("dense",), True
@@ -98,7 +117,7 @@ class TritonAttention(AttentionBackend):
 
 def select_backend(name: str, device: torch.device, codec: KVCodec) -> AttentionBackend:
     """`name` = "auto" takes the first backend (triton, then torch) that supports the setup."""
-    order = ["triton", "torch"] if name == "auto" else [name]
+    order = ["triton", "cpu", "torch"] if name == "auto" else [name]
     if name != "auto" and name not in ATTENTION_BACKENDS:
         raise BitfoldError(f"unknown attention backend {name!r}; known: auto, {', '.join(ATTENTION_BACKENDS.names())}")
     reasons = []

@@ -7,6 +7,7 @@ import math
 import torch
 
 from bitfold.errors import ModelLoadError
+from bitfold.kernels import cpu_ops
 from bitfold.kernels.rotary import rotary, rotary_ref
 
 
@@ -42,4 +43,8 @@ def cos_sin_cache(head_dim: int, max_positions: int, theta: float, scaling: dict
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor):
     """q: [T, H, D], k: [T, KVH, D], positions: int64 [T] -> rotated (q, k)."""
-    return (rotary if q.is_cuda else rotary_ref)(q, k, positions, cache)
+    if q.is_cuda:
+        return rotary(q, k, positions, cache)
+    if cpu_ops.usable(q, k, cache):
+        return cpu_ops.rotary(q, k, positions, cache)
+    return rotary_ref(q, k, positions, cache)

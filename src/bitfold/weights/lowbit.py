@@ -91,6 +91,7 @@ class LowBitFormat(WeightFormat):
         self._staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rows_in = torch.zeros(out_features, dtype=torch.bool)
         self._out = out_features
+        self._kernel = None  # the ctypes function, resolved at first use
         layer.register_buffer("lut_packed", torch.empty(0, dtype=torch.uint8))
         layer.register_buffer("lut_scales", torch.empty(0, dtype=torch.float16))
         layer.register_buffer("lut_mins", torch.empty(0, dtype=torch.float16))
@@ -146,15 +147,23 @@ class LowBitFormat(WeightFormat):
 
     def apply(self, layer, x):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
         if layer.in_padded != shape[-1]:
             x2 = F.pad(x2, (0, layer.in_padded - shape[-1]))
-        if lut.available():
-            y = lut.lut_gemm(x2, layer.lut_packed, layer.lut_scales, layer.lut_mins, self._out, self.spec.bits,
-                             self.spec.group)
+        if self._kernel is None:
+            self._kernel = lut._load().bitfold_lut_gemm if lut.available() else False
+        if self._kernel:
+            # The hot path of a CPU decode step (every linear layer): shapes were checked when
+            # the weight was packed, so straight to the kernel.
+            y = torch.empty(x2.shape[0], self._out)
+            self._kernel(x2.data_ptr(), x2.shape[0], layer.in_padded, layer.lut_packed.data_ptr(),
+                         layer.lut_scales.data_ptr(), layer.lut_mins.data_ptr(), self._out, self.spec.bits,
+                         self.spec.group, y.data_ptr(), torch.get_num_threads(), -1)
         else:  # no compiler: correct but slow (dequantize every call); said once
             if not getattr(LowBitFormat, "_warned", False):
-                log.warning("LUT kernel unavailable (%s); low-bit layers dequantize on every call", lut._lib_error)
+                log.warning("LUT kernel unavailable; low-bit layers dequantize on every call")
                 LowBitFormat._warned = True
             w = lut.dequantize_ref(layer.lut_packed, layer.lut_scales, layer.lut_mins, self._out, self.spec.bits,
                                    self.spec.group)

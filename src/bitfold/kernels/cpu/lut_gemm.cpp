@@ -6,20 +6,22 @@
 // we precompute the table T_c[i] = sum_{j: bit j of i set} x[4c+j] for i in 0..15, quantized to
 // int8 per group of the activation with scale ls_g (max |T| / 127). The 4 bits of one plane
 // that a weight row holds for chunk c form an index i into T_c, so one byte shuffle (vpshufb)
-// looks up 32 (AVX2) or 64 (AVX-512) rows at once:
+// looks up 32 (AVX2) or 64 (AVX-512) indices at once:
 //     sum_k q[n,k] x[k] ~= ls_g * sum_c sum_p 2^p T_c[idx_p(n, c)]
-// and the cost falls linearly with the number of planes (bits). The int8 lookups accumulate in
-// int16 (flushed to fp32 before they can overflow), then
+// and the cost falls linearly with the number of planes (bits). Two lookups that belong to the
+// same row sit in adjacent bytes, so one vpmaddubsw multiplies them by their plane weights 2^p
+// and adds them into an int16 per row (no sign extension, no per-plane shifts); the int16 sums
+// are flushed to fp32 before they can overflow, and
 //     y[n] = sum_g scale[n,g] * ls_g * acc[n,g] + min[n,g] * sum_{k in g} x[k].
 //
-// Layout written by bitfold/weights/lowbit.py `pack_lut`:
-//   packed  uint8 [tiles][groups][bits][group/4 chunks][32]: tile = 64 rows; byte j of a chunk
-//           holds row j's index in its low nibble and row 32+j's in its high nibble.
-//   scales, mins  fp16 [tiles][groups][64] in "kernel order": position pos holds row
-//           32*(pos>>5) + 2*(pos&15) + ((pos>>4)&1), which is how the even/odd-byte int16
-//           accumulators come out of the shuffle without any permute.
-// Tables (built here once per activation vector) are stored twice per chunk ([T_c, T_c], 32 B)
-// so that one 32-byte load is an AVX2 table and one 64-byte load is [T_c,T_c,T_c+1,T_c+1].
+// Layout written by bitfold/kernels/lut_gemm.py `pack_lut` (tile = 64 rows, natural row order):
+//   packed uint8 [tiles][groups][streams][64 B blocks]. Byte 2i+e of a block holds, in its low
+//   nibble, an index of row i and, in its high nibble, the same index of row 32+i:
+//   - plane-pair stream m (planes 2m, 2m+1), one block per chunk c: e selects the plane 2m+e;
+//   - for odd bits, a last single-plane stream (plane bits-1), one block per chunk pair (c, c+1):
+//     e selects the chunk c+e (looked up in T_c or T_c+1 by a blended pair of shuffles).
+//   scales, mins fp16 [tiles][groups][64].
+// Tables (built here once per activation vector): int8 [K/4][16].
 //
 // The pure-PyTorch reference of the same computation is bitfold/kernels/lut_gemm.py
 // `lut_gemm_ref`; the scalar path below is the fallback where AVX2 is missing.
@@ -40,10 +42,11 @@
 namespace {
 
 constexpr int kTile = 64;
+constexpr int kBlock = 64;  // bytes per block
 
 // Chunks accumulated in int16 before a flush: |sum_p 2^p T| <= 127 * (2^bits - 1) per chunk.
-// The largest even divisor of the group's chunk count under that bound (even: AVX-512 takes
-// chunks in pairs; a group is a multiple of 8 weights, so 2 always qualifies).
+// The largest even divisor of the group's chunk count under that bound (even: the single-plane
+// stream takes chunks in pairs; a group is a multiple of 8 weights, so 2 always qualifies).
 inline int flush_chunks(int bits, int chunks_per_group) {
   const int fmax = 32767 / (127 * ((1 << bits) - 1));
   int best = 2;
@@ -52,7 +55,11 @@ inline int flush_chunks(int bits, int chunks_per_group) {
   return best;
 }
 
-inline int row_of(int pos) { return 32 * (pos >> 5) + 2 * (pos & 15) + ((pos >> 4) & 1); }
+// Bytes of one (tile, group): a block per chunk per plane pair, a block per chunk pair for the
+// odd plane = 64 rows * group * bits / 8.
+inline size_t group_bytes(int bits, int cpg) {
+  return static_cast<size_t>(bits / 2) * cpg * kBlock + (bits & 1) * static_cast<size_t>(cpg / 2) * kBlock;
+}
 
 inline float half_to_float(uint16_t h) {
   uint32_t sign = (h >> 15) & 1, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -81,7 +88,7 @@ struct Problem {
   const uint16_t* scales;  // fp16 [tiles][groups][64]
   const uint16_t* mins;
   float* y;                // [B, N]
-  const int8_t* tables;    // [B][K/4][32]
+  const int8_t* tables;    // [B][K/4][16]
   const float* lscale;     // [B][groups]
   const float* sumx;       // [B][groups]
 };
@@ -90,7 +97,7 @@ struct Problem {
 // Subset sums add x[4c+j] for j ascending, starting from 0: the reference adds the same terms in
 // the same order (masked terms are exact zeros), so both produce bit-identical tables.
 void build_tables(const float* x, int K, int group, int8_t* tab, float* lscale, float* sumx) {
-  const int chunks = K / 4, cpg = group / 4, groups = K / group;
+  const int cpg = group / 4, groups = K / group;
   std::vector<float> t(static_cast<size_t>(cpg) * 16);
   for (int g = 0; g < groups; ++g) {
     float amax = 0.f, s = 0.f;
@@ -108,157 +115,116 @@ void build_tables(const float* x, int K, int group, int8_t* tab, float* lscale, 
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     lscale[g] = amax / 127.f;
     sumx[g] = s;
-    for (int c = 0; c < cpg; ++c) {
-      int8_t* dst = tab + (static_cast<size_t>(g) * cpg + c) * 32;
-      for (int i = 0; i < 16; ++i) {
-        const int8_t q = static_cast<int8_t>(std::nearbyint(t[c * 16 + i] * inv));
-        dst[i] = q;
-        dst[16 + i] = q;
-      }
-    }
+    int8_t* dst = tab + static_cast<size_t>(g) * cpg * 16;
+    for (int i = 0; i < cpg * 16; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(t[i] * inv));
   }
-  (void)chunks;
 }
 
-// ---- scalar fallback (natural row order, int32 accumulators) ----------------------------------
+// ---- scalar fallback (int32 accumulators) -----------------------------------------------------
 void tiles_scalar(const Problem& P, int t0, int t1) {
   const int groups = P.K / P.group, cpg = P.group / 4, bits = P.bits, KC = P.K / 4;
+  const size_t gbytes = group_bytes(bits, cpg);
   for (int t = t0; t < t1; ++t) {
-    const uint8_t* wt = P.w + static_cast<size_t>(t) * groups * bits * cpg * 32;
     for (int b = 0; b < P.B; ++b) {
+      const int8_t* tb = P.tables + static_cast<size_t>(b) * KC * 16;
       float acc[kTile] = {0};
-      const int8_t* tb = P.tables + static_cast<size_t>(b) * KC * 32;
       for (int g = 0; g < groups; ++g) {
+        const uint8_t* wg = P.w + (static_cast<size_t>(t) * groups + g) * gbytes;
+        const int8_t* tg = tb + static_cast<size_t>(g) * cpg * 16;
         const uint16_t* sc = P.scales + (static_cast<size_t>(t) * groups + g) * kTile;
         const uint16_t* mn = P.mins + (static_cast<size_t>(t) * groups + g) * kTile;
         const float ls = P.lscale[static_cast<size_t>(b) * groups + g];
         const float sx = P.sumx[static_cast<size_t>(b) * groups + g];
-        for (int pos = 0; pos < kTile; ++pos) {
-          const int r = row_of(pos), j = r & 31, hi = r >> 5;
+        for (int r = 0; r < kTile; ++r) {
+          const int i = r & 31, shift = 4 * (r >> 5);
           int32_t a = 0;
-          for (int p = 0; p < bits; ++p) {
-            const uint8_t* src = wt + (static_cast<size_t>(g) * bits + p) * cpg * 32;
-            int32_t ap = 0;
+          for (int m = 0; m < bits / 2; ++m)
             for (int c = 0; c < cpg; ++c) {
-              const int idx = (src[c * 32 + j] >> (4 * hi)) & 15;
-              ap += tb[(static_cast<size_t>(g) * cpg + c) * 32 + idx];
+              const uint8_t* blk = wg + (static_cast<size_t>(m) * cpg + c) * kBlock;
+              for (int e = 0; e < 2; ++e) a += (1 << (2 * m + e)) * tg[c * 16 + ((blk[2 * i + e] >> shift) & 15)];
             }
-            a += ap * (1 << p);
+          if (bits & 1) {
+            const uint8_t* single = wg + static_cast<size_t>(bits / 2) * cpg * kBlock;
+            for (int c = 0; c < cpg; c += 2) {
+              const uint8_t* blk = single + static_cast<size_t>(c / 2) * kBlock;
+              for (int e = 0; e < 2; ++e) a += (1 << (bits - 1)) * tg[(c + e) * 16 + ((blk[2 * i + e] >> shift) & 15)];
+            }
           }
-          acc[pos] += half_to_float(sc[pos]) * (ls * static_cast<float>(a)) + half_to_float(mn[pos]) * sx;
+          acc[r] += half_to_float(sc[r]) * (ls * static_cast<float>(a)) + half_to_float(mn[r]) * sx;
         }
       }
-      for (int pos = 0; pos < kTile; ++pos) {
-        const int n = t * kTile + row_of(pos);
-        if (n < P.N) P.y[static_cast<size_t>(b) * P.N + n] = acc[pos];
+      for (int r = 0; r < kTile; ++r) {
+        const int n = t * kTile + r;
+        if (n < P.N) P.y[static_cast<size_t>(b) * P.N + n] = acc[r];
       }
     }
   }
 }
 
-// ---- AVX2: one chunk (32 bytes = 64 rows) per step -------------------------------------------
-template <int BITS>
-__attribute__((target("avx2,fma,f16c"))) void tiles_avx2(const Problem& P, int t0, int t1) {
-  const int groups = P.K / P.group, cpg = P.group / 4, KC = P.K / 4;
-  const int F = flush_chunks(BITS, cpg);
-  const __m256i lo4 = _mm256_set1_epi8(0x0f);
-  const __m256i himask = _mm256_set1_epi16(static_cast<short>(0xff00));
-  for (int t = t0; t < t1; ++t) {
-    const uint8_t* wt = P.w + static_cast<size_t>(t) * groups * BITS * cpg * 32;
-    for (int b = 0; b < P.B; ++b) {
-      alignas(32) float acc[kTile] = {0};
-      const int8_t* tb = P.tables + static_cast<size_t>(b) * KC * 32;
-      for (int g = 0; g < groups; ++g) {
-        const uint16_t* sc = P.scales + (static_cast<size_t>(t) * groups + g) * kTile;
-        const uint16_t* mn = P.mins + (static_cast<size_t>(t) * groups + g) * kTile;
-        const __m256 ls = _mm256_set1_ps(P.lscale[static_cast<size_t>(b) * groups + g]);
-        const __m256 sx = _mm256_set1_ps(P.sumx[static_cast<size_t>(b) * groups + g]);
-        for (int c0 = 0; c0 < cpg; c0 += F) {
-          __m256i el = _mm256_setzero_si256(), ol = el, eh = el, oh = el;
-          for (int c = c0; c < c0 + F; ++c) {
-            const __m256i tab = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tb + (static_cast<size_t>(g) * cpg + c) * 32));
-#pragma GCC unroll 4
-            for (int p = 0; p < BITS; ++p) {
-              const __m256i raw = _mm256_loadu_si256(
-                  reinterpret_cast<const __m256i*>(wt + ((static_cast<size_t>(g) * BITS + p) * cpg + c) * 32));
-              const __m256i rl = _mm256_shuffle_epi8(tab, _mm256_and_si256(raw, lo4));
-              const __m256i rh = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4));
-              // int8 -> int16 times 2^p without a shuffle: even bytes via (r << 8) >> (8 - p),
-              // odd bytes via (r & 0xff00) >> (8 - p), both arithmetic.
-              el = _mm256_add_epi16(el, _mm256_srai_epi16(_mm256_slli_epi16(rl, 8), 8 - p));
-              ol = _mm256_add_epi16(ol, _mm256_srai_epi16(_mm256_and_si256(rl, himask), 8 - p));
-              eh = _mm256_add_epi16(eh, _mm256_srai_epi16(_mm256_slli_epi16(rh, 8), 8 - p));
-              oh = _mm256_add_epi16(oh, _mm256_srai_epi16(_mm256_and_si256(rh, himask), 8 - p));
-            }
-          }
-          const __m256i parts[4] = {el, ol, eh, oh};
-          for (int q = 0; q < 4; ++q) {
-            for (int h = 0; h < 2; ++h) {
-              const __m128i v16 = h ? _mm256_extracti128_si256(parts[q], 1) : _mm256_castsi256_si128(parts[q]);
-              const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v16)), ls);
-              const int pos = q * 16 + h * 8;
-              const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + pos)));
-              _mm256_store_ps(acc + pos, _mm256_fmadd_ps(s, v, _mm256_load_ps(acc + pos)));
-            }
-          }
-        }
-        for (int pos = 0; pos < kTile; pos += 8) {
-          const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + pos)));
-          _mm256_store_ps(acc + pos, _mm256_fmadd_ps(m, sx, _mm256_load_ps(acc + pos)));
-        }
-      }
-      for (int pos = 0; pos < kTile; ++pos) {
-        const int n = t * kTile + row_of(pos);
-        if (n < P.N) P.y[static_cast<size_t>(b) * P.N + n] = acc[pos];
-      }
-    }
-  }
-}
-
-// ---- AVX-512: two chunks (64 bytes) per step, NB activation vectors share each index load ----
+// ---- AVX-512BW: a block (64 B = 32 rows x 2 lookups per nibble) per instruction --------------
 template <int BITS, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void tile_avx512(const Problem& P, int t, int b0) {
   const int groups = P.K / P.group, cpg = P.group / 4, KC = P.K / 4;
   const int F = flush_chunks(BITS, cpg);
+  const size_t gbytes = group_bytes(BITS, cpg);
   const __m512i lo4 = _mm512_set1_epi8(0x0f);
-  const __m512i himask = _mm512_set1_epi16(static_cast<short>(0xff00));
-  const uint8_t* wt = P.w + static_cast<size_t>(t) * groups * BITS * cpg * 32;
+  const __mmask64 odd = 0xAAAAAAAAAAAAAAAAull;
   alignas(64) float acc[NB][kTile];
   std::memset(acc, 0, sizeof(acc));
   for (int g = 0; g < groups; ++g) {
+    const uint8_t* wg = P.w + (static_cast<size_t>(t) * groups + g) * gbytes;
     const uint16_t* sc = P.scales + (static_cast<size_t>(t) * groups + g) * kTile;
     const uint16_t* mn = P.mins + (static_cast<size_t>(t) * groups + g) * kTile;
     for (int c0 = 0; c0 < cpg; c0 += F) {
-      __m512i el[NB], ol[NB], eh[NB], oh[NB];
-      for (int b = 0; b < NB; ++b) el[b] = ol[b] = eh[b] = oh[b] = _mm512_setzero_si512();
-      for (int c = c0; c < c0 + F; c += 2) {
-#pragma GCC unroll 4
-        for (int p = 0; p < BITS; ++p) {
-          const __m512i raw = _mm512_loadu_si512(wt + ((static_cast<size_t>(g) * BITS + p) * cpg + c) * 32);
+      __m512i alo[NB], ahi[NB];  // int16 per row: rows 0..31 and 32..63
+      for (int b = 0; b < NB; ++b) alo[b] = ahi[b] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+      for (int m = 0; m < BITS / 2; ++m) {
+        const __m512i wpair = _mm512_set1_epi16(static_cast<short>((1 << (2 * m)) | (1 << (2 * m + 1)) << 8));
+        for (int c = c0; c < c0 + F; ++c) {
+          const __m512i raw = _mm512_loadu_si512(wg + (static_cast<size_t>(m) * cpg + c) * kBlock);
           const __m512i il = _mm512_and_si512(raw, lo4);
           const __m512i ih = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
 #pragma GCC unroll 4
           for (int b = 0; b < NB; ++b) {
-            const __m512i tab = _mm512_loadu_si512(P.tables + (static_cast<size_t>(b0 + b) * KC + static_cast<size_t>(g) * cpg + c) * 32);
-            const __m512i rl = _mm512_shuffle_epi8(tab, il);
-            const __m512i rh = _mm512_shuffle_epi8(tab, ih);
-            el[b] = _mm512_add_epi16(el[b], _mm512_srai_epi16(_mm512_slli_epi16(rl, 8), 8 - p));
-            ol[b] = _mm512_add_epi16(ol[b], _mm512_srai_epi16(_mm512_and_si512(rl, himask), 8 - p));
-            eh[b] = _mm512_add_epi16(eh[b], _mm512_srai_epi16(_mm512_slli_epi16(rh, 8), 8 - p));
-            oh[b] = _mm512_add_epi16(oh[b], _mm512_srai_epi16(_mm512_and_si512(rh, himask), 8 - p));
+            const __m512i tab = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                P.tables + (static_cast<size_t>(b0 + b) * KC + static_cast<size_t>(g) * cpg + c) * 16)));
+            alo[b] = _mm512_add_epi16(alo[b], _mm512_maddubs_epi16(wpair, _mm512_shuffle_epi8(tab, il)));
+            ahi[b] = _mm512_add_epi16(ahi[b], _mm512_maddubs_epi16(wpair, _mm512_shuffle_epi8(tab, ih)));
+          }
+        }
+      }
+      if (BITS & 1) {
+        const __m512i wsingle = _mm512_set1_epi8(static_cast<char>(1 << (BITS - 1)));
+        const uint8_t* single = wg + static_cast<size_t>(BITS / 2) * cpg * kBlock;
+        for (int c = c0; c < c0 + F; c += 2) {
+          const __m512i raw = _mm512_loadu_si512(single + static_cast<size_t>(c / 2) * kBlock);
+          const __m512i il = _mm512_and_si512(raw, lo4);
+          const __m512i ih = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
+#pragma GCC unroll 4
+          for (int b = 0; b < NB; ++b) {
+            const int8_t* tb = P.tables + (static_cast<size_t>(b0 + b) * KC + static_cast<size_t>(g) * cpg + c) * 16;
+            const __m512i t0 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb)));
+            const __m512i t1 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb + 16)));
+            // even bytes look up chunk c, odd bytes chunk c+1
+            const __m512i rl = _mm512_mask_shuffle_epi8(_mm512_shuffle_epi8(t0, il), odd, t1, il);
+            const __m512i rh = _mm512_mask_shuffle_epi8(_mm512_shuffle_epi8(t0, ih), odd, t1, ih);
+            alo[b] = _mm512_add_epi16(alo[b], _mm512_maddubs_epi16(wsingle, rl));
+            ahi[b] = _mm512_add_epi16(ahi[b], _mm512_maddubs_epi16(wsingle, rh));
           }
         }
       }
       for (int b = 0; b < NB; ++b) {
         const __m512 ls = _mm512_set1_ps(P.lscale[static_cast<size_t>(b0 + b) * groups + g]);
-        const __m512i parts[4] = {el[b], ol[b], eh[b], oh[b]};
-        for (int q = 0; q < 4; ++q) {
-          // chunks c and c+1 sit in the two 256-bit halves: fold them, then widen 16 lanes.
-          const __m256i f = _mm256_add_epi16(_mm512_castsi512_si256(parts[q]), _mm512_extracti64x4_epi64(parts[q], 1));
-          const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(f)), ls);
-          const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + q * 16)));
-          _mm512_store_ps(acc[b] + q * 16, _mm512_fmadd_ps(s, v, _mm512_load_ps(acc[b] + q * 16)));
-        }
+        const __m512i parts[2] = {alo[b], ahi[b]};
+        for (int h = 0; h < 2; ++h)
+          for (int q = 0; q < 2; ++q) {
+            const __m256i v16 = q ? _mm512_extracti64x4_epi64(parts[h], 1) : _mm512_castsi512_si256(parts[h]);
+            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(v16)), ls);
+            const int pos = h * 32 + q * 16;
+            const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + pos)));
+            _mm512_store_ps(acc[b] + pos, _mm512_fmadd_ps(s, v, _mm512_load_ps(acc[b] + pos)));
+          }
       }
     }
     for (int b = 0; b < NB; ++b) {
@@ -269,11 +235,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void tile_avx
       }
     }
   }
-  for (int b = 0; b < NB; ++b)
-    for (int pos = 0; pos < kTile; ++pos) {
-      const int n = t * kTile + row_of(pos);
-      if (n < P.N) P.y[static_cast<size_t>(b0 + b) * P.N + n] = acc[b][pos];
-    }
+  for (int b = 0; b < NB; ++b) {
+    const int n0 = t * kTile, rows = std::min(kTile, P.N - n0);
+    std::memcpy(P.y + static_cast<size_t>(b0 + b) * P.N + n0, acc[b], sizeof(float) * rows);
+  }
 }
 
 template <int BITS>
@@ -283,6 +248,91 @@ void tiles_avx512(const Problem& P, int t0, int t1) {
     for (; b + 4 <= P.B; b += 4) tile_avx512<BITS, 4>(P, t, b);
     for (; b + 2 <= P.B; b += 2) tile_avx512<BITS, 2>(P, t, b);
     for (; b < P.B; ++b) tile_avx512<BITS, 1>(P, t, b);
+  }
+}
+
+// ---- AVX2: the same blocks as two 32-byte halves (rows 0..15|32..47, then 16..31|48..63) ------
+template <int BITS>
+__attribute__((target("avx2,fma,f16c"))) void tiles_avx2(const Problem& P, int t0, int t1) {
+  const int groups = P.K / P.group, cpg = P.group / 4, KC = P.K / 4;
+  const int F = flush_chunks(BITS, cpg);
+  const size_t gbytes = group_bytes(BITS, cpg);
+  const __m256i lo4 = _mm256_set1_epi8(0x0f);
+  const __m256i odd = _mm256_set1_epi16(static_cast<short>(0xff00));
+  for (int t = t0; t < t1; ++t) {
+    for (int b = 0; b < P.B; ++b) {
+      alignas(32) float acc[kTile] = {0};
+      const int8_t* tb = P.tables + static_cast<size_t>(b) * KC * 16;
+      for (int g = 0; g < groups; ++g) {
+        const uint8_t* wg = P.w + (static_cast<size_t>(t) * groups + g) * gbytes;
+        const uint16_t* sc = P.scales + (static_cast<size_t>(t) * groups + g) * kTile;
+        const uint16_t* mn = P.mins + (static_cast<size_t>(t) * groups + g) * kTile;
+        const __m256 ls = _mm256_set1_ps(P.lscale[static_cast<size_t>(b) * groups + g]);
+        const __m256 sx = _mm256_set1_ps(P.sumx[static_cast<size_t>(b) * groups + g]);
+        for (int c0 = 0; c0 < cpg; c0 += F) {
+          // a[half][nibble]: rows 16*half + 32*nibble .. +15
+          __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00;
+          for (int m = 0; m < BITS / 2; ++m) {
+            const __m256i wpair = _mm256_set1_epi16(static_cast<short>((1 << (2 * m)) | (1 << (2 * m + 1)) << 8));
+            for (int c = c0; c < c0 + F; ++c) {
+              const __m256i tab = _mm256_broadcastsi128_si256(
+                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(tb + (static_cast<size_t>(g) * cpg + c) * 16)));
+              const uint8_t* blk = wg + (static_cast<size_t>(m) * cpg + c) * kBlock;
+              for (int h = 0; h < 2; ++h) {
+                const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * h));
+                const __m256i rl = _mm256_shuffle_epi8(tab, _mm256_and_si256(raw, lo4));
+                const __m256i rh = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4));
+                if (h == 0) {
+                  a00 = _mm256_add_epi16(a00, _mm256_maddubs_epi16(wpair, rl));
+                  a01 = _mm256_add_epi16(a01, _mm256_maddubs_epi16(wpair, rh));
+                } else {
+                  a10 = _mm256_add_epi16(a10, _mm256_maddubs_epi16(wpair, rl));
+                  a11 = _mm256_add_epi16(a11, _mm256_maddubs_epi16(wpair, rh));
+                }
+              }
+            }
+          }
+          if (BITS & 1) {
+            const __m256i wsingle = _mm256_set1_epi8(static_cast<char>(1 << (BITS - 1)));
+            const uint8_t* single = wg + static_cast<size_t>(BITS / 2) * cpg * kBlock;
+            for (int c = c0; c < c0 + F; c += 2) {
+              const int8_t* tc = tb + (static_cast<size_t>(g) * cpg + c) * 16;
+              const __m256i t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tc)));
+              const __m256i t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tc + 16)));
+              const uint8_t* blk = single + static_cast<size_t>(c / 2) * kBlock;
+              for (int h = 0; h < 2; ++h) {
+                const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * h));
+                const __m256i il = _mm256_and_si256(raw, lo4), ih = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
+                const __m256i rl = _mm256_blendv_epi8(_mm256_shuffle_epi8(t0, il), _mm256_shuffle_epi8(t1, il), odd);
+                const __m256i rh = _mm256_blendv_epi8(_mm256_shuffle_epi8(t0, ih), _mm256_shuffle_epi8(t1, ih), odd);
+                if (h == 0) {
+                  a00 = _mm256_add_epi16(a00, _mm256_maddubs_epi16(wsingle, rl));
+                  a01 = _mm256_add_epi16(a01, _mm256_maddubs_epi16(wsingle, rh));
+                } else {
+                  a10 = _mm256_add_epi16(a10, _mm256_maddubs_epi16(wsingle, rl));
+                  a11 = _mm256_add_epi16(a11, _mm256_maddubs_epi16(wsingle, rh));
+                }
+              }
+            }
+          }
+          const __m256i parts[4] = {a00, a10, a01, a11};  // rows 0, 16, 32, 48 (+0..15)
+          for (int q = 0; q < 4; ++q)
+            for (int h = 0; h < 2; ++h) {
+              const __m128i v16 = h ? _mm256_extracti128_si256(parts[q], 1) : _mm256_castsi256_si128(parts[q]);
+              const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v16)), ls);
+              const int pos = q * 16 + h * 8;
+              const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + pos)));
+              _mm256_store_ps(acc + pos, _mm256_fmadd_ps(s, v, _mm256_load_ps(acc + pos)));
+            }
+        }
+        for (int pos = 0; pos < kTile; pos += 8) {
+          const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + pos)));
+          _mm256_store_ps(acc + pos, _mm256_fmadd_ps(m, sx, _mm256_load_ps(acc + pos)));
+        }
+      }
+      const int n0 = t * kTile, rows = std::min(kTile, P.N - n0);
+      std::memcpy(P.y + static_cast<size_t>(b) * P.N + n0, acc, sizeof(float) * rows);
+    }
   }
 }
 
@@ -421,10 +471,10 @@ int bitfold_lut_gemm(const float* x, int B, int K, const uint8_t* packed, const 
   const int best = detect_isa();
   if (isa < 0 || isa > best) isa = best;
   const int groups = K / group, tiles = (N + kTile - 1) / kTile;
-  std::vector<int8_t> tables(static_cast<size_t>(B) * (K / 4) * 32);
+  std::vector<int8_t> tables(static_cast<size_t>(B) * (K / 4) * 16);
   std::vector<float> lscale(static_cast<size_t>(B) * groups), sumx(static_cast<size_t>(B) * groups);
   for (int b = 0; b < B; ++b)
-    build_tables(x + static_cast<size_t>(b) * K, K, group, tables.data() + static_cast<size_t>(b) * (K / 4) * 32,
+    build_tables(x + static_cast<size_t>(b) * K, K, group, tables.data() + static_cast<size_t>(b) * (K / 4) * 16,
                  lscale.data() + static_cast<size_t>(b) * groups, sumx.data() + static_cast<size_t>(b) * groups);
   Problem P{x, B, K, N, bits, group, packed, scales, mins, y, tables.data(), lscale.data(), sumx.data()};
   const TileFn fn = pick(isa, bits);

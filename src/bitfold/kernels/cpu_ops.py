@@ -1,0 +1,62 @@
+"""float32 C++ versions of a decode layer's small operations for the CPU path (see
+cpu/decode_ops.cpp for why). Same signatures and meaning as the references they stand in for:
+`add_rms_norm` = rms_norm_ref / fused_add_rms_norm_ref, `rotary` = rotary_ref, `paged_decode` =
+paged_decode_ref (without the fused KV write). `usable(*tensors)` says whether a call can take
+the C++ path (CPU, float32, library built); otherwise callers use the references.
+"""
+from __future__ import annotations
+
+import torch
+
+from bitfold.kernels.cpu_lib import available, load_cpu_library
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """x, residual: float32 [T, D]; weight [D]. Returns norm(x) * w, or with a residual
+    (norm(x + residual) * w, x + residual)."""
+    lib = load_cpu_library()
+    x = x.contiguous()
+    T, D = x.shape
+    out = torch.empty_like(x)
+    if residual is None:
+        lib.bitfold_add_rms_norm(x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), None, T, D, eps)
+        return out
+    residual = residual.contiguous()
+    res_out = torch.empty_like(x)
+    lib.bitfold_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(), res_out.data_ptr(),
+                             T, D, eps)
+    return out, res_out
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+    """q [T, H, D], k [T, KVH, D] float32; positions int64 [T]; cache [max_pos, D] -> (q, k) rotated."""
+    q, k = q.contiguous(), k.contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    T, H, D = q.shape
+    if T and int(positions.max()) >= cos_sin_cache.shape[0]:
+        raise ValueError(f"position {int(positions.max())} beyond the rotary cache ({cos_sin_cache.shape[0]})")
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    load_cpu_library().bitfold_rotary(q.data_ptr(), k.data_ptr(), positions.data_ptr(), cos_sin_cache.data_ptr(),
+                                      qo.data_ptr(), ko.data_ptr(), T, H, k.shape[1], D)
+    return qo, ko
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, sliding_window: int = 0) -> torch.Tensor:
+    """q [B, H, D]; caches [blocks, block_size, KVH, D] float32; block_tables [B, max_blocks];
+    context_lens [B] (the new token's K/V already written) -> [B, H, D]."""
+    q = q.contiguous()
+    B, H, D = q.shape
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    bt = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    load_cpu_library().bitfold_paged_decode(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bt.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        B, H, k_cache.shape[2], D, k_cache.shape[1], bt.shape[1], scale, sliding_window)
+    return out

@@ -1,0 +1,58 @@
+"""The C++ CPU decode ops against the PyTorch references they stand in for (random inputs, edge
+sizes: one token, block boundaries, GQA ratios 1/4/8, head dims 64/128, sliding windows)."""
+import pytest
+import torch
+
+from bitfold.kernels import cpu_ops
+from bitfold.kernels.paged_decode import paged_decode_ref
+from bitfold.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
+from bitfold.kernels.rotary import rotary_ref
+from bitfold.layers.rotary import cos_sin_cache
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ CPU kernels could not be built")
+
+
+@pytest.mark.parametrize("T,D", [(1, 64), (3, 576), (17, 1536), (2, 7)])
+def test_rms_norm(T, D):
+    g = torch.Generator().manual_seed(T * D)
+    x, r, w = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g), torch.randn(D, generator=g)
+    torch.testing.assert_close(cpu_ops.add_rms_norm(x, None, w, 1e-6), rms_norm_ref(x, w, 1e-6), rtol=1e-5, atol=1e-5)
+    out, res = cpu_ops.add_rms_norm(x, r, w, 1e-5)
+    out_ref, res_ref = fused_add_rms_norm_ref(x, r, w, 1e-5)
+    torch.testing.assert_close(res, res_ref, rtol=0, atol=0)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,H,KVH,D", [(1, 9, 3, 64), (5, 32, 8, 128), (3, 4, 4, 64)])
+def test_rotary(T, H, KVH, D):
+    cache = cos_sin_cache(D, 300, 10000.0, None)
+    g = torch.Generator().manual_seed(T)
+    q, k = torch.randn(T, H, D, generator=g), torch.randn(T, KVH, D, generator=g)
+    pos = torch.randint(0, 300, (T,), generator=g)
+    pos[0] = 299
+    qa, ka = cpu_ops.rotary(q, k, pos, cache)
+    qb, kb = rotary_ref(q, k, pos, cache)
+    torch.testing.assert_close(qa, qb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="beyond the rotary cache"):
+        cpu_ops.rotary(q, k, pos + 300, cache)
+
+
+@pytest.mark.parametrize("lens", [[1], [16], [17, 33], [5, 64, 1, 100]])
+@pytest.mark.parametrize("H,KVH,D", [(4, 4, 64), (8, 2, 64), (16, 2, 128)])
+@pytest.mark.parametrize("window", [0, 9])
+def test_paged_decode(lens, H, KVH, D, window):
+    g = torch.Generator().manual_seed(sum(lens) + H + window)
+    bs, nblocks = 16, 40
+    kc, vc = torch.randn(nblocks, bs, KVH, D, generator=g), torch.randn(nblocks, bs, KVH, D, generator=g)
+    B, maxb = len(lens), -(-max(lens) // bs)
+    tables = torch.randperm(nblocks, generator=g)[: B * maxb].view(B, maxb).to(torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(B, H, D, generator=g)
+    out = cpu_ops.paged_decode(q, kc, vc, tables, ctx, D**-0.5, window)
+    ref = paged_decode_ref(q, kc, vc, tables, ctx, D**-0.5, window)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_picks_cpu_backend_for_float32(smollm2_llm):
+    assert smollm2_llm.engine.runner.backend.name == "cpu"
