@@ -56,3 +56,21 @@ def test_paged_decode(lens, H, KVH, D, window):
 
 def test_engine_picks_cpu_backend_for_float32(smollm2_llm):
     assert smollm2_llm.engine.runner.backend.name == "cpu"
+
+
+@pytest.mark.parametrize("skip_slot", [False, True])
+def test_paged_decode_fused_write(skip_slot):
+    g = torch.Generator().manual_seed(5)
+    bs, KVH, H, D = 16, 2, 8, 64
+    kc, vc = torch.randn(10, bs, KVH, D, generator=g), torch.randn(10, bs, KVH, D, generator=g)
+    tables = torch.tensor([[3, 7, 1], [2, 5, 9]], dtype=torch.int32)
+    lens = torch.tensor([20, 33], dtype=torch.int32)
+    slots = torch.tensor([7 * bs + 3, 9 * bs + 0], dtype=torch.int64)
+    if skip_slot:
+        slots[1] = -1
+    q, nk, nv = (torch.randn(2, n, D, generator=g) for n in (H, KVH, KVH))
+    k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    out = cpu_ops.paged_decode(q, k1, v1, tables, lens, 0.1, 0, new_k=nk, new_v=nv, slot_mapping=slots)
+    ref = paged_decode_ref(q, k2, v2, tables, lens, 0.1, 0, new_k=nk, new_v=nv, slot_mapping=slots)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)  # same cache writes

@@ -60,7 +60,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitfold_lut_gemm": (i, [p, i, i, p, p, p, i, i, i, p, i, i]),
         "bitfold_add_rms_norm": (None, [p, p, p, p, p, i, i, f]),
         "bitfold_rotary": (None, [p, p, p, p, p, p, i, i, i, i]),
-        "bitfold_paged_decode": (None, [p, p, p, p, p, p, i, i, i, i, i, i, f, i]),
+        "bitfold_paged_decode": (None, [p, p, p, p, p, p, i, i, i, i, i, i, f, i, p, p, p]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

@@ -1,7 +1,7 @@
 """float32 C++ versions of a decode layer's small operations for the CPU path (see
 cpu/decode_ops.cpp for why). Same signatures and meaning as the references they stand in for:
 `add_rms_norm` = rms_norm_ref / fused_add_rms_norm_ref, `rotary` = rotary_ref, `paged_decode` =
-paged_decode_ref (without the fused KV write). `usable(*tensors)` says whether a call can take
+paged_decode_ref (with or without its fused KV write). `usable(*tensors)` says whether a call can take
 the C++ path (CPU, float32, library built); otherwise callers use the references.
 """
 from __future__ import annotations
@@ -46,9 +46,12 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, sliding_window: int = 0) -> torch.Tensor:
+                 context_lens: torch.Tensor, scale: float, sliding_window: int = 0, *,
+                 new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
+                 slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, D]; caches [blocks, block_size, KVH, D] float32; block_tables [B, max_blocks];
-    context_lens [B] (the new token's K/V already written) -> [B, H, D]."""
+    context_lens [B] -> [B, H, D]. With new_k/new_v [B, KVH, D] and slot_mapping int64 [B] the
+    new token's K/V are written first (fused, as paged_decode_ref does); else already written."""
     q = q.contiguous()
     B, H, D = q.shape
     out = torch.empty_like(q)
@@ -56,7 +59,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         return out
     bt = block_tables.to(torch.int32).contiguous()
     lens = context_lens.to(torch.int32).contiguous()
+    fused = new_k is not None
+    if fused:
+        new_k, new_v = new_k.contiguous(), new_v.contiguous()
+        slot_mapping = slot_mapping.to(torch.int64).contiguous()
+        if new_k.shape != (B, k_cache.shape[2], D) or slot_mapping.shape != (B,):
+            raise ValueError(f"fused write expects new_k [{B}, {k_cache.shape[2]}, {D}] and slot_mapping [{B}]")
     load_cpu_library().bitfold_paged_decode(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bt.data_ptr(), lens.data_ptr(), out.data_ptr(),
-        B, H, k_cache.shape[2], D, k_cache.shape[1], bt.shape[1], scale, sliding_window)
+        B, H, k_cache.shape[2], D, k_cache.shape[1], bt.shape[1], scale, sliding_window,
+        new_k.data_ptr() if fused else None, new_v.data_ptr() if fused else None,
+        slot_mapping.data_ptr() if fused else None)
     return out

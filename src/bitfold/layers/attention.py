@@ -88,7 +88,7 @@ class CpuAttention(AttentionBackend):
     """C++ paged decode for CPU float32 caches (one call per layer instead of ~20 PyTorch ops);
     prefill stays on the reference."""
 
-    name, devices, codecs = "cpu", ("cpu",), ("dense",)
+    name, devices, codecs, fuses_kv_write = "cpu", ("cpu",), ("dense",), True
     decode = staticmethod(cpu_ops.paged_decode)
     prefill = staticmethod(paged_prefill_ref)
 

@@ -60,12 +60,23 @@ BITFOLD_SIMD void bitfold_rotary(const float* q, const float* k, const int64_t* 
 }
 
 // One query token per sequence. q [B, H, D]; caches [blocks, block_size, KVH, D]; block_tables
-// int32 [B, max_blocks]; context_lens int32 [B] (including the new token, already written);
-// out [B, H, D]. Online softmax over the context, all query heads of a KV group per pass.
-BITFOLD_SIMD void bitfold_paged_decode(const float* q, const float* kc, const float* vc, const int32_t* block_tables,
+// int32 [B, max_blocks]; context_lens int32 [B] (including the new token); out [B, H, D].
+// With new_k/new_v [B, KVH, D] and slots int64 [B], the new token's K/V are first written to
+// their slots (slot < 0: not written) and the last position reads them directly, as
+// paged_decode_ref's fused write does. Online softmax, all query heads of a KV group per pass.
+BITFOLD_SIMD void bitfold_paged_decode(const float* q, float* kc, float* vc, const int32_t* block_tables,
                                        const int32_t* context_lens, float* out, int B, int H, int KVH, int D,
-                                       int block_size, int max_blocks, float scale, int sliding_window) {
+                                       int block_size, int max_blocks, float scale, int sliding_window,
+                                       const float* new_k, const float* new_v, const int64_t* slots) {
   const int G = H / KVH;
+  if (new_k) {
+    for (int b = 0; b < B; ++b) {
+      if (slots[b] < 0) continue;
+      const int64_t row = static_cast<int64_t>(KVH) * D;
+      std::copy(new_k + b * row, new_k + (b + 1) * row, kc + slots[b] * row);
+      std::copy(new_v + b * row, new_v + (b + 1) * row, vc + slots[b] * row);
+    }
+  }
   std::vector<float> m(G), l(G), acc(static_cast<size_t>(G) * D);
   for (int b = 0; b < B; ++b) {
     const int len = context_lens[b];
@@ -78,8 +89,9 @@ BITFOLD_SIMD void bitfold_paged_decode(const float* q, const float* kc, const fl
       for (int p = start; p < len; ++p) {
         const int64_t blk = block_tables[static_cast<int64_t>(b) * max_blocks + p / block_size];
         const int64_t off = ((blk * block_size + p % block_size) * KVH + kh) * D;
-        const float* kv = kc + off;
-        const float* vv = vc + off;
+        const bool fresh = new_k && p == len - 1;
+        const float* kv = fresh ? new_k + (static_cast<int64_t>(b) * KVH + kh) * D : kc + off;
+        const float* vv = fresh ? new_v + (static_cast<int64_t>(b) * KVH + kh) * D : vc + off;
         for (int g = 0; g < G; ++g) {
           const float* qq = qg + static_cast<int64_t>(g) * D;
           float s = 0.f;
