@@ -15,7 +15,7 @@ from bitfold.config import EngineConfig, add_dataclass_args, dataclass_from_args
 from bitfold.errors import BitfoldError, InvalidRequestError
 
 EXIT_BAD_INPUT = 2
-SUBCOMMAND_MODULES = ("bitfold.server.cli", "bitfold.eval.cli")
+SUBCOMMAND_MODULES = ("bitfold.server.cli", "bitfold.eval.cli", "bitfold.quantize")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,13 +1,15 @@
 """Linear layers whose storage and matmul belong to a weight format.
 
 `Linear` may be a merged layer (q|k|v or gate|up): `shards` names each part and its rows, and
-checkpoint tensors are loaded shard by shard.
+checkpoint tensors are loaded shard by shard. A shard may arrive still quantized (a
+`PackedWeight`): a low-bit format of exactly the stored kind takes its codes as they are.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from bitfold.loader.packed import PackedWeight
 from bitfold.weights import WEIGHT_FORMATS, WeightFormat
 
 
@@ -26,16 +28,32 @@ class Linear(nn.Module):
         self.fmt.create_weights(self, in_features, self.out_features, dtype)
         self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype), requires_grad=False) if bias else None
 
-    def load_shard(self, shard: str, tensor: torch.Tensor, is_bias: bool) -> None:
+    def load_shard(self, shard: str, tensor: torch.Tensor | PackedWeight, is_bias: bool) -> None:
         off, rows = self.shard_offsets[shard]
         if tensor.shape[0] != rows:
             raise ValueError(f"shard {shard!r} expects {rows} rows, checkpoint has {tuple(tensor.shape)}")
         if is_bias:
             if self.bias is None:
                 raise ValueError(f"shard {shard!r} got a bias but the layer was built without one")
+            if isinstance(tensor, PackedWeight):
+                raise ValueError(f"shard {shard!r}: a bias must be a float tensor, the checkpoint stores it quantized")
             self.bias.data[off : off + rows].copy_(tensor)
+        elif isinstance(tensor, PackedWeight):
+            self.load_shard_codes(shard, tensor)
         else:
             self.fmt.load(self, tensor, off)
+
+    def load_shard_codes(self, shard: str, packed: PackedWeight) -> None:
+        """A stored-quantized weight: its codes go to the format unchanged when the format is
+        the stored one (`fmt.load_codes`), otherwise it is dequantized and loaded as floats
+        (dense layers; a low-bit format of another kind re-rounds it)."""
+        off, _ = self.shard_offsets[shard]
+        spec = getattr(self.fmt, "spec", None)
+        codes = packed.codes(spec) if spec is not None else None
+        if codes is not None:
+            self.fmt.load_codes(self, *codes, off)
+        else:
+            self.fmt.load(self, packed.dequantize(self.in_features), off)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fmt.apply(self, x)

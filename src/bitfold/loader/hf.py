@@ -1,5 +1,11 @@
 """Hugging Face model folders: config.json + *.safetensors (single or sharded with an index),
-memory-mapped so a tensor is read only when its turn comes."""
+memory-mapped so a tensor is read only when its turn comes.
+
+A folder written by `bitfold quantize` says so in config.json (`quantization_config` with
+`quant_method: "bitfold"`): its linear weights are stored as `<name>.qweight` (bit planes),
+`<name>.scales` and `<name>.mins`, which this loader checks and hands on as one
+`BitfoldCodes` named `<name>.weight`; `source.weight_format` is the stored format.
+"""
 from __future__ import annotations
 
 import json
@@ -10,8 +16,13 @@ import torch
 from tqdm import tqdm
 
 from bitfold.config import ModelConfig
-from bitfold.errors import ModelLoadError, UnsupportedArchitectureError
+from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, UnsupportedFormatError
+from bitfold.loader.packed import BitfoldCodes
 from bitfold.loader.source import ModelSource
+from bitfold.weights import WEIGHT_FORMATS
+from bitfold.weights.lowbit import lowbit_spec
+
+CODE_PARTS = ("qweight", "scales", "mins")
 
 
 def _read_json(path: str) -> dict:
@@ -49,10 +60,66 @@ def safetensors_files(folder: str) -> list[str]:
     return paths
 
 
-def _iter_safetensors(paths: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+class BitfoldQuantization:
+    """A checkpoint's `quantization_config` (quant_method "bitfold"), validated: the format of
+    its linear layers and of its output layer (4 bits under int1-3 and ternary, see lowbit)."""
+
+    def __init__(self, qc, cfg_path: str):
+        where = f"{cfg_path}: quantization_config"
+        if not isinstance(qc, dict):
+            raise ModelLoadError(f"{where} must be an object, found {type(qc).__name__}")
+        method = qc.get("quant_method")
+        if method != "bitfold":
+            raise UnsupportedFormatError(f"{where}.quant_method is {method!r}; bitfold reads its own quantized "
+                                         "checkpoints ('bitfold', written by `bitfold quantize`) and unquantized ones")
+        fmt = qc.get("format")
+        spec = lowbit_spec(fmt) if isinstance(fmt, str) and fmt in WEIGHT_FORMATS else None
+        if spec is None:
+            known = ", ".join(n for n in WEIGHT_FORMATS.names() if lowbit_spec(n) is not None and "-g" in n)
+            raise ModelLoadError(f"{where}.format is {fmt!r}, not a bitfold low-bit format (known: {known})")
+        for key, want in (("bits", spec.bits), ("group_size", spec.group), ("ternary", spec.ternary)):
+            if key in qc and (qc[key] != want or type(qc[key]) is not type(want)):
+                raise ModelLoadError(f"{where}.{key} is {qc[key]!r}, but format {fmt!r} has {key} {want!r}")
+        head = getattr(WEIGHT_FORMATS.get(fmt), "lm_head_format", None) or spec.name
+        stored_head = qc.get("lm_head_format", head)
+        if not isinstance(stored_head, str) or lowbit_spec(stored_head) != lowbit_spec(head):
+            raise ModelLoadError(f"{where}.lm_head_format is {stored_head!r}, but bitfold builds the output layer "
+                                 f"of a {spec.name} model as {head}")
+        self.format, self.spec, self.head_spec = spec.name, spec, lowbit_spec(head)
+
+    def codes(self, base: str, parts: dict[str, tuple[torch.Tensor, str]]) -> BitfoldCodes:
+        """`base`.qweight/.scales/.mins (tensor, file) -> BitfoldCodes, or ModelLoadError naming
+        the file and tensor when one does not fit the others or the format."""
+        spec = self.head_spec if base == "lm_head" else self.spec
+        (planes, path), (scales, spath), (mins, mpath) = (parts[k] for k in CODE_PARTS)
+
+        def bad(what: str, tensor: str = "qweight", file: str = path) -> ModelLoadError:
+            return ModelLoadError(f"{file}: tensor {base + '.' + tensor!r}: {what}")
+
+        if planes.dtype != torch.uint8 or planes.dim() != 3:
+            raise bad(f"expected uint8 bit planes [bits, rows, columns / 8], found {planes.dtype} "
+                      f"{tuple(planes.shape)}")
+        if planes.shape[0] != spec.bits:
+            raise bad(f"stores {planes.shape[0]} bit planes, but the checkpoint's format {spec.name} has "
+                      f"{spec.bits} bits")
+        cols = planes.shape[2] * 8
+        if cols == 0 or cols % spec.group:
+            raise bad(f"{cols} columns are not whole groups of {spec.group}")
+        want = (planes.shape[1], cols // spec.group)
+        for name, t, file in (("scales", scales, spath), ("mins", mins, mpath)):
+            if t.dtype != torch.float16 or tuple(t.shape) != want:
+                raise bad(f"expected float16 {want} (rows x groups of {spec.group} of the qweight's "
+                          f"{cols} columns), found {t.dtype} {tuple(t.shape)}", name, file)
+        return BitfoldCodes(spec, planes, scales, mins, f"{path}: tensor {base + '.qweight'!r}")
+
+
+def _iter_safetensors(paths: list[str], quant: BitfoldQuantization | None = None) -> Iterator[tuple[str, object]]:
+    """(name, tensor) in file order; with `quant`, each <base>.qweight/.scales/.mins triple (in
+    any order, any files) comes out once as (<base>.weight, BitfoldCodes)."""
     from safetensors import SafetensorError, safe_open
 
     total = sum(os.path.getsize(p) for p in paths)
+    pending: dict[str, dict[str, tuple[torch.Tensor, str]]] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=None, leave=False) as bar:
         for p in paths:
             try:
@@ -60,9 +127,21 @@ def _iter_safetensors(paths: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
                     for name in f.keys():
                         t = f.get_tensor(name)
                         bar.update(t.numel() * t.element_size())
-                        yield name, t
+                        base, _, part = name.rpartition(".")
+                        if quant is None or part not in CODE_PARTS:
+                            yield name, t
+                            continue
+                        parts = pending.setdefault(base, {})
+                        parts[part] = (t, p)
+                        if len(parts) == len(CODE_PARTS):
+                            yield base + ".weight", quant.codes(base, pending.pop(base))
             except (SafetensorError, OSError) as e:
                 raise ModelLoadError(f"{p}: not a readable safetensors file ({e})") from None
+    for base, parts in pending.items():
+        have = next(k for k in CODE_PARTS if k in parts)
+        missing = " or ".join(repr(f"{base}.{k}") for k in CODE_PARTS if k not in parts)
+        raise ModelLoadError(f"{parts[have][1]}: tensor {base + '.' + have!r} has no {missing} (a quantized weight "
+                             "is stored as qweight, scales and mins)")
 
 
 def _check_architecture(arch: str, cfg_path: str) -> None:
@@ -84,12 +163,14 @@ def load_hf_folder(folder: str) -> ModelSource:
     raw = _read_json(cfg_path)
     config = ModelConfig.from_hf(raw, cfg_path)
     _check_architecture(config.architecture, cfg_path)
+    quant = BitfoldQuantization(raw["quantization_config"], cfg_path) if "quantization_config" in raw else None
     paths = safetensors_files(folder)
     return ModelSource(
         path=folder,
         format="hf",
         config=config,
-        weights=lambda: _iter_safetensors(paths),
+        weights=lambda: _iter_safetensors(paths, quant),
         load_tokenizer=lambda: Tokenizer.from_hf_folder(folder),
         max_context=config.max_position_embeddings,
+        weight_format=quant.format if quant else None,
     )

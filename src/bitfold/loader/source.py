@@ -1,13 +1,17 @@
-"""A model source: its normalized config, a stream of (HF name, float tensor) weights and its
-tokenizer, whatever the file format. Loaders for each format return one."""
+"""A model source: its normalized config, a stream of (HF name, weight) pairs and its tokenizer,
+whatever the file format. Loaders for each format return one. A weight is a float tensor or a
+`PackedWeight` (still quantized: see loader/packed.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from bitfold.config import ModelConfig
+
+if TYPE_CHECKING:
+    from bitfold.loader.packed import PackedWeight
 
 
 @dataclass
@@ -15,6 +19,7 @@ class ModelSource:
     path: str
     format: str  # "hf" or "gguf"
     config: ModelConfig
-    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    weights: Callable[[], Iterator[tuple[str, torch.Tensor | PackedWeight]]]
     load_tokenizer: Callable[[], "object"]
     max_context: int  # the checkpoint's trained context length
+    weight_format: str | None = None  # the registered format the checkpoint is stored in (None: float)

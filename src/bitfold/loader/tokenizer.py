@@ -18,7 +18,7 @@ import gguf
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from bitfold.errors import BitfoldError, ModelLoadError
+from bitfold.errors import BitfoldError, ModelLoadError, UnsupportedFormatError
 from bitfold.loader.chat_template import render_chat_template
 from bitfold.loader.gguf_reader import GGUFFile
 
@@ -76,6 +76,10 @@ _SUPPORTED_MODELS = "'gpt2' (byte-level BPE) or 'llama' (SentencePiece BPE)"
 
 class Tokenizer:
     """A model's tokenizer: encode/decode, its special ids, end-of-generation set and chat template."""
+
+    # Why this pipeline may not be the one the model was trained with (a GGUF pre-tokenizer we
+    # do not know, replaced by GPT-2's); None when it is.
+    guess: str | None = None
 
     def __init__(self, backend: tokenizers.Tokenizer, *, source: str, vocab_size: int, bos_token_id: int | None,
                  eos_token_id: int | None, extra_eos_ids: Iterable[int] = (), add_bos: bool, add_eos: bool,
@@ -151,12 +155,16 @@ class Tokenizer:
                                     for t, ty in zip(tokens, types) if ty in (_TYPE.CONTROL, _TYPE.UNKNOWN)])
         backend.add_tokens([AddedToken(t, special=False, normalized=False)
                             for t, ty in zip(tokens, types) if ty == _TYPE.USER_DEFINED])
-        return cls(backend, source=path, vocab_size=n,
-                   bos_token_id=token_id("tokenizer.ggml.bos_token_id", 1 if sentencepiece else None),
-                   eos_token_id=token_id("tokenizer.ggml.eos_token_id", 2 if sentencepiece else None),
-                   add_bos=bool(get("tokenizer.ggml.add_bos_token", default_add_bos)),
-                   add_eos=bool(get("tokenizer.ggml.add_eos_token", False)),
-                   chat_template=get("tokenizer.chat_template"))
+        tok = cls(backend, source=path, vocab_size=n,
+                  bos_token_id=token_id("tokenizer.ggml.bos_token_id", 1 if sentencepiece else None),
+                  eos_token_id=token_id("tokenizer.ggml.eos_token_id", 2 if sentencepiece else None),
+                  add_bos=bool(get("tokenizer.ggml.add_bos_token", default_add_bos)),
+                  add_eos=bool(get("tokenizer.ggml.add_eos_token", False)),
+                  chat_template=get("tokenizer.chat_template"))
+        if not sentencepiece and get("tokenizer.ggml.pre") not in _PRE_SPLITS:
+            tok.guess = (f"tokenizer.ggml.pre is {get('tokenizer.ggml.pre')!r}, a pre-tokenizer bitfold does not "
+                         "know (text is split with the GPT-2 regex instead)")
+        return tok
 
     @classmethod
     def from_hf_folder(cls, folder: str) -> Tokenizer:
@@ -199,6 +207,61 @@ class Tokenizer:
                    add_eos=bool(config.get("add_eos_token", eos_id is not None and probe[-1:] == [eos_id])),
                    chat_template=_hf_chat_template(folder, config))
 
+    # ---- export -----------------------------------------------------------------------------------
+
+    def save_hf(self, folder: str) -> None:
+        """Write tokenizer.json, tokenizer_config.json (specials, BOS/EOS flags, chat template) and
+        generation_config.json (end-of-generation ids) so that `from_hf_folder(folder)` rebuilds
+        this tokenizer; read back and compared, UnsupportedFormatError when it would differ."""
+        if self.guess:
+            raise UnsupportedFormatError(f"{self._source}: cannot write a faithful tokenizer.json: {self.guess}")
+        self._backend.save(os.path.join(folder, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "add_bos_token": self.add_bos, "add_eos_token": self.add_eos}
+        for key, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token)):
+            if token is not None:
+                config[key] = token
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        _write_json(os.path.join(folder, "tokenizer_config.json"), config)
+        if self.eos_token_id is not None:  # without one, the reader takes the first of this list as EOS
+            eos = [self.eos_token_id] + sorted(self.eos_token_ids - {self.eos_token_id})
+            generation = {"eos_token_id": eos, **({"bos_token_id": self.bos_token_id} if self.bos_token_id is not None
+                                                 else {})}
+            _write_json(os.path.join(folder, "generation_config.json"), generation)
+        diff = self.differences(Tokenizer.from_hf_folder(folder))
+        if diff:
+            raise UnsupportedFormatError(f"{self._source}: cannot write a faithful tokenizer.json: read back, "
+                                         f"its {diff}")
+
+    def differences(self, other: Tokenizer) -> str | None:
+        """What `other` does differently (first difference found), or None: the special ids and
+        flags, the chat template, every id's token and decoding, and the encoding of a sample of
+        text that includes every special token."""
+        for attr in ("bos_token_id", "eos_token_id", "eos_token_ids", "add_bos", "add_eos", "special_token_ids",
+                     "chat_template"):
+            if getattr(self, attr) != getattr(other, attr):
+                return f"{attr} is {getattr(other, attr)!r}, expected {getattr(self, attr)!r}"
+        ids = list(range(self.vocab_size))
+        if self.convert_ids_to_tokens(ids) != other.convert_ids_to_tokens(ids):
+            return "vocabulary differs"
+        if self._backend.decode_batch([[i] for i in ids], skip_special_tokens=False) != \
+                other._backend.decode_batch([[i] for i in ids], skip_special_tokens=False):
+            return "decoding of single tokens differs"
+        added = self._backend.get_added_tokens_decoder()
+        samples = list(_EXPORT_SAMPLES) + [" ".join(t.content for t in added.values())]
+        if self.chat_template is not None:
+            samples.append(self.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": _EXPORT_SAMPLES[0]}]))
+        for text in samples:
+            for special in (False, True):
+                a, b = self.encode(text, special), other.encode(text, special)
+                if a != b:
+                    return f"encoding of {text[:40]!r} differs ({b[:8]}... vs {a[:8]}...)"
+            if self.decode(a, False) != other.decode(a, False) or self.decode(a) != other.decode(a):
+                return f"decoding of {text[:40]!r} differs"
+        return None
+
     # ---- use ------------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -229,6 +292,21 @@ class Tokenizer:
                                "`generate` instead of chat")
         return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+# Text for `differences`: words, digits, code, whitespace runs, accents, CJK, emoji, byte fallback.
+_EXPORT_SAMPLES = (
+    "Hello world! The capital of France is Paris; 3.14159 * 2 = 6.28318 and 1234567 + 89 = 1234656.",
+    "def quicksort(xs):\n    if len(xs) <= 1:\n\t\treturn xs  # base case\n\n\n   trailing   spaces   ",
+    "Ünïcödé naïve café — «quotes» ‘single’ “double” 日本語のテキスト 中文 한국어 Привет мир 🦙🚀 \u200b\x00\x7f",
+    "I'm you're we'll they'd it's DON'T   \r\n  ALLCAPS mixedCase snake_case kebab-case https://x.org/a?b=c",
+)
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
+        f.write("\n")
 
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None, path: str) -> tokenizers.Tokenizer:

@@ -16,6 +16,7 @@ from bitfold.kernels.silu_mul import silu_and_mul, silu_and_mul_ref
 from bitfold.layers.linear import Linear
 from bitfold.layers.norm import RMSNorm
 from bitfold.layers.rotary import apply_rotary, cos_sin_cache
+from bitfold.loader.packed import PackedWeight
 from bitfold.models.base import MODELS, StepContext
 from bitfold.weights import WEIGHT_FORMATS
 
@@ -125,19 +126,33 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(h) if self.lm_head is not None else h @ self.embed.weight.t()
         return logits.float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """Load (HF name, tensor) pairs; every expected weight must arrive exactly once."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]], source: str) -> None:
+        """Load (HF name, tensor) pairs; every expected weight must arrive exactly once. A weight
+        may be a PackedWeight (stored quantized); a quantized checkpoint of a tied model may also
+        store the output layer's codes as `lm_head.weight`, which then replace quantizing the
+        embedding (a dense model ignores them: its head is the embedding itself)."""
         expected = self._expected_names()
         seen: set[str] = set()
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            if name not in expected:
+            tied_head_codes = name == "lm_head.weight" and self.cfg.tie_word_embeddings and \
+                isinstance(tensor, PackedWeight)
+            if name not in expected and not tied_head_codes:
                 raise ModelLoadError(f"{source}: unexpected tensor {name!r} for {self.cfg.architecture}")
+            if name in seen:  # e.g. a float weight beside its quantized codes
+                raise ModelLoadError(f"{source}: tensor {name!r} is stored twice")
             try:
-                self._load_one(name, tensor)
+                if tied_head_codes:
+                    if self.tied_quantized_head:
+                        self.lm_head.load_shard("lm_head", tensor, False)
+                elif name == "model.embed_tokens.weight" and self.tied_quantized_head and "lm_head.weight" in seen:
+                    _copy(self.embed.weight, tensor)  # the head came as codes already
+                else:
+                    self._load_one(name, tensor)
             except (ValueError, RuntimeError) as e:
-                raise ModelLoadError(f"{source}: tensor {name!r}: {e}") from None
+                where = tensor.origin if isinstance(tensor, PackedWeight) else f"{source}: tensor {name!r}"
+                raise ModelLoadError(f"{where}: {e}") from None
             seen.add(name)
         missing = sorted(expected - seen)
         if missing:
@@ -146,6 +161,21 @@ class LlamaForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.fmt.process_after_loading(m)
+
+    def linear_for(self, name: str) -> tuple[Linear, str] | None:
+        """The Linear and shard a checkpoint weight loads into; None for embeddings, norms and
+        biases (`bitfold quantize` asks this to know which tensors to quantize, and how)."""
+        if name == "lm_head.weight":
+            return None if self.lm_head is None else (self.lm_head, "lm_head")
+        parts = name.split(".", 3)
+        if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+            return None
+        idx, suffix = int(parts[2]), parts[3]
+        if suffix not in _LAYER_WEIGHTS or idx >= len(self.layers):
+            return None
+        _, shard, is_bias = _LAYER_WEIGHTS[suffix]
+        target = self._layer_target(idx, suffix)
+        return None if shard is None or is_bias or target is None else (target, shard)
 
     def _expected_names(self) -> set[str]:
         names = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -185,7 +215,12 @@ class LlamaForCausalLM(nn.Module):
         target.load_shard(shard, tensor, is_bias)
 
 
-def _copy(param: torch.Tensor, tensor: torch.Tensor) -> None:
+def _copy(param: torch.Tensor, tensor: torch.Tensor | PackedWeight) -> None:
+    if isinstance(tensor, PackedWeight):
+        if param.dim() != 2:
+            raise ValueError(f"expected a float tensor of shape {tuple(param.shape)}, the checkpoint stores it "
+                             "quantized")
+        tensor = tensor.dequantize(param.shape[1])
     if param.shape != tensor.shape:
         raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
     param.data.copy_(tensor)

@@ -39,12 +39,18 @@ WEIGHT_FORMATS: Registry[type[WeightFormat]] = Registry("weight format")
 def resolve_weight_format(name: str, checkpoint_format: str | None, device_type: str) -> str:
     """The registered format a model is built with: `name`, or for "auto" the checkpoint's own
     (`checkpoint_format`, from its quantization_config) or dense. Raises BitfoldError when the
-    format cannot run on `device_type` ("cpu" / "cuda")."""
+    format cannot run on `device_type` ("cpu" / "cuda"), or when a quantized checkpoint is asked
+    for another quantized format (dense dequantizes it)."""
     from bitfold.errors import BitfoldError
 
     fmt = (checkpoint_format or "dense") if name == "auto" else name
     if fmt not in WEIGHT_FORMATS:
         raise BitfoldError(f"unknown weight format {fmt!r}; known: auto, {', '.join(WEIGHT_FORMATS.names())}")
+    stored = WEIGHT_FORMATS.get(checkpoint_format) if checkpoint_format is not None else None
+    if stored is not None and fmt != "dense" and WEIGHT_FORMATS.get(fmt) is not stored:
+        # Re-rounding stored codes onto another grid compounds two roundings; say so instead.
+        raise BitfoldError(f"the checkpoint is already quantized as {checkpoint_format}; it cannot be loaded as "
+                           f"{fmt}: use --weights auto (or {checkpoint_format}), or dense to dequantize it")
     devices = getattr(WEIGHT_FORMATS.get(fmt), "devices", None)
     if devices is not None and device_type not in devices:
         raise BitfoldError(f"weight format {fmt!r} runs on {', '.join(devices)} only (its LUT kernels are CPU "
