@@ -3,8 +3,10 @@ random-weight models of real shapes built directly on the GPU.
 
 Speed and memory do not depend on weight values, so the HF model is created with random
 weights on the GPU and bitfold loads *those same tensors* through its normal loader path.
-Decode is timed per engine step (host preparation, CUDA-graph replay, sampling, one sync),
-with the KV cache filled with random values so that long contexts need no long prefill.
+Decode is timed through the engine's own loop (scheduler, input preparation, CUDA-graph
+replay, sampling, token read-back, outputs), with async scheduling (the default on a GPU)
+and, beside it, without (`--no-sync` skips that), over a KV cache filled with random values
+so that long contexts need no long prefill.
 
 The roofline is what one decode step must read (every weight once + each sequence's K/V)
 divided by the device-to-device copy bandwidth measured in the same run.
@@ -29,7 +31,7 @@ from common import environment, md_table, write_results  # noqa: E402
 
 from bitfold.config import EngineConfig, ModelConfig  # noqa: E402
 from bitfold.core.request import Request  # noqa: E402
-from bitfold.core.scheduler import ScheduledChunk, SchedulerOutput  # noqa: E402
+from bitfold.core.scheduler import ScheduledChunk  # noqa: E402
 from bitfold.engine import LLMEngine  # noqa: E402
 from bitfold.loader.source import ModelSource  # noqa: E402
 from bitfold.sampling import SamplingParams  # noqa: E402
@@ -128,31 +130,41 @@ def bitfold_engine(hf_model, shape, device, dtype, args) -> LLMEngine:
     return eng
 
 
-def bitfold_decode(eng: LLMEngine, B: int, ctx: int, steps: int, warmup: int) -> float:
-    """Median seconds per decode step for B sequences whose first ctx-1 tokens are cached."""
-    kv, runner = eng.kv, eng.runner
-    sp = SamplingParams(temperature=0, max_tokens=1 << 30, ignore_eos=True)
-    reqs = [Request(f"bench-{i}", [1] * ctx, sp) for i in range(B)]
+def bitfold_decode(eng: LLMEngine, B: int, ctx: int, steps: int, warmup: int, async_scheduling: bool = True) -> float:
+    """Seconds per decode step for B sequences whose first ctx-1 tokens are cached, through
+    the engine's own loop (scheduler, runner, sampling, token read-back, outputs): wall time
+    of `steps` calls of `LLMEngine.step()` in steady state over `steps`. With async
+    scheduling each call launches one step and reads back the previous one, so the host's
+    work overlaps the GPU's; without it each call waits for its own step."""
+    from bitfold.core.request import RequestStatus
+    from bitfold.engine import _State
+
+    kv, sched = eng.kv, eng.scheduler
+    sp = SamplingParams(temperature=0, max_tokens=warmup + steps + 8, ignore_eos=True)
+    reqs = [Request(f"bench-{i}", [1] * ctx, sp, max_model_len=eng.max_model_len) for i in range(B)]
+    eng.async_scheduling = async_scheduling
     try:
+        # As if the prompts were prefilled (random K/V already fill the cache): only the last
+        # prompt token is left, so every step is a decode step of B one-token chunks.
         for r in reqs:
             assert kv.allocate_slots(r, ctx - 1)
             r.num_computed_tokens = ctx - 1
-        times = []
-        for it in range(warmup + steps):
-            chunks = []
-            for r in reqs:
-                assert kv.allocate_slots(r, 1)
-                chunks.append(ScheduledChunk(r, r.num_computed_tokens, 1, list(kv.block_table(r))))
-            t0 = time.perf_counter()
-            sampled = runner.execute(SchedulerOutput(chunks))  # ends with a host sync (token ids)
-            times.append(time.perf_counter() - t0)
-            for r in reqs:
-                r.num_computed_tokens += 1
-                r.output_token_ids.append(sampled[r.request_id])
-        return statistics.median(times[warmup:])
+            r.status = RequestStatus.RUNNING
+            sched.running.append(r)
+            eng._states[r.request_id] = _State(r, None, None)
+        for _ in range(warmup):
+            eng.step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        sync()
+        return (time.perf_counter() - t0) / steps
     finally:
         for r in reqs:
-            kv.free(r)
+            eng.abort_request(r.request_id)
+        eng.step()  # reads back (and drops) a step still in flight
+        assert eng.pool.num_free == eng.pool.num_blocks and not eng.has_unfinished_requests()
 
 
 def bitfold_prefill(eng: LLMEngine, n: int, reps: int = 3) -> float:
@@ -220,6 +232,8 @@ def main():
     ap.add_argument("--hf-compiled-points", default="1x512,8x512", help="BxCTX points for the compiled baseline")
     ap.add_argument("--hf-max-tokens", type=int, default=300_000, help="skip HF eager where B*ctx exceeds this")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--sync", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time each point with async scheduling off (the host waits for every step)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
@@ -267,10 +281,14 @@ def main():
                 if B * (ctx + args.warmup + args.steps + 1) > cap:
                     pt["bitfold"] = f"does not fit: needs {B * ctx * kvb / 2**30:.0f} GiB of KV"
                 else:
-                    t = bitfold_decode(eng, B, ctx, args.steps, args.warmup)
+                    t = bitfold_decode(eng, B, ctx, args.steps, args.warmup, async_scheduling=True)
                     pt.update(bitfold_tok_s=B / t, bitfold_ms_per_step=t * 1e3, bitfold_pct_roofline=100 * B / t / roof)
+                    if args.sync:
+                        ts = bitfold_decode(eng, B, ctx, args.steps, args.warmup, async_scheduling=False)
+                        pt.update(sync_tok_s=B / ts, sync_pct_roofline=100 * B / ts / roof)
                     print(f"[bench] {shape} B={B} ctx={ctx}: {B / t:.1f} tok/s, {t * 1e3:.2f} ms/step, "
-                          f"{100 * B / t / roof:.0f}% of roofline ({roof:.0f} tok/s)", flush=True)
+                          f"{100 * B / t / roof:.0f}% of roofline ({roof:.0f} tok/s)"
+                          + (f"; sync {B / ts:.1f} tok/s ({100 * B / ts / roof:.0f}%)" if args.sync else ""), flush=True)
                 points.append(pt)
         del eng
         gc.collect()
@@ -306,6 +324,7 @@ def main():
     table_rows = [{"model": p["model"], "batch": p["batch"], "context": p["context"],
                    "bitfold tok/s": fmt(p.get("bitfold_tok_s", p.get("bitfold"))),
                    "roofline tok/s": fmt(p["roofline_tok_s"]), "% roofline": fmt(p.get("bitfold_pct_roofline"), 0),
+                   "sync tok/s": fmt(p.get("sync_tok_s")), "sync % roofline": fmt(p.get("sync_pct_roofline"), 0),
                    "HF eager tok/s": fmt(p.get("hf_eager_tok_s")), "x HF eager": fmt(p.get("speedup_vs_hf_eager")),
                    "HF compiled tok/s": fmt(p.get("hf_compiled_tok_s")),
                    "x HF compiled": fmt(p.get("speedup_vs_hf_compiled"), 2)} for p in rows]

@@ -1,8 +1,21 @@
-"""Where a decode step's time goes: per-kernel CUDA time (eager mode, so kernels are visible)
-against the step's wall time, for a random-weight model of a named shape."""
+"""Where a decode step's time goes, and what each decode optimization buys, on a random-weight
+model of a named shape (the decode benchmark's set-up).
+
+For each point BxCTX:
+1. engine step time (`LLMEngine.step()` in steady state) for three variants, each with its
+   own CUDA graphs: "sync, unfused" (the host waits for every step; the new K/V are written
+   by a kernel of their own), "sync, fused" (the decode attention kernel writes them),
+   "async, fused" (the default: step N+1 is launched before step N's tokens are read back);
+2. for the default variant: host time per step spent outside waits (scheduling, input
+   preparation, launches, outputs) and the per-kernel CUDA time of its graph replays
+   (torch.profiler): step time minus kernel time is what the GPU spent idle.
+
+    python benchmarks/profile_decode.py --model llama3-8b --points 1x512,1x32768,128x512
+"""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -11,49 +24,118 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import bitfold_decode, bitfold_engine, build_hf  # noqa: E402
+from common import environment, md_table, write_results  # noqa: E402
+from decode import (bitfold_decode, bitfold_engine, build_hf, copy_bandwidth, kv_bytes_per_token,  # noqa: E402
+                    weight_bytes)
+
+from bitfold.runner.cuda_graphs import DecodeGraphs  # noqa: E402
+
+VARIANTS = {"sync, unfused": (False, False), "sync, fused": (False, True), "async, fused": (True, True)}
+
+
+def recapture(eng, sizes: list[int], fused: bool) -> None:
+    r = eng.runner
+    r.graphs = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    r.backend.fuses_kv_write = fused
+    with torch.inference_mode():
+        r.graphs = DecodeGraphs(r.model, r.kv_caches, r.backend, sizes, r.max_model_len, eng.config.block_size)
+
+
+def host_split(eng, B, ctx, steps):
+    """(host ms per step outside waits, ms per step waiting for the device), async variant."""
+    runner = eng.runner
+    waits = []
+    real_launch = runner.launch
+
+    def launch(out):
+        h = real_launch(out)
+        real_result = h.result
+
+        def result():
+            t0 = time.perf_counter()
+            res = real_result()
+            waits.append(time.perf_counter() - t0)
+            return res
+
+        h.result = result
+        return h
+
+    runner.launch = launch
+    try:
+        t = bitfold_decode(eng, B, ctx, steps, 4, async_scheduling=True)
+    finally:
+        runner.launch = real_launch
+    wait = sum(waits[-steps:]) / steps
+    return (t - wait) * 1e3, wait * 1e3
+
+
+def kernel_profile(eng, B, ctx, steps=8):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        bitfold_decode(eng, B, ctx, steps, 0, async_scheduling=True)
+    per = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name[:80]] += e.device_time_total / steps / 1e3  # ms per step (the drain launches none)
+    return per
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3-8b")
-    ap.add_argument("--points", default="1x512,8x8192,1x32768")
-    ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--points", default="1x512,1x32768,128x512")
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pts = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
     dev, dt = torch.device("cuda"), torch.bfloat16
+    env = environment()
+    bw = copy_bandwidth(dev)
     max_len = max(c for _, c in pts) + 64
     hf = build_hf(args.model, dev, dt, max_len)
-    ns = argparse.Namespace(batches=[max(b for b, _ in pts)], prefill_tokens=args.prefill_tokens, enforce_eager=True,
+    wbytes = weight_bytes(hf)
+    ns = argparse.Namespace(batches=[max(b for b, _ in pts)], prefill_tokens=2048, enforce_eager=False,
                             gpu_memory_utilization=0.9)
     eng = bitfold_engine(hf, args.model, dev, dt, ns)
     del hf
+    gc.collect()
+    kvb = kv_bytes_per_token(eng.runner.model_config, dt)
+    sizes = sorted({next(s for s in eng.runner.graphs.sizes if s >= b) for b, _ in pts})
+    payload = {"environment": env, "copy_bandwidth_Bps": bw, "model": args.model, "points": []}
+    rows, lines = [], []
+    for name, (async_on, fused) in VARIANTS.items():
+        recapture(eng, sizes, fused)
+        for B, ctx in pts:
+            t = bitfold_decode(eng, B, ctx, args.steps, 4, async_scheduling=async_on)
+            roof = B * bw / (wbytes + B * ctx * kvb)
+            pt = {"variant": name, "batch": B, "context": ctx, "ms_per_step": t * 1e3, "tok_s": B / t,
+                  "roofline_tok_s": roof, "pct_roofline": 100 * B / t / roof}
+            payload["points"].append(pt)
+            rows.append({"variant": name, "batch": B, "context": ctx, "ms/step": f"{t * 1e3:.3f}",
+                         "tok/s": f"{B / t:.1f}", "roofline tok/s": f"{roof:.1f}", "% roofline": f"{pt['pct_roofline']:.1f}"})
+            print(f"[profile] {name} B={B} ctx={ctx}: {t * 1e3:.3f} ms/step, {pt['pct_roofline']:.1f}% of roofline",
+                  flush=True)
+    # The default variant (graphs still captured fused): where its time goes.
     for B, ctx in pts:
-        t_eager = bitfold_decode(eng, B, ctx, 16, 4)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            bitfold_decode(eng, B, ctx, 8, 0)
-        per = defaultdict(float)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                per[e.name[:90]] += e.device_time_total / 8 / 1e3  # ms per step
+        host_ms, wait_ms = host_split(eng, B, ctx, args.steps)
+        per = kernel_profile(eng, B, ctx)
         total = sum(per.values())
-        print(f"\n== B={B} ctx={ctx}: eager step {t_eager * 1e3:.2f} ms wall, kernels {total:.2f} ms per step")
-        for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[:12]:
-            print(f"  {ms:7.3f} ms  {100 * ms / total:5.1f}%  {name}")
-    # Host-side cost of one step's preparation alone.
-    from bitfold.core.request import Request
-    from bitfold.core.scheduler import ScheduledChunk
-    from bitfold.sampling import SamplingParams
-
-    r = Request("p", [1] * 512, SamplingParams())
-    eng.kv.allocate_slots(r, 513)
-    r.num_computed_tokens = 512
-    ch = [ScheduledChunk(r, 512, 1, list(eng.kv.block_table(r)))]
-    t0 = time.perf_counter()
-    for _ in range(100):
-        eng.runner.prepare(ch)
-    torch.cuda.synchronize()
-    print(f"\nrunner.prepare for B=1: {(time.perf_counter() - t0) * 10:.3f} ms per call")
+        step_ms = host_ms + wait_ms
+        lines.append(f"\n### B={B} ctx={ctx}: step {step_ms:.3f} ms = host {host_ms:.3f} ms outside waits + "
+                     f"{wait_ms:.3f} ms waiting; CUDA kernels {total:.3f} ms per step "
+                     f"(GPU idle ~{max(step_ms - total, 0):.3f} ms)\n")
+        lines.append("| ms/step | % | kernel |\n|---|---|---|")
+        for kname, ms in sorted(per.items(), key=lambda kv: -kv[1])[:14]:
+            lines.append(f"| {ms:.3f} | {100 * ms / total:.1f} | `{kname}` |")
+        payload["points"].append({"profile": f"{B}x{ctx}", "host_ms": host_ms, "wait_ms": wait_ms,
+                                  "kernel_ms": total, "kernels": dict(per)})
+    table = (f"{args.model}, bf16, copy bandwidth {bw / 1e12:.2f} TB/s (measured in this run)\n\n"
+             + md_table(rows, ["variant", "batch", "context", "ms/step", "tok/s", "roofline tok/s", "% roofline"])
+             + "\n" + "\n".join(lines))
+    print(table)
+    j, m = write_results(f"profile-decode-{args.model}", payload, table, args.out)
+    print(f"[profile] wrote {j} and {m}")
 
 
 if __name__ == "__main__":

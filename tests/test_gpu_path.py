@@ -79,3 +79,30 @@ def test_batched_gpu_decode_matches_alone(smollm2_path):
     alone = [gpu.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids for p in PROMPTS]
     together = [o.token_ids for o in gpu.generate(PROMPTS * 3, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))]
     assert together == alone * 3
+
+
+def test_gpu_async_scheduling_equals_sync(smollm2_path):
+    """Async scheduling on the GPU (the next step's input token gathered on the device, tokens
+    and logprobs read back one step late, penalties counting the pending token) gives what the
+    synchronous engine gives, for every way a request can end."""
+    def run(mode):
+        llm = LLM(smollm2_path, device="cuda", dtype="float32", gpu_memory_utilization=0.3, max_num_seqs=8,
+                  async_scheduling=mode)
+        assert llm.engine.async_scheduling == (mode == "on")
+        ids = [llm.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+        params = [SamplingParams(temperature=0, max_tokens=20),
+                  SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=17, ignore_eos=True),
+                  SamplingParams(temperature=0, max_tokens=24, presence_penalty=0.5, frequency_penalty=0.5),
+                  SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[11, 28, 30], logprobs=3),
+                  SamplingParams(temperature=0, max_tokens=1)]
+        outs = llm.generate(ids * 2, params * 2)
+        assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+        return outs
+
+    on, off = run("on"), run("off")
+    assert [(o.token_ids, o.finish_reason) for o in on] == [(o.token_ids, o.finish_reason) for o in off]
+    for a, b in zip(on, off):  # the batches differ (async computes a finished request one step more)
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for x, y in zip(a.logprobs or [], b.logprobs or []):
+            assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-3
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]

@@ -1,8 +1,14 @@
 """The engine loop: requests -> scheduler -> model runner -> sampler -> detokenizer -> outputs.
 
-Single-threaded and synchronous: `step()` runs one batch. Everything but the runner is CPU
-bookkeeping. Errors in user input raise typed exceptions before any state changes; an abort
-(or an exception inside a step) frees the request's KV blocks at once.
+Single-threaded: `step()` runs one batch. Everything but the runner is CPU bookkeeping.
+Errors in user input raise typed exceptions before any state changes; an abort (or an
+exception inside a step) frees the request's KV blocks at once.
+
+With async scheduling (on by default on a GPU) `step()` launches step N, then reads back and
+processes step N-1's tokens while the GPU computes step N, so the host's work (scheduling,
+input preparation, detokenization) hides behind the device's (vLLM v1's async scheduling).
+Every output then arrives one step later; a request that stops on EOS or a stop string has
+one more token computed, which is discarded. Greedy outputs are the same either way.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from bitfold.errors import BitfoldError, InvalidRequestError, PromptTooLongError
 from bitfold.layers.sampler import TokenLogprob
 from bitfold.loader import open_model
 from bitfold.loader.source import ModelSource
-from bitfold.runner.model_runner import ModelRunner
+from bitfold.runner.model_runner import ModelRunner, StepHandle
 from bitfold.sampling import SamplingParams
 
 log = logging.getLogger("bitfold")
@@ -82,6 +88,9 @@ class LLMEngine:
         """`source` overrides `config.model` (benchmarks build random-weight sources); a
         source without a tokenizer runs token ids in, token ids out (text stays empty)."""
         config.validate()
+        if config.async_scheduling not in ("auto", "on", "off"):
+            raise BitfoldError(f"invalid engine setting async_scheduling={config.async_scheduling!r}: "
+                               "expected auto, on or off")
         self.config = config
         source = source or open_model(config.model)
         self.model_path = source.path
@@ -96,6 +105,9 @@ class LLMEngine:
         self.pool = BlockPool(self.runner.num_blocks)
         self.kv = KVManager(self.pool, config.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.async_scheduling = config.async_scheduling == "on" or (config.async_scheduling == "auto"
+                                                                     and self.device.type == "cuda")
+        self._inflight: StepHandle | None = None  # launched, tokens not read yet (async only)
         self._states: dict[str, _State] = {}
         self._ids = itertools.count()
 
@@ -148,24 +160,31 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return an output for every request that produced text or finished."""
+        """Run one batch; return an output for every request that produced text or finished
+        (with async scheduling: the outputs of the batch launched by the previous call)."""
         sched = self.scheduler.schedule()
-        if sched.is_empty:
+        launched = None if sched.is_empty else self.runner.launch(sched)
+        done = launched
+        if self.async_scheduling:
+            done, self._inflight = self._inflight, launched
+        if done is None:
             return []
-        sampled = self.runner.execute(sched)
-        self.scheduler.update(sched, sampled)
+        sampled, logprobs = done.result()  # waits for that step only; the next one is queued
+        self.scheduler.update(done.sched, sampled)
         outputs = []
-        for chunk in sched.chunks:
+        for chunk in done.sched.chunks:
             rid = chunk.request.request_id
-            if rid in sampled and rid in self._states:
-                outputs.append(self._advance(self._states[rid], sampled[rid]))
+            st = self._states.get(rid)
+            # `st.req is chunk.request`: an aborted request's id may be in use again already.
+            if rid in sampled and st is not None and st.req is chunk.request:
+                outputs.append(self._advance(st, sampled[rid], logprobs.get(rid)))
         return outputs
 
-    def _advance(self, st: _State, token: int) -> RequestOutput:
+    def _advance(self, st: _State, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         req = st.req
         before = len(st.text)
         if st.logprobs is not None:
-            st.logprobs.append(self.runner.logprobs[req.request_id])
+            st.logprobs.append(logprob)
         if st.detok is not None:
             st.text += st.detok.add(token)
             if req.finished:

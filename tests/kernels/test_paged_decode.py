@@ -115,3 +115,62 @@ def test_unwritten_cache_slots_never_leak(case):
         return
     need_triton()
     assert_close(paged_decode(q, k_cache, v_cache, tables, ctx, scale, window, **knobs), expected, q.dtype, kernel=True)
+
+
+def _new_kv(q, k_cache, tables, ctx, gen, skip_row=None):
+    """Random K/V of each sequence's newest token and the slot of position ctx-1; the slot of
+    `skip_row` is -1 (a CUDA-graph padding row: written nowhere, still attended)."""
+    B, hkv, d, bs = q.shape[0], k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]
+    new_k = randn(B, hkv, d, dtype=q.dtype, gen=gen)
+    new_v = randn(B, hkv, d, dtype=q.dtype, gen=gen)
+    slots = [int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(ctx.tolist())]
+    if skip_row is not None:
+        slots[skip_row] = -1
+    return new_k, new_v, torch.tensor(slots, dtype=torch.int64, device=q.device)
+
+
+@pytest.mark.parametrize("case", ["mha-edges", "gqa4-splits", "gqa8-window", "auto-long", "ragged-gqa8-d128",
+                                  "bcast-gqa4", "fp16-gqa4", "bf16-mha", "bf16-gqa4"])
+def test_fused_kv_write(case):
+    """new_k/new_v/slot_mapping: the launch writes the new token's K/V (as write_kv would) and
+    attends to it; the slot is poisoned with NaN first, so a program that read it from the
+    cache before the write landed would fail."""
+    q, k_cache, v_cache, tables, ctx, scale, window, knobs = _inputs(case)
+    if knobs.get("use_dot", q.shape[1] > k_cache.shape[2]):
+        skip_interpreted_bf16_dot(q.dtype)
+    need_triton()
+    gen = torch.Generator().manual_seed(7)
+    skip = 1 if q.shape[0] > 1 else None
+    new_k, new_v, slots = _new_kv(q, k_cache, tables, ctx, gen, skip_row=skip)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    expected = paged_decode_ref(q, ref_k, ref_v, tables, ctx, scale, window, new_k=new_k, new_v=new_v,
+                                slot_mapping=slots)
+    flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    live = slots[slots >= 0]
+    flat_k[live], flat_v[live] = float("nan"), float("nan")
+    if skip is not None:  # the skipped row's own new-token slot: never written, never read
+        bs, n = k_cache.shape[1], int(ctx[skip]) - 1
+        own = int(tables[skip, n // bs]) * bs + n % bs
+        flat_k[own], flat_v[own] = float("nan"), float("nan")
+    out = paged_decode(q, k_cache, v_cache, tables, ctx, scale, window, new_k=new_k, new_v=new_v, slot_mapping=slots,
+                       **knobs)
+    assert_close(out, expected, q.dtype, kernel=True)
+    if skip is not None:
+        flat_k[own], flat_v[own] = ref_k.view_as(flat_k)[own], ref_v.view_as(flat_v)[own]
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v), "the cache must hold what write_kv writes"
+
+
+def test_fused_ref_equals_write_then_decode():
+    q, k_cache, v_cache, tables, ctx, scale, window, _ = _inputs("ragged-gqa8-d128")
+    new_k, new_v, slots = _new_kv(q, k_cache, tables, ctx, torch.Generator().manual_seed(3))
+    from bitfold.kernels.kv_write import write_kv_ref
+
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    write_kv_ref(k2, v2, new_k, new_v, slots)
+    expected = paged_decode_ref(q, k2, v2, tables, ctx, scale, window)
+    out = paged_decode_ref(q, k_cache, v_cache, tables, ctx, scale, window, new_k=new_k, new_v=new_v, slot_mapping=slots)
+    assert torch.equal(out, expected) and torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
+    with pytest.raises(ValueError, match="go together"):
+        paged_decode_ref(q, k_cache, v_cache, tables, ctx, scale, new_k=new_k)
+    with pytest.raises(ValueError, match="slot_mapping must be int64"):
+        paged_decode_ref(q, k_cache, v_cache, tables, ctx, scale, new_k=new_k, new_v=new_v, slot_mapping=slots.int())

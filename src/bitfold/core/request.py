@@ -20,9 +20,15 @@ class RequestStatus(enum.Enum):
 class Request:
     """One generation request.
 
-    `num_computed_tokens` counts the leading tokens of `all_token_ids` whose K/V are in the
-    cache. A request is "decoding" when exactly one token (the last sampled) is missing from
-    the cache; after preemption it drops to 0 and prompt + output are recomputed.
+    `num_computed_tokens` counts the leading tokens whose K/V are in the cache or being
+    written by a scheduled step (the scheduler advances it when it schedules a chunk). A
+    request is "decoding" when exactly one token (the last sampled) is missing from the cache;
+    after preemption it drops to 0 and prompt + output are recomputed.
+
+    `num_pending_tokens` counts tokens sampled by launched steps whose results the host has not
+    read yet (async scheduling reads tokens one step late; at most 2, between scheduling a
+    step and reading the one before). The next step may already compute such a token: its id
+    then comes from the device, not from `output_token_ids`.
     """
 
     request_id: str
@@ -35,6 +41,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    num_pending_tokens: int = 0
     arrival: int = field(default_factory=lambda: next(_arrival))
 
     @property
@@ -63,6 +70,14 @@ class Request:
     def max_total_tokens(self) -> int:
         """The most tokens this request can ever hold in the cache."""
         return min(len(self.prompt_token_ids) + self.sampling.max_tokens, self.max_model_len)
+
+    @property
+    def ends_when_pending_resolves(self) -> bool:
+        """True when the pending token is certain to be the last (max_tokens or the context is
+        reached whatever it is), so no further step needs to compute it."""
+        n_out = len(self.output_token_ids) + self.num_pending_tokens
+        return self.num_pending_tokens > 0 and (n_out >= self.sampling.max_tokens
+                                                or self.num_tokens + self.num_pending_tokens >= self.max_model_len)
 
     def append_token(self, token_id: int) -> str | None:
         """Record a sampled token; return the finish reason if it ends the request."""

@@ -10,11 +10,19 @@ skip the merge.
 GQA: one program owns a (sequence, kv head, split) and ALL query heads of that kv group, so
 each KV tile is read from memory once per group instead of once per query head. Decode is
 memory-bound; the padding of the group to 16 rows for tl.dot costs only idle tensor cores.
+
+The new token's K/V can come with the call (`new_k`, `new_v`, `slot_mapping`), saving the
+KV-write launch per layer (decode at small batch is launch-bound): the program whose split
+holds the new position writes them into their page and adds that position to its softmax
+from registers, as a rank-1 update after its tile loop, which then stops one position
+short. (Substituting the new row inside the tiles instead costs 10-20% of bandwidth on an
+H100: the tiles then pass through registers on their way to the tensor cores.)
 """
 import math
 
 import torch
 
+from bitfold.kernels.kv_write import write_kv_ref
 from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, jit, next_pow2, num_sms, require, require_launchable, tl
 
 _NO_WINDOW = 1 << 30  # "no sliding window" as a window longer than any context: no branch in the kernel
@@ -22,11 +30,12 @@ _NO_WINDOW = 1 << 30  # "no sliding window" as a window longer than any context:
 
 @jit
 def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
+                         new_k, new_v, slot_mapping,
                          scale_log2, window, bt_stride, num_splits,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QG: tl.constexpr, QG_PAD: tl.constexpr,
                          BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
+                         DOT_PREC: tl.constexpr, FUSE_WRITE: tl.constexpr):
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -42,6 +51,20 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
 
     rows = tl.arange(0, QG_PAD)
     d = tl.arange(0, BLOCK_D)
+    last = seq_len - 1  # the new token's position
+    if FUSE_WRITE:
+        owns_new = (lo <= last) & (last < hi)  # this split holds the new position
+        new_off = (b * NUM_KV_HEADS + kh) * HEAD_DIM + d
+        nk = tl.load(new_k + new_off, mask=d < HEAD_DIM, other=0.0)  # [BLOCK_D]
+        nv = tl.load(new_v + new_off, mask=d < HEAD_DIM, other=0.0)
+        slot = tl.load(slot_mapping + b)  # int64; negative: a padding row, write nothing
+        if owns_new & (slot >= 0):  # no program reads this slot in this launch: the owner uses nk/nv
+            dst = slot * (NUM_KV_HEADS * HEAD_DIM) + kh * HEAD_DIM + d
+            tl.store(k_cache + dst, nk, mask=d < HEAD_DIM)
+            tl.store(v_cache + dst, nv, mask=d < HEAD_DIM)
+        hi_cached = tl.minimum(hi, last)  # the tiles read cached positions only
+    else:
+        hi_cached = hi
     q_mask = (rows[:, None] < QG) & (d[None, :] < HEAD_DIM)
     q_off = (b * NUM_HEADS + kh * QG + rows[:, None]) * HEAD_DIM + d[None, :]
     qg = tl.load(q + q_off, mask=q_mask, other=0.0)  # [QG_PAD, BLOCK_D]; padded rows are 0
@@ -49,9 +72,9 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
     m_i = tl.full([QG_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([QG_PAD], tl.float32)
     acc = tl.zeros([QG_PAD, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
+    for n0 in range(lo, hi_cached, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < hi
+        valid = pos < hi_cached
         # A tile spans several pages: translate every position through the block table
         # (masked, so entries past the sequence, possibly -1, are never read).
         page = tl.load(block_tables + b * bt_stride + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
@@ -77,6 +100,15 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
         else:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m_i = m_new
+    if FUSE_WRITE:
+        if owns_new:  # the new position as one more softmax column (a split of only it starts at -inf)
+            s_new = tl.sum(qg.to(tl.float32) * nk.to(tl.float32)[None, :], axis=1) * scale_log2  # [QG_PAD]
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * nv.to(tl.float32)[None, :]
+            m_i = m_new
 
     if SINGLE_SPLIT:
         o = acc / l_i[:, None]
@@ -143,15 +175,20 @@ def split_plan(programs: int, span: int, sms: int, block_n: int, min_split_token
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, sliding_window: int = 0, *,
+                 new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
+                 slot_mapping: torch.Tensor | None = None,
                  max_context_len: int | None = None, num_splits: int | None = None, block_n: int = 64,
                  min_split_tokens: int = 256, use_dot: bool | None = None, num_warps: int = 4,
                  num_stages: int = 2) -> torch.Tensor:
     """Attention of each sequence's newest token over its whole paged context.
 
-    q: `[B, num_heads, head_dim]`, the new tokens (their K/V already written to the cache).
+    q: `[B, num_heads, head_dim]`, the new tokens.
     k_cache, v_cache: `[num_blocks, block_size, num_kv_heads, head_dim]`.
     block_tables: int32 `[B, max_blocks_per_seq]`; context_lens: int32 `[B]`, >= 1, counts
     the new token. sliding_window > 0 keeps the last `sliding_window` positions (HF Mistral).
+    new_k, new_v: `[B, num_kv_heads, head_dim]` and slot_mapping: int64 `[B]` (all or none):
+    the new tokens' K/V, written into their slots (negative: skipped) by this same launch, as
+    `write_kv` would; without them the new K/V must already be in the cache.
     Returns `[B, num_heads, head_dim]` in q's dtype.
 
     Tuning knobs (keyword-only): `max_context_len` (any upper bound of context_lens, never
@@ -161,6 +198,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     product [group, block_n, head_dim] would not fit in registers), `num_warps`, `num_stages`.
     """
     _check(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
+    fuse_write = _check_new_kv(q, k_cache, new_k, new_v, slot_mapping)
     B, H, D = q.shape
     out = torch.empty_like(q)
     if B == 0:
@@ -185,13 +223,18 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_m = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+    if not fuse_write:
+        new_k = new_v = q  # never read
+        slot_mapping = context_lens
     scale_log2 = float(scale) * math.log2(math.e)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
+        new_k, new_v, slot_mapping,
         scale_log2, window, block_tables.stride(0), num_splits,
         NUM_HEADS=H, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=BLOCK_D, QG=qg,
         QG_PAD=QG_PAD, BLOCK_N=block_n, USE_DOT=use_dot, SINGLE_SPLIT=single,
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32: 3xTF32 keeps ~fp32 accuracy on tensor cores
+        FUSE_WRITE=fuse_write,
         num_warps=num_warps, num_stages=num_stages)
     if not single:
         _decode_merge_kernel[(B, H)](out, part_m, part_l, part_acc, context_lens, window,
@@ -200,10 +243,34 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out
 
 
+def _check_new_kv(q, k_cache, new_k, new_v, slot_mapping) -> bool:
+    """True when the new tokens' K/V come with the call (to be written by it)."""
+    given = [t is not None for t in (new_k, new_v, slot_mapping)]
+    require(all(given) or not any(given), "new_k, new_v and slot_mapping go together")
+    if not any(given):
+        return False
+    B, _, D = q.shape
+    shape = (B, k_cache.shape[2], D)
+    require(new_k.shape == shape and new_v.shape == shape,
+            f"new_k, new_v must be [B, num_kv_heads, head_dim] = {shape}, got {tuple(new_k.shape)}, {tuple(new_v.shape)}")
+    require(new_k.dtype == new_v.dtype == k_cache.dtype,
+            f"new_k, new_v must have the cache's dtype {k_cache.dtype}, got {new_k.dtype}, {new_v.dtype}")
+    require(slot_mapping.shape == (B,) and slot_mapping.dtype == torch.int64,
+            f"slot_mapping must be int64 [B={B}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    for name, t in (("new_k", new_k), ("new_v", new_v), ("slot_mapping", slot_mapping)):
+        require(t.is_contiguous(), f"{name} must be contiguous")
+    return True
+
+
 def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, sliding_window: int = 0) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, sliding_window: int = 0, *,
+                     new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
+                     slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-PyTorch `paged_decode` (float32 math, output in q's dtype); the CPU path."""
     _check(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
+    fused = _check_new_kv(q, k_cache, new_k, new_v, slot_mapping)
+    if fused:
+        write_kv_ref(k_cache, v_cache, new_k, new_v, slot_mapping)
     B, H, D = q.shape
     if B == 0:
         return torch.empty_like(q)
@@ -217,7 +284,12 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k = k_cache[pages, pos % block_size].float()  # [B, L, Hkv, D]
     # Masked positions read slot 0 of block 0, which may hold anything (the cache is not
     # zero-filled): zero V there, since a 0 probability times NaN is still NaN.
-    v = v_cache[pages, pos % block_size].float().masked_fill(~valid[:, :, None, None], 0.0)
+    v = v_cache[pages, pos % block_size].float()
+    if fused:  # the new position reads the given K/V (also where its slot was skipped)
+        rows = torch.arange(B, device=q.device)
+        k[rows, lens - 1] = new_k.float()
+        v[rows, lens - 1] = new_v.float()
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)
     qf = q.float().view(B, Hkv, H // Hkv, D)
     scores = torch.einsum("bkgd,blkd->bkgl", qf, k) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))

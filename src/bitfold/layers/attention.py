@@ -47,6 +47,9 @@ class AttentionBackend:
     devices: tuple[str, ...]
     codecs: tuple[str, ...]
     graph_safe: bool = False  # no host syncs, so a decode step can be captured in a CUDA graph
+    # The decode kernel writes the new tokens' K/V itself (one launch per layer fewer); only
+    # for backends that read the dense codec's pages, whose layout the kernel then owns.
+    fuses_kv_write: bool = False
 
     @classmethod
     def why_unsupported(cls, device: torch.device, codec: KVCodec) -> str | None:
@@ -64,8 +67,11 @@ class AttentionBackend:
 
     def forward(self, q, k, v, kv_storage, meta: AttentionMetadata, scale: float, sliding_window: int):
         """q: [T, H, D]; k, v: [T, KVH, D] (new tokens); writes k/v into the pages, returns [T, H, D]."""
-        self.codec.write(kv_storage, k, v, meta.slot_mapping)
         k_cache, v_cache = kv_storage
+        if meta.decode_only and self.fuses_kv_write:
+            return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, sliding_window,
+                               new_k=k, new_v=v, slot_mapping=meta.slot_mapping, **self.decode_kwargs(meta))
+        self.codec.write(kv_storage, k, v, meta.slot_mapping)
         if meta.decode_only:
             return self.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, sliding_window,
                                **self.decode_kwargs(meta))
@@ -103,7 +109,7 @@ class CpuAttention(AttentionBackend):
 
 @ATTENTION_BACKENDS.register("triton")
 class TritonAttention(AttentionBackend):
-    name, devices, codecs, graph_safe = "triton", ("cuda",), ("dense",), True
+    name, devices, codecs, graph_safe, fuses_kv_write = "triton", ("cuda",), ("dense",), True, True
     decode = staticmethod(paged_decode)
     prefill = staticmethod(paged_prefill)
 

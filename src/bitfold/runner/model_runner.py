@@ -1,20 +1,27 @@
 """The one object that owns device state: the model's weights, the KV pages, the attention
 backend and the per-request sampling generators. It turns a SchedulerOutput into tensors,
-runs the forward pass and samples."""
+runs the forward pass and samples.
+
+`launch` never waits for the device: inputs go up through pinned memory, tokens are sampled
+on the device and come back through a non-blocking copy that `StepHandle.result` waits for.
+A chunk whose input is the previous step's sampled token (`ScheduledChunk.pending`, async
+scheduling) reads that token from the device, so the host never needs it to launch a step.
+"""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from bitfold.config import EngineConfig
+from bitfold.core.request import Request
 from bitfold.core.scheduler import ScheduledChunk, SchedulerOutput
 from bitfold.errors import BitfoldError
 from bitfold.kvcache.codecs import KV_CODECS
 from bitfold.kvcache.spec import KVCacheSpec
 from bitfold.layers.attention import AttentionMetadata, select_backend
-from bitfold.layers.sampler import TokenLogprob, apply_penalties, sample, token_logprobs
+from bitfold.layers.sampler import TokenLogprob, apply_penalties, assemble_logprobs, logprobs_on_device, sample_tokens
 from bitfold.loader.source import ModelSource
 from bitfold.models import MODELS
 from bitfold.weights.base import resolve_weight_format
@@ -24,6 +31,35 @@ from bitfold.runner.cuda_graphs import DecodeGraphs, default_batch_sizes
 log = logging.getLogger("bitfold")
 
 DEFAULT_CPU_KV_GB = 2.0
+
+
+@dataclass
+class StepHandle:
+    """A launched step. `tokens` (int64 [N], one per sampling chunk, in chunk order) and the
+    logprob tensors are host tensors that a non-blocking copy fills; `ready` marks the copy's
+    end on the device (None on the CPU, where everything ran synchronously)."""
+
+    sched: SchedulerOutput
+    request_ids: list[str]
+    tokens: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+    logprob_rows: list[int] = field(default_factory=list)
+    logprob_ks: list[int] = field(default_factory=list)
+    logprob_tensors: tuple[torch.Tensor, ...] = ()
+
+    def result(self) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
+        """Wait for the step; return {request_id: token} and {request_id: TokenLogprob}."""
+        if self.tokens is None:
+            return {}, {}
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens = self.tokens.tolist()
+        sampled = dict(zip(self.request_ids, tokens))
+        logprobs = {}
+        if self.logprob_rows:
+            lps = assemble_logprobs([tokens[i] for i in self.logprob_rows], self.logprob_ks, *self.logprob_tensors)
+            logprobs = {self.request_ids[i]: lp for i, lp in zip(self.logprob_rows, lps)}
+        return sampled, logprobs
 
 
 class ModelRunner:
@@ -55,6 +91,10 @@ class ModelRunner:
         # Filled by every `execute` for the requests that asked for logprobs (beside its return
         # value, so callers that only want token ids are unchanged).
         self.logprobs: dict[str, TokenLogprob] = {}
+        # The last launched step's sampled tokens (device, int64 [N]) and each request's row in
+        # it: where a pending chunk's input token is.
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict[Request, int] = {}
         log.info("KV cache: %d blocks x %d tokens = %d tokens fit (%.2f GiB, %s codec, %s attention)",
                  self.num_blocks, cfg.block_size, self.num_blocks * cfg.block_size,
                  self.num_blocks * self.kv_spec.page_size_bytes / 2**30, codec.name, self.backend.name)
@@ -84,7 +124,6 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_peak_bytes(self) -> int:
         """Peak memory of a forward over `max_num_batched_tokens` tokens (weights included)."""
-        from bitfold.core.request import Request
         from bitfold.sampling import SamplingParams
 
         n = min(self.cfg.max_num_batched_tokens, self.max_model_len)
@@ -107,15 +146,30 @@ class ModelRunner:
             del scratch
             torch.cuda.empty_cache()
 
+    def to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A host list on the device without waiting: a pageable host-to-device copy would
+        block until the device is idle, which async scheduling must never do."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepContext]:
         """Flatten the step's chunks into input_ids [T] and the attention metadata, with three
-        host-to-device transfers (int64 ids/positions/slots, int32 lengths, the block tables):
-        this runs every decode step, for up to max_num_seqs sequences."""
+        non-blocking host-to-device transfers (int64 ids/positions/slots, int32 lengths, the
+        block tables): this runs every decode step, for up to max_num_seqs sequences. Pending
+        chunks take their token from the previous step's sampled tokens, on the device."""
         bs = self.cfg.block_size
         ids, pos, slots, ctx_lens, cu, tables = [], [], [], [], [0], []
+        pend_dst, pend_src = [], []
         max_blocks = max(len(c.block_table) for c in chunks)
         for c in chunks:
             table, end = c.block_table, c.start + c.num_tokens
+            if c.pending:
+                row = self._last_rows.get(c.request)
+                if row is None or c.num_tokens != 1:
+                    raise BitfoldError(f"internal: no sampled token on the device for {c.request.request_id}")
+                pend_dst.append(len(ids))
+                pend_src.append(row)
             ids.extend(c.token_ids)
             p = range(c.start, end)
             pos.extend(p)
@@ -123,18 +177,22 @@ class ModelRunner:
             ctx_lens.append(end)
             cu.append(cu[-1] + c.num_tokens)
             tables.append(table + [0] * (max_blocks - len(table)))
-        T, B, dev = len(ids), len(chunks), self.device
-        vec64 = torch.tensor(ids + pos + slots, dtype=torch.int64).to(dev)
-        small32 = torch.tensor(ctx_lens + cu, dtype=torch.int32).to(dev)
+        T, B, P = len(ids), len(chunks), len(pend_dst)
+        vec64 = self.to_device(ids + pos + slots + pend_dst + pend_src, torch.int64)
+        small32 = self.to_device(ctx_lens + cu, torch.int32)
         meta = AttentionMetadata(
-            slot_mapping=vec64[2 * T :],
-            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev),
+            slot_mapping=vec64[2 * T : 3 * T],
+            block_tables=self.to_device(tables, torch.int32),
             context_lens=small32[:B],
             cu_seqlens_q=small32[B:],
             max_q_len=max(c.num_tokens for c in chunks),
             max_context_len=max(ctx_lens),
         )
-        return vec64[:T], StepContext(vec64[T : 2 * T], meta, self.kv_caches, self.backend)
+        input_ids = vec64[:T]
+        if P:
+            src = vec64[3 * T + P :]
+            input_ids.index_copy_(0, vec64[3 * T : 3 * T + P], self._last_tokens.index_select(0, src))
+        return input_ids, StepContext(vec64[T : 2 * T], meta, self.kv_caches, self.backend)
 
     @torch.inference_mode()
     def forward_logits(self, chunks: list[ScheduledChunk], all_tokens: bool = False) -> torch.Tensor:
@@ -147,9 +205,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run one scheduled step; return {request_id: sampled token} for chunks that sample.
-        Requests whose sampling asks for logprobs also get an entry in `self.logprobs`."""
-        self.logprobs = {}
+        """Run one scheduled step and wait for it; return {request_id: sampled token} for
+        chunks that sample. Requests whose sampling asks for logprobs also get an entry in
+        `self.logprobs`."""
+        sampled, self.logprobs = self.launch(out).result()
+        return sampled
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> StepHandle:
+        """Start one scheduled step (forward, sampling, the copy of its tokens to the host)
+        without waiting for the device; `StepHandle.result()` waits."""
         chunks = out.chunks
         if self.graphs is not None and all(c.num_tokens == 1 for c in chunks) and self.graphs.fits(len(chunks)):
             input_ids, ctx = self.prepare(chunks)
@@ -158,22 +223,45 @@ class ModelRunner:
         else:
             logits = self.forward_logits(chunks)
         rows = [i for i, c in enumerate(chunks) if c.samples]
+        handle = StepHandle(out, [chunks[i].request.request_id for i in rows])
         if not rows:
-            return {}
+            self._last_tokens, self._last_rows = None, {}
+            return handle
         reqs = [chunks[i].request for i in rows]
         gens = [self._generator(r.request_id, r.sampling.seed) if not r.sampling.greedy else None for r in reqs]
         if len(rows) < len(chunks):  # partial-prefill chunks sample nothing
-            logits = logits[rows]
+            logits = logits.index_select(0, self.to_device(rows, torch.int64))
         params = [r.sampling for r in reqs]
         raw = logits
         if any(sp.penalized for sp in params):
-            logits = apply_penalties(logits, [r.output_token_ids for r in reqs], params)
-        tokens = sample(logits, params, gens)
+            logits = apply_penalties(logits, [r.output_token_ids for r in reqs], params, self._pending_tokens(
+                [chunks[i] for i in rows]))
+        tokens = sample_tokens(logits, params, gens)
+        self._last_tokens, self._last_rows = tokens, {r: i for i, r in enumerate(reqs)}
         want = [i for i, sp in enumerate(params) if sp.logprobs is not None]
         if want:
-            lps = token_logprobs(raw[want], [tokens[i] for i in want], [params[i].logprobs for i in want])
-            self.logprobs = {reqs[i].request_id: lp for i, lp in zip(want, lps)}
-        return {r.request_id: t for r, t in zip(reqs, tokens)}
+            handle.logprob_rows, handle.logprob_ks = want, [params[i].logprobs for i in want]
+            idx = self.to_device(want, torch.int64)
+            lp = logprobs_on_device(raw.index_select(0, idx), tokens.index_select(0, idx), max(handle.logprob_ks))
+            handle.logprob_tensors = tuple(self._to_host(t) for t in lp)
+        handle.tokens = self._to_host(tokens)
+        if self.device.type == "cuda":
+            handle.ready = torch.cuda.Event()
+            handle.ready.record()
+        return handle
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        # non_blocking device-to-host copies land in pinned memory; StepHandle.ready says when.
+        return t.to("cpu", non_blocking=True) if t.is_cuda else t
+
+    def _pending_tokens(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, token ids) on the device of the sampling chunks whose request has a token
+        the host has not read yet: penalties must count it."""
+        rows = [i for i, c in enumerate(chunks) if c.pending]
+        if not rows:
+            return None
+        src = self.to_device([self._last_rows[chunks[i].request] for i in rows], torch.int64)
+        return self.to_device(rows, torch.int64), self._last_tokens.index_select(0, src)
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
         g = self.generators.get(request_id)
