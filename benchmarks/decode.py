@@ -110,6 +110,20 @@ def kv_bytes_per_token(mc: ModelConfig, dtype) -> int:
     return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * torch.finfo(dtype).bits // 8
 
 
+def use_gemv_configs(path: str) -> None:
+    """Replace the Triton GEMV's built-in launch table with the best configuration per row
+    count from a benchmarks/gemv.py JSON (to time a sweep's choice before committing it)."""
+    import json
+
+    from bitfold.kernels import gemv
+
+    with open(path) as f:
+        for p in json.load(f)["points"]:
+            if "best_overall" in p:
+                gemv._CONFIGS[p["M"]] = tuple(p["best_overall"])
+    print(f"[bench] GEMV configs from {path}: {gemv._CONFIGS}", flush=True)
+
+
 # -- bitfold ------------------------------------------------------------------------------------
 def bitfold_engine(hf_model, shape, device, dtype, args) -> LLMEngine:
     raw = hf_model.config.to_dict()
@@ -235,8 +249,18 @@ def main():
     ap.add_argument("--sync", action=argparse.BooleanOptionalAction, default=True,
                     help="also time each point with async scheduling off (the host waits for every step)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--gemv-configs", default=None,
+                    help="a benchmarks/gemv.py JSON: its best GEMV config per row count replaces the built-in table")
+    ap.add_argument("--gemv-rows", type=int, default=None,
+                    help="rows up to which the Triton GEMV runs (0 = cuBLAS only; default: the dense format's own)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
+    if args.gemv_configs:
+        use_gemv_configs(args.gemv_configs)
+    if args.gemv_rows is not None:
+        from bitfold.weights import dense
+
+        dense.GEMV_MAX_ROWS = args.gemv_rows
     args.batches = [int(x) for x in args.batches.split(",")]
     args.contexts = [int(x) for x in args.contexts.split(",")]
     hf_modes = set(args.hf.split(","))
@@ -246,7 +270,11 @@ def main():
     env = environment()
     bw, mm = copy_bandwidth(device), matmul_rate(device, dtype)
     print(f"[bench] {env['device']}: copy {bw / 1e12:.2f} TB/s, matmul {mm / 1e12:.0f} TFLOP/s ({dtype})", flush=True)
+    from bitfold.kernels import gemv
+    from bitfold.weights import dense
+
     payload = {"environment": env, "copy_bandwidth_Bps": bw, "matmul_flops": mm, "dtype": str(dtype),
+               "gemv_max_rows": dense.GEMV_MAX_ROWS, "gemv_configs": {str(k): v for k, v in gemv._CONFIGS.items()},
                "method": __doc__.strip().splitlines()[0], "decode": [], "prefill": []}
     rows = []
     for shape in args.models.split(","):

@@ -2,11 +2,13 @@
 model of a named shape (the decode benchmark's set-up).
 
 For each point BxCTX:
-1. engine step time (`LLMEngine.step()` in steady state) for three variants, each with its
-   own CUDA graphs: "sync, unfused" (the host waits for every step; the new K/V are written
-   by a kernel of their own), "sync, fused" (the decode attention kernel writes them),
-   "async, fused" (the default: step N+1 is launched before step N's tokens are read back);
-2. for the default variant: host time per step spent outside waits (scheduling, input
+1. engine step time (`LLMEngine.step()` in steady state) for each variant (`--variants`), each
+   with its own CUDA graphs: "sync, unfused" (the host waits for every step; the new K/V are
+   written by a kernel of their own), "sync, fused" (the decode attention kernel writes them),
+   "async, fused, cuBLAS" (step N+1 is launched before step N's tokens are read back; every
+   matmul through cuBLAS), "async, fused" (the default: the same with the Triton GEMV for
+   matmuls of <= 16 rows);
+2. for the last variant: host time per step spent outside waits (scheduling, input
    preparation, launches, outputs) and the per-kernel CUDA time of its graph replays
    (torch.profiler): step time minus kernel time is what the GPU spent idle.
 
@@ -26,19 +28,24 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, md_table, write_results  # noqa: E402
 from decode import (bitfold_decode, bitfold_engine, build_hf, copy_bandwidth, kv_bytes_per_token,  # noqa: E402
-                    weight_bytes)
+                    use_gemv_configs, weight_bytes)
 
+from bitfold.kernels import gemv as gemv_mod  # noqa: E402
 from bitfold.runner.cuda_graphs import DecodeGraphs  # noqa: E402
+from bitfold.weights import dense  # noqa: E402
 
-VARIANTS = {"sync, unfused": (False, False), "sync, fused": (False, True), "async, fused": (True, True)}
+# name -> (async scheduling, KV write fused into decode attention, rows up to which the Triton GEMV runs)
+VARIANTS = {"sync, unfused": (False, False, 0), "sync, fused": (False, True, 0),
+            "async, fused, cuBLAS": (True, True, 0), "async, fused": (True, True, dense.GEMV_MAX_ROWS)}
 
 
-def recapture(eng, sizes: list[int], fused: bool) -> None:
+def recapture(eng, sizes: list[int], fused: bool, gemv_rows: int) -> None:
     r = eng.runner
     r.graphs = None
     gc.collect()
     torch.cuda.empty_cache()
     r.backend.fuses_kv_write = fused
+    dense.GEMV_MAX_ROWS = gemv_rows
     with torch.inference_mode():
         r.graphs = DecodeGraphs(r.model, r.kv_caches, r.backend, sizes, r.max_model_len, eng.config.block_size)
 
@@ -86,8 +93,14 @@ def main():
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--points", default="1x512,1x32768,128x512")
     ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--variants", default=";".join(VARIANTS), help="semicolon list; the last one is profiled")
+    ap.add_argument("--gemv-configs", default=None,
+                    help="a benchmarks/gemv.py JSON: use its best config per row count instead of the built-in table")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    variants = args.variants.split(";")
+    if args.gemv_configs:
+        use_gemv_configs(args.gemv_configs)
     pts = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
     dev, dt = torch.device("cuda"), torch.bfloat16
     env = environment()
@@ -102,10 +115,12 @@ def main():
     gc.collect()
     kvb = kv_bytes_per_token(eng.runner.model_config, dt)
     sizes = sorted({next(s for s in eng.runner.graphs.sizes if s >= b) for b, _ in pts})
-    payload = {"environment": env, "copy_bandwidth_Bps": bw, "model": args.model, "points": []}
+    payload = {"environment": env, "copy_bandwidth_Bps": bw, "model": args.model, "points": [],
+               "gemv_configs": {str(k): v for k, v in gemv_mod._CONFIGS.items()}}
     rows, lines = [], []
-    for name, (async_on, fused) in VARIANTS.items():
-        recapture(eng, sizes, fused)
+    for name in variants:
+        async_on, fused, gemv_rows = VARIANTS[name]
+        recapture(eng, sizes, fused, gemv_rows)
         for B, ctx in pts:
             t = bitfold_decode(eng, B, ctx, args.steps, 4, async_scheduling=async_on)
             roof = B * bw / (wbytes + B * ctx * kvb)
@@ -116,7 +131,7 @@ def main():
                          "tok/s": f"{B / t:.1f}", "roofline tok/s": f"{roof:.1f}", "% roofline": f"{pt['pct_roofline']:.1f}"})
             print(f"[profile] {name} B={B} ctx={ctx}: {t * 1e3:.3f} ms/step, {pt['pct_roofline']:.1f}% of roofline",
                   flush=True)
-    # The default variant (graphs still captured fused): where its time goes.
+    # The last variant (its graphs are still captured): where its time goes.
     for B, ctx in pts:
         host_ms, wait_ms = host_split(eng, B, ctx, args.steps)
         per = kernel_profile(eng, B, ctx)

@@ -1,11 +1,20 @@
-"""Unquantized weights in the compute dtype; the matmul goes to PyTorch (cuBLAS / MKL)."""
+"""Unquantized weights in the compute dtype. On a GPU, a few rows of activations (decode at
+small batch) go through the Triton skinny matmul `kernels/gemv.py`, which streams the weight
+closer to the copy bandwidth than cuBLAS's small-M tiles; everything else goes to PyTorch
+(cuBLAS / MKL)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitfold.kernels._triton import HAS_TRITON
+from bitfold.kernels.gemv import gemv
 from bitfold.weights.base import WEIGHT_FORMATS, WeightFormat
+
+GEMV_MAX_ROWS = 16
+"""Activation rows up to which CUDA matmuls use the Triton GEMV (0 = always cuBLAS; the
+benchmarks set it to compare the two)."""
 
 
 @WEIGHT_FORMATS.register("dense", "auto")
@@ -25,4 +34,8 @@ class DenseFormat(WeightFormat):
         layer.weight.data[row_offset : row_offset + rows].copy_(weight)
 
     def apply(self, layer, x):
-        return F.linear(x, layer.weight)
+        w = layer.weight
+        if (x.is_cuda and HAS_TRITON and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS
+                and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype and x.stride(1) == 1):
+            return gemv(x, w)
+        return F.linear(x, w)
