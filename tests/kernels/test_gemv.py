@@ -55,7 +55,7 @@ def test_strided_rows_and_empty():
     xs = torch.cat([x, x], dim=1)[:, :128]  # row stride 256, contiguous along K
     assert_close(gemv(xs, w, config=CONFIGS[0]), gemv_ref(x, w), torch.float32, kernel=True)
     assert gemv(x[:0], w).shape == (0, 32)
-    assert torch.equal(gemv(x[:, :0], w[:, :0]), torch.zeros(4, 32))
+    assert torch.equal(gemv(x[:, :0], w[:, :0]), torch.zeros(4, 32, device=x.device))
 
 
 def test_bad_inputs():
