@@ -111,16 +111,16 @@ def kv_bytes_per_token(mc: ModelConfig, dtype) -> int:
 
 
 def use_gemv_configs(path: str) -> None:
-    """Replace the Triton GEMV's built-in launch table with the best configuration per row
-    count from a benchmarks/gemv.py JSON (to time a sweep's choice before committing it)."""
+    """Replace the Triton GEMV's built-in launch table with the best single configuration per
+    row count from a benchmarks/gemv.py JSON (to time a sweep's choice before committing it)."""
     import json
 
     from bitfold.kernels import gemv
 
     with open(path) as f:
-        for p in json.load(f)["points"]:
-            if "best_overall" in p:
-                gemv._CONFIGS[p["M"]] = tuple(p["best_overall"])
+        best = {p["M"]: tuple(p["best_overall"]) for p in json.load(f)["points"] if "best_overall" in p}
+    gemv._CONFIGS.clear()
+    gemv._CONFIGS.update({(m, wide): c for m, c in best.items() for wide in (False, True)})
     print(f"[bench] GEMV configs from {path}: {gemv._CONFIGS}", flush=True)
 
 

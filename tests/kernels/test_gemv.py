@@ -42,10 +42,11 @@ def test_kernel_matches_ref(M, N, K, dtype, config):
 
 
 @pytest.mark.parametrize("M", [1, 2, 8, 16])
-def test_default_config(M):
+@pytest.mark.parametrize("N,K", [(72, 1024), (300, 128)])  # tall and wide: different configs
+def test_default_config(M, N, K):
     need_triton()
     dtype = torch.float16  # the default tl.dot config runs under the interpreter in fp16 only
-    x, w = _xw(M, 72, 1024, dtype, seed=M)
+    x, w = _xw(M, N, K, dtype, seed=M)
     assert_close(gemv(x, w), gemv_ref(x, w), dtype, kernel=True)
 
 

@@ -71,15 +71,24 @@ def _gemv_kernel(x, w, out, M, N, K, stride_xm, stride_wn, stride_om,
         tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-# (block_m, block_n, block_k, num_warps, num_stages) for up to this many rows of activations;
-# chosen on an H100 by benchmarks/gemv.py (per-layer timings in benchmarks/results/gemv-*).
-_CONFIGS = {1: (1, 16, 512, 4, 3), 2: (16, 32, 256, 4, 3), 4: (16, 32, 256, 4, 3), 8: (16, 32, 256, 4, 3),
-            16: (16, 32, 256, 4, 3)}
+# (block_m, block_n, block_k, num_warps, num_stages), chosen on an H100 by benchmarks/gemv.py
+# (benchmarks/results/gemv-llama3-8b-20261122-074241: every layer of llama3-8b x rows 1..16):
+# one row takes the register loop, more rows tl.dot; "wide" matrices (N > K: q|k|v, gate|up,
+# lm_head) prefer thinner slabs and shorter K steps than square / tall ones (o, down), whose
+# few long rows need more bytes in flight per program. Measured at one row: q|k|v 94%, gate|up
+# 104%, down 95%, lm_head 107% of the copy bandwidth (reads alone can beat a copy), o 83%
+# (33 MB: launch and tail are a tenth of its 11 us); cuBLAS 84 / 94 / 91 / 81 / 72%.
+_CONFIGS = {  # (rows, wide) -> config
+    (1, True): (1, 4, 1024, 4, 1), (1, False): (1, 16, 512, 8, 1),
+    (16, True): (16, 64, 128, 4, 5), (16, False): (16, 32, 256, 4, 5),
+}
 
 
 def default_config(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
-    """The launch configuration for `M` rows (the table's smallest bucket >= M, else its largest)."""
-    return _CONFIGS[min((m for m in _CONFIGS if m >= M), default=max(_CONFIGS))]
+    """The launch configuration for `M` rows of a `[N, K]` weight: the table's smallest row
+    bucket >= M (else its largest), wide (N > K) or not."""
+    rows = min((m for m, _ in _CONFIGS if m >= M), default=max(m for m, _ in _CONFIGS))
+    return _CONFIGS[(rows, N > K)]
 
 
 def _check(x, weight):
