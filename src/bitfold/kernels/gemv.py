@@ -72,12 +72,12 @@ def _gemv_kernel(x, w, out, M, N, K, stride_xm, stride_wn, stride_om,
 
 
 # (block_m, block_n, block_k, num_warps, num_stages), chosen on an H100 by benchmarks/gemv.py
-# (benchmarks/results/gemv-llama3-8b-20261122-074241: every layer of llama3-8b x rows 1..16):
-# one row takes the register loop, more rows tl.dot; "wide" matrices (N > K: q|k|v, gate|up,
-# lm_head) prefer thinner slabs and shorter K steps than square / tall ones (o, down), whose
-# few long rows need more bytes in flight per program. Measured at one row: q|k|v 94%, gate|up
-# 104%, down 95%, lm_head 107% of the copy bandwidth (reads alone can beat a copy), o 83%
-# (33 MB: launch and tail are a tenth of its 11 us); cuBLAS 84 / 94 / 91 / 81 / 72%.
+# (sweep: benchmarks/results/gemv-llama3-8b-20261122-074241, every layer of llama3-8b x rows
+# 1..16): one row takes the register loop, more rows tl.dot; "wide" matrices (N > K: q|k|v,
+# gate|up, lm_head) ran fastest with 4-row slabs, square / tall ones (o, down) with 16-row
+# slabs and 8 warps (measured, not derived). With this table at one row (gemv-...-074611): q|k|v
+# 94%, gate|up 104%, down 95%, lm_head 107% of the copy bandwidth (a read-only stream can beat
+# a copy), o 83% (34 MB in 14 us: launch and tail weigh); cuBLAS 79 / 97 / 91 / 81 / 72%.
 _CONFIGS = {  # (rows, wide) -> config
     (1, True): (1, 4, 1024, 4, 1), (1, False): (1, 16, 512, 8, 1),
     (16, True): (16, 64, 128, 4, 5), (16, False): (16, 32, 256, 4, 5),
