@@ -36,7 +36,8 @@ def runner(path, weights: str = "auto", max_len: int = 64) -> ModelRunner:
 
 def logits(r: ModelRunner, ids: list[int]) -> torch.Tensor:
     req = Request("q", list(ids), SamplingParams(max_tokens=1))
-    return r.forward_logits([ScheduledChunk(req, 0, len(ids), list(range(-(-len(ids) // 4))))], all_tokens=True)
+    table = list(range(-(-len(ids) // r.cfg.block_size)))
+    return r.forward_logits([ScheduledChunk(req, 0, len(ids), table)], all_tokens=True)
 
 
 def linears(r: ModelRunner) -> dict[str, Linear]:
@@ -44,15 +45,16 @@ def linears(r: ModelRunner) -> dict[str, Linear]:
 
 
 def assert_same_model(a: ModelRunner, b: ModelRunner, ids: list[int]) -> None:
-    """Same formats, same codes in every linear layer, same dense tensors, identical logits."""
+    """Same format in every linear layer, the same packed codes, scales and mins (the layers'
+    buffers) and dense tensors, identical logits."""
     la, lb = linears(a), linears(b)
     assert la.keys() == lb.keys()
     for name in la:
         assert type(la[name].fmt) is type(lb[name].fmt), name
-        for x, y in zip(la[name].fmt.codes(la[name]), lb[name].fmt.codes(lb[name])):
-            assert torch.equal(x, y), name
-    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
-        assert torch.equal(p, q), n
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and any(k.endswith("lut_packed") for k in sa)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
     assert torch.equal(logits(a, ids), logits(b, ids))
 
 
@@ -306,11 +308,48 @@ def smollm2_int4(smollm2_path, tmp_path_factory):
     return out, quantize(smollm2_path, "int4-g32", str(out))
 
 
-def test_smollm2_gguf_quantized_folder(smollm2_path, smollm2_int4):
+@pytest.fixture(scope="module")
+def smollm2_int4_at_load(smollm2_path):
+    """SmolLM2 quantized at load as int4-g32 (loading takes seconds: one for the module)."""
+    return LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.05, weights="int4-g32")
+
+
+def test_smollm2_int4_g32_takes_the_q4_1_codes(smollm2_path, smollm2_int4_at_load, smollm2_llm):
+    """Through the loader: the Q4_1 tensors arrive as GGUFBlocks whose floats are gguf's decoding;
+    an int4-g32 model holds exactly those weights (no second rounding), and predicts like the
+    dense model (a misplaced row, e.g. of the un-permuted Q/K, would not)."""
+    import gguf
+
+    from bitfold.loader.gguf_blocks import GGUFBlocks
+    from bitfold.loader.gguf_reader import GGUFFile
+
+    blocks = {n: w for n, w in open_model(smollm2_path).weights() if isinstance(w, GGUFBlocks)}
+    assert len(blocks) == 210 and {w.qtype.name for w in blocks.values()} == {"Q4_1"}
+    down = GGUFFile(smollm2_path).tensors[2]
+    assert down.name == "blk.0.ffn_down.weight"
+    ref = gguf.quants.dequantize(down.data.view(np.ndarray), down.tensor_type)
+    assert torch.equal(blocks["model.layers.0.mlp.down_proj.weight"].dequantize(1536), torch.from_numpy(ref))
+    r = smollm2_int4_at_load.engine.runner
+    for i in (0, 17):
+        lin = linears(r)[f"layers.{i}.attn.qkv"]
+        want = torch.cat([blocks[f"model.layers.{i}.self_attn.{p}_proj.weight"].dequantize(576) for p in "qkv"])
+        assert torch.equal(dequantize(*lin.fmt.codes(lin), 32), want)
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    sp = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    dense, int4 = smollm2_llm.generate([prompt], sp)[0], smollm2_int4_at_load.generate([prompt], sp)[0]
+    assert int4.token_ids == dense.token_ids
+    assert [t for t, _ in int4.logprobs[0].top[:2]] == [t for t, _ in dense.logprobs[0].top[:2]]
+
+
+def test_smollm2_gguf_quantized_folder(smollm2_path, smollm2_int4, smollm2_int4_at_load):
     """The GGUF's config and tokenizer as HF files, its weights as codes: loads to the model
-    `LLM(gguf, weights="int4-g32")` builds, with the tokenizer bitfold builds from the GGUF."""
+    `LLM(gguf, weights="int4-g32")` builds (both take the Q4_1 blocks' codes as they are), with
+    the tokenizer bitfold builds from the GGUF."""
     out, s = smollm2_int4
     assert s.linear_tensors == 30 * 7 + 1 and s.layers == 30 and s.head_format == "int4-g32"
+    assert s.converted == 30 * 7  # Q4_1 blocks taken as int4-g32 codes; the head rounds the Q8_0 embedding
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "rtn+gguf-blocks"
     # the Q8_0 embedding decodes to float32; the F32 norms hold fp16 values, stored so exactly
     assert s.dense_tensors == 1 + 2 * 30 + 1 and s.dense_dtypes == {"float32": 1, "float16": 61}
     folder, gguf = open_model(str(out)), open_model(smollm2_path)
@@ -325,4 +364,4 @@ def test_smollm2_gguf_quantized_folder(smollm2_path, smollm2_int4):
     assert ours.eos_token_ids == theirs.eos_token_ids and (ours.bos_token_id, ours.add_bos) == (theirs.bos_token_id,
                                                                                                theirs.add_bos)
     ids = theirs.encode("The capital of France is Paris. The capital of Germany is")
-    assert_same_model(runner(out), runner(smollm2_path, "int4-g32"), ids)
+    assert_same_model(runner(out), smollm2_int4_at_load.engine.runner, ids)

@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from bitfold.loader import open_model  # noqa: E402
 from bitfold.loader.gguf_file import SUPPORTED_TYPES  # noqa: E402
 from bitfold.loader.gguf_reader import GGUFFile  # noqa: E402
+from bitfold.loader.packed import as_float  # noqa: E402
 from tests.helpers import PagedDriver, gpt2_bytes_to_unicode, rel_err  # noqa: E402
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, CTX = 256, 512, 2, 4, 2, 256  # K-quant rows: multiples of 256
@@ -163,7 +164,8 @@ def tiny_gguf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bitfold_weights(tiny_gguf):
     path, _, _ = tiny_gguf
-    return dict(open_model(str(path)).weights())
+    # Q4_0/Q4_1/Q4_K/Q2_K tensors arrive packed (test_gguf_blocks.py); their floats are what counts here
+    return {n: as_float(w, w.shape[-1]) for n, w in open_model(str(path)).weights()}
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
 """GGUF files (llama.cpp's format) through the `gguf` package: metadata -> ModelConfig,
-tensors dequantized to float at load and renamed to HF names.
+tensors dequantized to float at load and renamed to HF names. 2-D tensors of the block types
+that line up with a low-bit format (Q4_0/Q4_1/Q4_K/Q2_K, see gguf_blocks.py) are yielded still
+packed, as GGUFBlocks, so that a layer of exactly that format takes their codes; any other layer
+dequantizes them just the same.
 
 llama.cpp's converter permutes the rows of Q and K for "llama" models (interleaved rotary
 pairs); we undo it so every model runs HF's rotate-half rotary. Qwen2/3 are stored unpermuted.
@@ -16,6 +19,7 @@ from tqdm import tqdm
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, UnsupportedFormatError
+from bitfold.loader.gguf_blocks import BLOCK_TYPES, GGUFBlocks
 from bitfold.loader.gguf_reader import GGUFFile
 from bitfold.loader.source import ModelSource
 
@@ -147,6 +151,15 @@ def _iter_tensors(reader, path: str, cfg: ModelConfig, permuted_qk: bool) -> Ite
             name = hf_name(t.name)
             if name is None:
                 raise ModelLoadError(f"{path}: unexpected tensor {t.name!r} for {cfg.architecture}")
+            if t.tensor_type in BLOCK_TYPES and len(t.shape) == 2:
+                raw = t.data.view(np.ndarray)  # [rows, bytes per row]; un-permuting moves whole rows
+                if permuted_qk and t.name.endswith("attn_q.weight"):
+                    raw = unpermute_rotary(raw, cfg.num_heads)
+                elif permuted_qk and t.name.endswith("attn_k.weight"):
+                    raw = unpermute_rotary(raw, cfg.num_kv_heads)
+                bar.update(int(t.n_bytes))
+                yield name, GGUFBlocks(raw, t.tensor_type, f"{path}: tensor {t.name!r} ({t.tensor_type.name})")
+                continue
             try:
                 w = quants.dequantize(t.data.view(np.ndarray), t.tensor_type)  # memmap subclass overhead per slice
             except Exception as e:
