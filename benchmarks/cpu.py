@@ -285,6 +285,8 @@ def main():
     parts = set(args.parts.split(","))
     env = environment()
     env["lut_isa"] = lut.best_isa()
+    # Other processes on a 2-core box change every figure: record the load around the run.
+    env["loadavg_start"] = os.getloadavg()
     env["threads"] = args.threads
     bw = copy_bandwidth()
     print(f"[bench] copy bandwidth {bw / 1e9:.1f} GB/s, {args.threads} threads, LUT kernel {env['lut_isa']}", flush=True)
@@ -319,6 +321,8 @@ def main():
                                 "% of roofline"])]
         if payload["decode_ratios"]:
             md += ["\n", md_table(payload["decode_ratios"], ["model", "bitfold", "llama.cpp", "speed-up"])]
+    env["loadavg_end"] = os.getloadavg()
+    md.append(f"\nLoad average (1/5/15 min) at start {env['loadavg_start']}, at end {env['loadavg_end']}.")
     table = "\n".join(md)
     print(table)
     write_results("cpu", payload, table, args.out)
