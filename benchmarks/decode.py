@@ -12,6 +12,14 @@ The roofline is what one decode step must read (every weight once + each sequenc
 divided by the device-to-device copy bandwidth measured in the same run.
 
     python benchmarks/decode.py --models llama3-8b --batches 1,8,32,128 --contexts 512,8192,32768
+
+HF eager at batch 1 is host-bound and its speed moves between runs, so `--repeats N` (N > 1)
+keeps both models on the GPU and, at every point where HF eager runs, alternates N bitfold
+and N HF eager measurements; it reports the median, min and max of each and the ratio of the
+medians (bitfold's KV cache then gets a smaller share of the card, see
+--gpu-memory-utilization).
+
+    python benchmarks/decode.py --batches 1 --contexts 512,8192,32768 --repeats 7 --no-sync
 """
 from __future__ import annotations
 
@@ -234,6 +242,36 @@ def hf_compiled_decode(model, B, ctx, steps, device) -> float:
     return (long_ - short) / steps
 
 
+def interleaved(pt, eng, hf, B, ctx, roof, args, device) -> None:
+    """--repeats N: N bitfold runs and N HF eager runs at one point, alternating, so that a
+    slow or fast spell of the host hits both; medians, min/max and the ratio of medians."""
+    bf, hfe = [], []
+    for _ in range(args.repeats):
+        bf.append(B / bitfold_decode(eng, B, ctx, args.steps, args.warmup, async_scheduling=True))
+        try:
+            hfe.append(B / hf_eager_decode(hf, B, ctx, min(args.steps, 16), 2, device))
+        except torch.OutOfMemoryError:
+            pass
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    t = B / statistics.median(bf)
+    pt.update(repeats=args.repeats, bitfold_tok_s=B / t, bitfold_ms_per_step=t * 1e3,
+              bitfold_pct_roofline=100 * B / t / roof, bitfold_tok_s_runs=bf)
+    if args.sync:
+        ts = bitfold_decode(eng, B, ctx, args.steps, args.warmup, async_scheduling=False)
+        pt.update(sync_tok_s=B / ts, sync_pct_roofline=100 * B / ts / roof)
+    msg = (f"[bench] {pt['model']} B={B} ctx={ctx} x{args.repeats} interleaved: bitfold median {B / t:.1f} tok/s "
+           f"({min(bf):.1f}-{max(bf):.1f}), {100 * B / t / roof:.0f}% of roofline")
+    if hfe:
+        h = statistics.median(hfe)
+        pt.update(hf_eager_tok_s=h, hf_eager_tok_s_runs=hfe, speedup_vs_hf_eager=pt["bitfold_tok_s"] / h,
+                  speedup_min=min(bf) / max(hfe), speedup_max=max(bf) / min(hfe))
+        msg += f"; HF eager median {h:.1f} tok/s ({min(hfe):.1f}-{max(hfe):.1f}) -> x{pt['speedup_vs_hf_eager']:.1f}"
+    else:
+        pt["hf_eager_tok_s"] = "OOM"
+    print(msg, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama3-8b")
@@ -248,7 +286,11 @@ def main():
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--sync", action=argparse.BooleanOptionalAction, default=True,
                     help="also time each point with async scheduling off (the host waits for every step)")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="N > 1: alternate N bitfold and N HF eager runs at each point where HF eager runs "
+                         "(both models resident); report median, min, max and the ratio of medians")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="bitfold's share of the card (default 0.9; 0.55 with --repeats > 1, beside the HF model)")
     ap.add_argument("--gemv-configs", default=None,
                     help="a benchmarks/gemv.py JSON: its best GEMV config per row count replaces the built-in table")
     ap.add_argument("--gemv-rows", type=int, default=None,
@@ -264,6 +306,9 @@ def main():
     args.batches = [int(x) for x in args.batches.split(",")]
     args.contexts = [int(x) for x in args.contexts.split(",")]
     hf_modes = set(args.hf.split(","))
+    interleave = args.repeats > 1 and "eager" in hf_modes
+    if args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = 0.55 if interleave else 0.9
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -284,10 +329,12 @@ def main():
         t0 = time.perf_counter()
         eng = bitfold_engine(hf, shape, device, dtype, args)
         # Free HF's copy while bitfold runs (it would halve the KV capacity); the seeded init
-        # rebuilds identical weights for the transformers baseline below.
-        del hf
-        gc.collect()
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        # rebuilds identical weights for the transformers baseline below. With --repeats both
+        # stay, so that their runs can alternate.
+        if not interleave:
+            del hf
+            gc.collect()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
         mc = eng.runner.model_config
         kvb = kv_bytes_per_token(mc, dtype)
         cap = eng.pool.num_blocks * eng.config.block_size
@@ -308,6 +355,8 @@ def main():
                 pt = {"model": shape, "batch": B, "context": ctx, "roofline_tok_s": roof, "bytes_per_step": step_bytes}
                 if B * (ctx + args.warmup + args.steps + 1) > cap:
                     pt["bitfold"] = f"does not fit: needs {B * ctx * kvb / 2**30:.0f} GiB of KV"
+                elif interleave and B * ctx <= args.hf_max_tokens:
+                    interleaved(pt, eng, hf, B, ctx, roof, args, device)
                 else:
                     t = bitfold_decode(eng, B, ctx, args.steps, args.warmup, async_scheduling=True)
                     pt.update(bitfold_tok_s=B / t, bitfold_ms_per_step=t * 1e3, bitfold_pct_roofline=100 * B / t / roof)
@@ -321,10 +370,12 @@ def main():
         del eng
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
-        hf = build_hf(shape, device, dtype, max_len) if hf_modes - {"none"} else None
+        if not interleave:
+            hf = build_hf(shape, device, dtype, max_len) if hf_modes - {"none"} else None
         for pt in points:
             B, ctx = pt["batch"], pt["context"]
-            if "eager" in hf_modes and "bitfold_tok_s" in pt and B * ctx <= args.hf_max_tokens:
+            if ("eager" in hf_modes and "bitfold_tok_s" in pt and B * ctx <= args.hf_max_tokens
+                    and "repeats" not in pt):
                 try:
                     t = hf_eager_decode(hf, B, ctx, min(args.steps, 16), 2, device)
                     pt.update(hf_eager_tok_s=B / t, speedup_vs_hf_eager=pt["bitfold_tok_s"] / (B / t))
@@ -359,8 +410,21 @@ def main():
     cols = list(table_rows[0]) if table_rows else []
     pre = "\n".join(f"- prefill {p['model']} {p['tokens']} tokens: {p['seconds'] * 1e3:.1f} ms, {p['tflops']:.0f} TFLOP/s = "
                     f"{100 * p['fraction_of_matmul_rate']:.0f}% of the measured matmul rate" for p in payload["prefill"])
+    rep_rows = [{"model": p["model"], "batch": p["batch"], "context": p["context"], "runs": p["repeats"],
+                 "bitfold tok/s median": fmt(p["bitfold_tok_s"]),
+                 "bitfold min-max": f"{min(p['bitfold_tok_s_runs']):.1f}-{max(p['bitfold_tok_s_runs']):.1f}",
+                 "HF eager tok/s median": fmt(p.get("hf_eager_tok_s")),
+                 "HF eager min-max": (f"{min(p['hf_eager_tok_s_runs']):.1f}-{max(p['hf_eager_tok_s_runs']):.1f}"
+                                      if p.get("hf_eager_tok_s_runs") else ""),
+                 "x HF eager (medians)": fmt(p.get("speedup_vs_hf_eager")),
+                 "x HF eager min-max": (f"{p['speedup_min']:.1f}-{p['speedup_max']:.1f}" if "speedup_min" in p else "")}
+                for p in rows if "repeats" in p]
+    rep_table = ("" if not rep_rows else
+                 f"\n\nInterleaved (--repeats {args.repeats}): bitfold and HF eager alternate, both models resident; "
+                 "x HF eager is the ratio of the medians, its min-max the slowest bitfold run over the fastest HF run "
+                 "and the reverse.\n\n" + md_table(rep_rows, list(rep_rows[0])))
     table = (f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s (measured in this run)\n\n"
-             + md_table(table_rows, cols) + "\n\n" + pre)
+             + md_table(table_rows, cols) + rep_table + "\n\n" + pre)
     print(table)
     j, m = write_results("decode", payload, table, args.out)
     print(f"[bench] wrote {j} and {m}")
