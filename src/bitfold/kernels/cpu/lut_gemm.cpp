@@ -94,6 +94,27 @@ struct Problem {
 };
 
 // ---- tables -----------------------------------------------------------------------------------
+// round(t * inv) to int8. The vector path converts with the current rounding mode (nearest-even
+// by default), which is what std::nearbyint does: identical tables, without a libm call per
+// entry (that call alone was ~0.3 ms per 8960-wide activation).
+__attribute__((target("avx2"))) void quantize_table_avx2(const float* t, int n, float inv, int8_t* dst) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(t + i), vinv));
+    alignas(32) int32_t tmp[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), q);
+    for (int j = 0; j < 8; ++j) dst[i + j] = static_cast<int8_t>(tmp[j]);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(t[i] * inv));
+}
+
+void quantize_table(const float* t, int n, float inv, int8_t* dst) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return quantize_table_avx2(t, n, inv, dst);
+  for (int i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(t[i] * inv));
+}
+
 // Subset sums add x[4c+j] for j ascending, starting from 0: the reference adds the same terms in
 // the same order (masked terms are exact zeros), so both produce bit-identical tables.
 void build_tables(const float* x, int K, int group, int8_t* tab, float* lscale, float* sumx) {
@@ -115,8 +136,7 @@ void build_tables(const float* x, int K, int group, int8_t* tab, float* lscale, 
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     lscale[g] = amax / 127.f;
     sumx[g] = s;
-    int8_t* dst = tab + static_cast<size_t>(g) * cpg * 16;
-    for (int i = 0; i < cpg * 16; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(t[i] * inv));
+    quantize_table(t.data(), cpg * 16, inv, tab + static_cast<size_t>(g) * cpg * 16);
   }
 }
 
