@@ -379,7 +379,12 @@ int detect_isa() {
 // Tiles are claimed one at a time from a counter tagged with the job's generation, and the caller
 // works too: a worker that is not on a core (2 cores shared with PyTorch's own threads, or a busy
 // machine) never holds a step up, it simply claims nothing. The caller only waits for workers
-// that are inside a tile. Idle workers spin ~50 us (decode calls come back to back), then sleep.
+// that are inside a tile. Idle workers spin a while (kSpinMicros), then sleep.
+// How long an idle worker spins before sleeping. Between two linear layers of a decode step the
+// caller runs a few small ops (norm, rotary, attention: tens of microseconds); a worker still
+// spinning when the next GEMV comes joins it at once instead of after a futex wake-up.
+constexpr int kSpinMicros = 400;
+
 class Pool {
  public:
   void run(int nthreads, int tiles, const std::function<void(int)>& fn) {
@@ -435,7 +440,7 @@ class Pool {
       for (int spin = 0; g == seen; ++spin) {
         _mm_pause();
         g = wake_gen_.load(std::memory_order_acquire);
-        if ((spin & 255) == 255 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(50)) break;
+        if ((spin & 255) == 255 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(kSpinMicros)) break;
       }
       if (g == seen) {
         std::unique_lock<std::mutex> lk(mu_);
