@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -64,3 +65,28 @@ def md_table(rows: list[dict], cols: list[str]) -> str:
     for r in rows:
         out.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     return "\n".join(out)
+
+
+def graph_time(fns, reps: int) -> float:
+    """Median seconds per call of `fns`, captured `reps` times over in one CUDA graph and
+    replayed 7 times (launch overhead amortized, as in a decode step's graph)."""
+    for f in fns:
+        f()  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            for f in fns:
+                f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / (reps * len(fns)))
+    del g
+    return statistics.median(times)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import environment, md_table, write_results  # noqa: E402
+from common import environment, graph_time, md_table, write_results  # noqa: E402
 from decode import SHAPES, copy_bandwidth  # noqa: E402
 
 from bitfold.kernels import gemv as gemv_mod  # noqa: E402
@@ -46,26 +45,7 @@ def layer_shapes(model: str) -> dict[str, tuple[int, int, int]]:
 
 def time_calls(fns, target_bytes: int, per_call_bytes: int) -> float:
     """Median seconds per call of `fns` (one per weight copy) replayed in a CUDA graph."""
-    reps = max(1, target_bytes // (per_call_bytes * len(fns)))
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for f in fns:
-                f()
-    g.replay()
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / (reps * len(fns)))
-    del g
-    return statistics.median(times)
+    return graph_time(fns, max(1, target_bytes // (per_call_bytes * len(fns))))
 
 
 def main():

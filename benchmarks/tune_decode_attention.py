@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
 
 import torch
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import environment, md_table, write_results  # noqa: E402
+from common import environment, graph_time, md_table, write_results  # noqa: E402
 from decode import copy_bandwidth  # noqa: E402
 
 from bitfold.kernels.paged_decode import paged_decode, paged_decode_ref  # noqa: E402
@@ -50,24 +49,7 @@ def make_case(shape, B, ctx, block_size=16, dtype=torch.bfloat16, seed=0):
 
 
 def time_graph(fn, reps: int) -> float:
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / reps)
-    del g
-    return statistics.median(times)
+    return graph_time([fn], reps)
 
 
 def main():
