@@ -10,11 +10,10 @@ Weights: w[n, k] = scale[n, g] * q[n, k] + min[n, g] with q in [0, 2^bits), g = 
 """
 from __future__ import annotations
 
-import ctypes
 
 import torch
 
-from bitfold.kernels.cpu_lib import ISAS, load_cpu_library
+from bitfold.kernels.cpu_lib import ISAS, available, load_cpu_library  # noqa: F401 (available: re-exported)
 
 TILE = 64  # output rows per kernel tile
 
@@ -144,21 +143,9 @@ def dequantize_ref(packed, scales, mins, n: int, bits: int, group: int) -> torch
 
 # ---- the compiled kernel -----------------------------------------------------------------------
 
-def _load() -> ctypes.CDLL:
-    return load_cpu_library()
-
-
-def available() -> bool:
-    try:
-        _load()
-        return True
-    except RuntimeError:
-        return False
-
-
 def best_isa() -> str:
     """The instruction set the kernel uses on this CPU: 'avx512', 'avx2' or 'scalar'."""
-    code = _load().bitfold_lut_isa()
+    code = load_cpu_library().bitfold_lut_isa()
     return {v: k for k, v in ISAS.items()}[code]
 
 
@@ -169,7 +156,7 @@ def lut_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: 
     packed/scales/mins come from `pack_lut`. isa forces 'avx512' / 'avx2' / 'scalar' (tests);
     default the best this CPU has. num_threads defaults to torch.get_num_threads().
     """
-    lib = _load()
+    lib = load_cpu_library()
     x = x.float().contiguous()
     B, K = x.shape
     if packed.dim() != 3:

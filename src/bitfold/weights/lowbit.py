@@ -109,7 +109,7 @@ class LowBitFormat(WeightFormat):
         if q.shape != (rows, layer.in_padded) or scale.shape != (rows, groups) or mins.shape != (rows, groups):
             raise ValueError(f"quantized rows q{tuple(q.shape)} scale{tuple(scale.shape)} do not fit a "
                              f"{self.spec.name} layer with {layer.in_padded} padded inputs")
-        if int(q.max()) >= 2**self.spec.bits if q.numel() else False:
+        if q.numel() and int(q.max()) >= 2**self.spec.bits:
             raise ValueError(f"codes exceed {self.spec.bits} bits")
         if row_offset + rows > self._out:
             raise ValueError(f"rows [{row_offset}, {row_offset + rows}) exceed the layer's {self._out}")
@@ -154,7 +154,7 @@ class LowBitFormat(WeightFormat):
         if layer.in_padded != shape[-1]:
             x2 = F.pad(x2, (0, layer.in_padded - shape[-1]))
         if self._kernel is None:
-            self._kernel = lut._load().bitfold_lut_gemm if lut.available() else False
+            self._kernel = lut.load_cpu_library().bitfold_lut_gemm if lut.available() else False
         if self._kernel:
             # The hot path of a CPU decode step (every linear layer): shapes were checked when
             # the weight was packed, so straight to the kernel.
