@@ -7,6 +7,7 @@ from bitfold.kernels import cpu_ops
 from bitfold.kernels.paged_decode import paged_decode_ref
 from bitfold.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 from bitfold.kernels.rotary import rotary_ref
+from bitfold.kernels.silu_mul import silu_and_mul_ref
 from bitfold.layers.rotary import cos_sin_cache
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ CPU kernels could not be built")
@@ -38,12 +39,12 @@ def test_rotary(T, H, KVH, D):
         cpu_ops.rotary(q, k, pos + 300, cache)
 
 
-@pytest.mark.parametrize("lens", [[1], [16], [17, 33], [5, 64, 1, 100]])
+@pytest.mark.parametrize("lens", [[1], [16], [17, 33], [5, 64, 1, 100], [1500]])
 @pytest.mark.parametrize("H,KVH,D", [(4, 4, 64), (8, 2, 64), (16, 2, 128)])
-@pytest.mark.parametrize("window", [0, 9])
+@pytest.mark.parametrize("window", [0, 9, 2000])
 def test_paged_decode(lens, H, KVH, D, window):
     g = torch.Generator().manual_seed(sum(lens) + H + window)
-    bs, nblocks = 16, 40
+    bs, nblocks = 16, 100
     kc, vc = torch.randn(nblocks, bs, KVH, D, generator=g), torch.randn(nblocks, bs, KVH, D, generator=g)
     B, maxb = len(lens), -(-max(lens) // bs)
     tables = torch.randperm(nblocks, generator=g)[: B * maxb].view(B, maxb).to(torch.int32)
@@ -74,3 +75,13 @@ def test_paged_decode_fused_write(skip_slot):
     ref = paged_decode_ref(q, k2, v2, tables, lens, 0.1, 0, new_k=nk, new_v=nv, slot_mapping=slots)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(k1, k2) and torch.equal(v1, v2)  # same cache writes
+
+
+@pytest.mark.parametrize("T,I", [(1, 8960), (3, 160), (2, 7)])
+def test_silu_mul(T, I):
+    g = torch.Generator().manual_seed(T * I)
+    x = torch.randn(T, 2 * I, generator=g) * 6
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -88.5])  # saturating exp, both ends
+    torch.testing.assert_close(cpu_ops.silu_mul(x), silu_and_mul_ref(x), rtol=1e-6, atol=1e-6)
+    nan = torch.full((1, 2 * I), float("nan"))
+    assert cpu_ops.silu_mul(nan).isnan().all()

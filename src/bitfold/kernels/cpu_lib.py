@@ -61,6 +61,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitfold_add_rms_norm": (None, [p, p, p, p, p, i, i, f]),
         "bitfold_rotary": (None, [p, p, p, p, p, p, i, i, i, i]),
         "bitfold_paged_decode": (None, [p, p, p, p, p, p, i, i, i, i, i, i, f, i, p, p, p]),
+        "bitfold_silu_mul": (None, [p, p, i, i, i]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

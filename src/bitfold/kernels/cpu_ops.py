@@ -71,3 +71,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         new_k.data_ptr() if fused else None, new_v.data_ptr() if fused else None,
         slot_mapping.data_ptr() if fused else None)
     return out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x float32 [T, 2*I] (gate | up) -> silu(gate) * up [T, I], as silu_and_mul_ref."""
+    x = x.contiguous()
+    T, I = x.shape[0], x.shape[1] // 2
+    if x.shape[1] != 2 * I:
+        raise ValueError(f"x must be [T, 2*I], got {tuple(x.shape)}")
+    out = torch.empty(T, I, dtype=torch.float32)
+    if T:
+        load_cpu_library().bitfold_silu_mul(x.data_ptr(), out.data_ptr(), T, I, I)
+    return out

@@ -12,6 +12,7 @@ from torch import nn
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError
+from bitfold.kernels import cpu_ops
 from bitfold.kernels.silu_mul import silu_and_mul, silu_and_mul_ref
 from bitfold.layers.linear import Linear
 from bitfold.layers.norm import RMSNorm
@@ -54,7 +55,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(x)
-        return self.down((silu_and_mul if gu.is_cuda else silu_and_mul_ref)(gu))
+        if gu.is_cuda:
+            return self.down(silu_and_mul(gu))
+        # C++ on CPU float32: one call, and the same kernel as the fused CPU decode step's
+        return self.down(cpu_ops.silu_mul(gu) if cpu_ops.usable(gu) else silu_and_mul_ref(gu))
 
 
 class DecoderLayer(nn.Module):

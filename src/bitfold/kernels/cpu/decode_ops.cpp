@@ -5,14 +5,56 @@
 //   bitfold_add_rms_norm  <-> kernels/rms_norm.py  rms_norm_ref / fused_add_rms_norm_ref
 //   bitfold_rotary        <-> kernels/rotary.py    rotary_ref (HF rotate_half convention)
 //   bitfold_paged_decode  <-> kernels/paged_decode.py paged_decode_ref (GQA, sliding window)
+//   bitfold_silu_mul      <-> kernels/silu_mul.py  silu_and_mul_ref
 // Compiled with the LUT kernel into one library (see lut_gemm.py); target_clones picks AVX-512,
 // AVX2 or plain code at load time.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #define BITFOLD_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
+
+namespace {
+
+// Sums of products in 16 independent lanes: without -ffast-math the compiler may not reorder a
+// plain `s += a[i] * b[i]`, which then runs at one add per FP latency (~4 cycles) per element;
+// written as 16 running sums it becomes one vector FMA per 16 elements. (Not bit-identical to a
+// sequential sum; the tests allow float32 rounding.)
+__attribute__((always_inline)) inline float dot(const float* a, const float* b, int n) {
+  float acc[16] = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+// exp(x) as 2^n * p(r), r = x - n ln2 (Cephes expf's degree-6 polynomial, ~1 ulp on [-87, 88]),
+// with plain float/int ops so that a loop of them vectorizes (std::exp does not). Saturates
+// outside [-87.3, 88] (n must stay a normal exponent): ~1e-38 instead of 0 below, e^88 instead
+// of up to 3.4e38 above; harmless in a softmax (x <= 0) and a sigmoid. NaN stays NaN.
+__attribute__((always_inline)) inline float exp_approx(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.f);
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, 4);
+  return x != x ? x : p * scale;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -29,10 +71,21 @@ BITFOLD_SIMD void bitfold_add_rms_norm(const float* x, const float* residual, co
       for (int i = 0; i < D; ++i) ro[i] = xr[i] + rr[i];
       h = ro;
     }
-    float ss = 0.f;
-    for (int i = 0; i < D; ++i) ss += h[i] * h[i];
+    const float ss = dot(h, h, D);
     const float inv = 1.f / std::sqrt(ss / D + eps);
     for (int i = 0; i < D; ++i) o[i] = (h[i] * inv) * w[i];
+  }
+}
+
+// out[b, i] = silu(gu[b, i]) * gu[b, I + i] for i < I (gate | up halves, silu(x) = x / (1 + e^-x));
+// out's rows have stride ld >= I and columns I..ld-1 are zeroed (a GEMV's group padding).
+BITFOLD_SIMD void bitfold_silu_mul(const float* gu, float* out, int B, int I, int ld) {
+  for (int b = 0; b < B; ++b) {
+    const float* g = gu + static_cast<int64_t>(b) * 2 * I;
+    const float* u = g + I;
+    float* o = out + static_cast<int64_t>(b) * ld;
+    for (int i = 0; i < I; ++i) o[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
+    for (int i = I; i < ld; ++i) o[i] = 0.f;
   }
 }
 
@@ -63,7 +116,10 @@ BITFOLD_SIMD void bitfold_rotary(const float* q, const float* k, const int64_t* 
 // int32 [B, max_blocks]; context_lens int32 [B] (including the new token); out [B, H, D].
 // With new_k/new_v [B, KVH, D] and slots int64 [B], the new token's K/V are first written to
 // their slots (slot < 0: not written) and the last position reads them directly, as
-// paged_decode_ref's fused write does. Online softmax, all query heads of a KV group per pass.
+// paged_decode_ref's fused write does. Per sequence and KV head, all G query heads of the group
+// in two passes over the pages: scores for every position, then softmax and the weighted sum of
+// V (a decode step's context fits a scores buffer of G * len floats; two passes let the exp and
+// the dot products vectorize, where an online softmax has one exp per position).
 BITFOLD_SIMD void bitfold_paged_decode(const float* q, float* kc, float* vc, const int32_t* block_tables,
                                        const int32_t* context_lens, float* out, int B, int H, int KVH, int D,
                                        int block_size, int max_blocks, float scale, int sliding_window,
@@ -77,43 +133,52 @@ BITFOLD_SIMD void bitfold_paged_decode(const float* q, float* kc, float* vc, con
       std::copy(new_v + b * row, new_v + (b + 1) * row, vc + slots[b] * row);
     }
   }
-  std::vector<float> m(G), l(G), acc(static_cast<size_t>(G) * D);
+  thread_local std::vector<float> scores, acc;
+  acc.resize(static_cast<size_t>(G) * D);
   for (int b = 0; b < B; ++b) {
     const int len = context_lens[b];
     const int start = sliding_window > 0 ? std::max(0, len - sliding_window) : 0;
+    const int n = len - start;
+    if (n <= 0) {
+      std::fill(out + static_cast<int64_t>(b) * H * D, out + static_cast<int64_t>(b + 1) * H * D, 0.f);
+      continue;
+    }
+    if (scores.size() < static_cast<size_t>(G) * n) scores.resize(static_cast<size_t>(G) * n);
+    const int32_t* table = block_tables + static_cast<int64_t>(b) * max_blocks;
     for (int kh = 0; kh < KVH; ++kh) {
-      std::fill(m.begin(), m.end(), -INFINITY);
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
       const float* qg = q + (static_cast<int64_t>(b) * H + static_cast<int64_t>(kh) * G) * D;
+      auto row = [&](const float* cache, const float* fresh, int p) {
+        if (fresh && p == len - 1) return fresh + (static_cast<int64_t>(b) * KVH + kh) * D;
+        const int64_t blk = table[p / block_size];
+        return cache + ((blk * block_size + p % block_size) * KVH + kh) * D;
+      };
       for (int p = start; p < len; ++p) {
-        const int64_t blk = block_tables[static_cast<int64_t>(b) * max_blocks + p / block_size];
-        const int64_t off = ((blk * block_size + p % block_size) * KVH + kh) * D;
-        const bool fresh = new_k && p == len - 1;
-        const float* kv = fresh ? new_k + (static_cast<int64_t>(b) * KVH + kh) * D : kc + off;
-        const float* vv = fresh ? new_v + (static_cast<int64_t>(b) * KVH + kh) * D : vc + off;
+        const float* kv = row(kc, new_k, p);
+        for (int g = 0; g < G; ++g) scores[static_cast<size_t>(g) * n + (p - start)] = dot(qg + g * D, kv, D) * scale;
+      }
+      for (int g = 0; g < G; ++g) {
+        float* sc = scores.data() + static_cast<size_t>(g) * n;
+        float m = sc[0];
+        for (int i = 1; i < n; ++i) m = std::max(m, sc[i]);
+        float l = 0.f;
+        for (int i = 0; i < n; ++i) {
+          sc[i] = exp_approx(sc[i] - m);
+          l += sc[i];
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        for (int i = 0; i < n; ++i) sc[i] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int p = start; p < len; ++p) {
+        const float* vv = row(vc, new_v, p);
         for (int g = 0; g < G; ++g) {
-          const float* qq = qg + static_cast<int64_t>(g) * D;
-          float s = 0.f;
-          for (int d = 0; d < D; ++d) s += qq[d] * kv[d];
-          s *= scale;
+          const float e = scores[static_cast<size_t>(g) * n + (p - start)];
           float* a = acc.data() + static_cast<size_t>(g) * D;
-          if (s > m[g]) {
-            const float c = std::exp(m[g] - s);  // exp(-inf) = 0 on the first position
-            l[g] *= c;
-            for (int d = 0; d < D; ++d) a[d] *= c;
-            m[g] = s;
-          }
-          const float e = std::exp(s - m[g]);
-          l[g] += e;
           for (int d = 0; d < D; ++d) a[d] += e * vv[d];
         }
       }
-      for (int g = 0; g < G; ++g) {
-        float* o = out + (static_cast<int64_t>(b) * H + static_cast<int64_t>(kh) * G + g) * D;
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-        for (int d = 0; d < D; ++d) o[d] = acc[static_cast<size_t>(g) * D + d] * inv;
-      }
+      float* o = out + (static_cast<int64_t>(b) * H + static_cast<int64_t>(kh) * G) * D;
+      std::copy(acc.begin(), acc.end(), o);
     }
   }
 }
