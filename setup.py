@@ -19,7 +19,8 @@ class OptionalBuildExt(build_ext):
 setup(
     ext_modules=[Extension(
         "bitfold._lut",
-        sources=["src/bitfold/kernels/cpu/lut_gemm.cpp", "src/bitfold/kernels/cpu/decode_ops.cpp"],
+        sources=["src/bitfold/kernels/cpu/lut_gemm.cpp", "src/bitfold/kernels/cpu/decode_ops.cpp",
+                 "src/bitfold/kernels/cpu/decode_step.cpp"],
         # Portable build: the kernel picks AVX-512 / AVX2 / scalar per function at run time.
         extra_compile_args=["-O3", "-std=c++17", "-Wno-maybe-uninitialized"],
         language="c++",

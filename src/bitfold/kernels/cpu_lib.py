@@ -62,6 +62,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitfold_rotary": (None, [p, p, p, p, p, p, i, i, i, i]),
         "bitfold_paged_decode": (None, [p, p, p, p, p, p, i, i, i, i, i, i, f, i, p, p, p]),
         "bitfold_silu_mul": (None, [p, p, i, i, i]),
+        "bitfold_decode_layers": (i, [p, i, p]),
+        "bitfold_decode_error": (ctypes.c_char_p, []),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

@@ -12,7 +12,7 @@ from torch import nn
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError
-from bitfold.kernels import cpu_ops
+from bitfold.kernels import cpu_ops, cpu_step
 from bitfold.kernels.silu_mul import silu_and_mul, silu_and_mul_ref
 from bitfold.layers.linear import Linear
 from bitfold.layers.norm import RMSNorm
@@ -120,6 +120,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids: int64 [T] -> final hidden states [T, hidden]."""
+        fused = cpu_step.plan_for(self, ctx)
+        if fused is not None:  # a CPU low-bit decode step: every layer in one C++ call
+            return fused(input_ids, ctx)
         h, residual = self.embed(input_ids), None
         for layer, kv in zip(self.layers, ctx.kv_caches):
             h, residual = layer(h, residual, self.rope, ctx, kv)
@@ -135,6 +138,7 @@ class LlamaForCausalLM(nn.Module):
         may be a PackedWeight (stored quantized); a quantized checkpoint of a tied model may also
         store the output layer's codes as `lm_head.weight`, which then replace quantizing the
         embedding (a dense model ignores them: its head is the embedding itself)."""
+        cpu_step.reset(self)  # a fused CPU step's plan holds the old weights' addresses
         expected = self._expected_names()
         seen: set[str] = set()
         for name, tensor in weights:

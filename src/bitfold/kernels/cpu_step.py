@@ -1,0 +1,194 @@
+"""A CPU decode step's whole decoder stack in one C++ call (cpu/decode_step.cpp, issue #6).
+
+`models/llama.py` hands a step here when it can (`plan_for` returns a plan): decode-only (one new
+token per sequence), on the CPU, float32, every layer's Linear a low-bit LUT format
+(weights/lowbit.py) and the "cpu" attention backend (dense float32 pages, fused KV write).
+Everything else takes the per-op path, which is also this one's reference
+(tests/kernels/test_cpu_step.py): the same C++ kernels called layer by layer from Python.
+
+The plan is built once per model and set of KV-cache tensors: ctypes Structures holding the
+address of every packed weight, scale, min, bias, norm weight and K/V page, mirrored from the
+structs in decode_step.cpp. It keeps the model and caches referenced, so the addresses stay valid;
+`load_weights` drops it. A step then sets the batch's fields and makes one call.
+
+`BITFOLD_CPU_FUSED_STEP=0` in the environment (read at import) or `cpu_step.ENABLED = False`
+turns the fused path off, for A/B measurements against the per-op path.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from bitfold.kernels.cpu_lib import available, load_cpu_library
+
+ENABLED = os.environ.get("BITFOLD_CPU_FUSED_STEP", "1") != "0"
+
+_p, _i32, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_float
+
+
+class LinearPlan(ctypes.Structure):
+    _fields_ = [("packed", _p), ("scales", _p), ("mins", _p), ("bias", _p), ("in_features", _i32),
+                ("in_padded", _i32), ("out_features", _i32), ("bits", _i32), ("group", _i32), ("reserved", _i32)]
+
+
+class LayerPlan(ctypes.Structure):
+    _fields_ = [("qkv", LinearPlan), ("o", LinearPlan), ("gate_up", LinearPlan), ("down", LinearPlan),
+                ("attn_norm", _p), ("mlp_norm", _p), ("q_norm", _p), ("k_norm", _p), ("k_cache", _p), ("v_cache", _p)]
+
+
+class StepArgs(ctypes.Structure):
+    _fields_ = [("hidden", _i32), ("heads", _i32), ("kv_heads", _i32), ("head_dim", _i32), ("intermediate", _i32),
+                ("vocab", _i32), ("sliding_window", _i32), ("rope_positions", _i32), ("num_blocks", _i32),
+                ("block_size", _i32), ("eps", _f32), ("scale", _f32), ("embed", _p), ("rope", _p),
+                ("final_norm", _p), ("batch", _i32), ("max_blocks", _i32), ("num_threads", _i32),
+                ("reserved", _i32), ("input_ids", _p), ("positions", _p), ("slots", _p), ("block_tables", _p),
+                ("context_lens", _p), ("out", _p)]
+
+
+def _f32_cpu(t: torch.Tensor | None) -> bool:
+    return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
+
+
+def why_not_model(model) -> str | None:
+    """Why this model's layers cannot run fused (None: they can). Checked once per plan."""
+    from bitfold.weights.lowbit import LowBitFormat
+
+    if not available():
+        return "the C++ CPU kernels could not be built"
+    norms = [model.norm]
+    for i, layer in enumerate(model.layers):
+        att = layer.attn
+        for name, lin in (("qkv", att.qkv), ("o", att.o), ("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down)):
+            if not isinstance(lin.fmt, LowBitFormat):
+                return f"layer {i} {name}: weight format {lin.fmt.name!r} is not a low-bit LUT format"
+            if lin.lut_packed.device.type != "cpu" or not _f32_cpu(lin.bias):
+                return f"layer {i} {name}: not on the CPU in float32"
+        norms += [layer.attn_norm, layer.mlp_norm] + ([att.q_norm, att.k_norm] if att.q_norm is not None else [])
+    if any(not _f32_cpu(n.weight) for n in norms) or not _f32_cpu(model.embed.weight) or not _f32_cpu(model.rope):
+        return "norm, embedding or rotary tables are not contiguous CPU float32"
+    if len({n.eps for n in norms}) != 1:
+        return "the RMSNorms do not share one eps"
+    return None
+
+
+def why_not(model, ctx) -> str | None:
+    """Why this step takes the per-op path (None: it can run fused)."""
+    if not ENABLED:
+        return "disabled (BITFOLD_CPU_FUSED_STEP=0)"
+    if not ctx.attn.decode_only:
+        return "not a decode-only step"
+    if not ctx.backend.fuses_kv_write or ctx.backend.name != "cpu":
+        return f"attention backend {ctx.backend.name!r} is not the C++ CPU one"
+    state = _state(model)
+    if "why_not" not in state:
+        state["why_not"] = why_not_model(model)
+    return state["why_not"]
+
+
+def usable(model, ctx) -> bool:
+    return why_not(model, ctx) is None
+
+
+class FusedDecodeStep:
+    """The plan of one model over one set of KV caches; `__call__` runs a step."""
+
+    def __init__(self, model, kv_caches: list[tuple[torch.Tensor, ...]]):
+        cfg = model.cfg
+        layers = model.layers
+        self.kv_caches = list(kv_caches)
+        # every tensor whose address the plan holds, so that none can be freed under it
+        self._keep = [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
+        if len(self.kv_caches) != len(layers):
+            raise ValueError(f"{len(self.kv_caches)} KV caches for {len(layers)} layers")
+        k0 = self.kv_caches[0][0]
+        num_blocks, block_size = k0.shape[0], k0.shape[1]
+        self.layers = (LayerPlan * len(layers))()
+        for plan, layer, kv in zip(self.layers, layers, self.kv_caches):
+            k_cache, v_cache = kv
+            want = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+            if tuple(k_cache.shape) != want or tuple(v_cache.shape) != want or not (_f32_cpu(k_cache) and _f32_cpu(v_cache)):
+                raise ValueError(f"KV pages must be contiguous float32 {want}, got {tuple(k_cache.shape)}")
+            att = layer.attn
+            plan.qkv, plan.o = _linear(att.qkv), _linear(att.o)
+            plan.gate_up, plan.down = _linear(layer.mlp.gate_up), _linear(layer.mlp.down)
+            plan.attn_norm, plan.mlp_norm = layer.attn_norm.weight.data_ptr(), layer.mlp_norm.weight.data_ptr()
+            if att.q_norm is not None:
+                plan.q_norm, plan.k_norm = att.q_norm.weight.data_ptr(), att.k_norm.weight.data_ptr()
+            plan.k_cache, plan.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+        att0 = layers[0].attn
+        self.args = StepArgs(
+            hidden=cfg.hidden_size, heads=att0.h, kv_heads=att0.kvh, head_dim=att0.d,
+            intermediate=cfg.intermediate_size, vocab=model.embed.weight.shape[0], sliding_window=att0.window or 0,
+            rope_positions=model.rope.shape[0], num_blocks=num_blocks, block_size=block_size, eps=model.norm.eps,
+            scale=att0.scale, embed=model.embed.weight.data_ptr(), rope=model.rope.data_ptr(),
+            final_norm=model.norm.weight.data_ptr())
+        self._fn = load_cpu_library().bitfold_decode_layers
+        self._err = load_cpu_library().bitfold_decode_error
+        self._args_ref = ctypes.byref(self.args)
+
+    def matches(self, kv_caches) -> bool:
+        mine = self.kv_caches
+        return len(kv_caches) == len(mine) and all(a is b for a, b in zip(kv_caches, mine))
+
+    def __call__(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
+        """input_ids int64 [B] (one new token per sequence) -> final normed hidden states float32
+        [B, hidden]; writes each layer's new K/V into its pages at ctx.attn.slot_mapping."""
+        m = ctx.attn
+        B = input_ids.shape[0]
+        tables = m.block_tables
+        _check(input_ids, torch.int64, (B,), "input_ids")
+        _check(ctx.positions, torch.int64, (B,), "positions")
+        _check(m.slot_mapping, torch.int64, (B,), "slot_mapping")
+        _check(m.context_lens, torch.int32, (B,), "context_lens")
+        _check(tables, torch.int32, (B, tables.shape[-1]), "block_tables")
+        out = torch.empty(B, self.args.hidden, dtype=torch.float32)
+        if B == 0:
+            return out
+        a = self.args
+        a.batch, a.max_blocks, a.num_threads = B, tables.shape[1], torch.get_num_threads()
+        a.input_ids, a.positions, a.slots = input_ids.data_ptr(), ctx.positions.data_ptr(), m.slot_mapping.data_ptr()
+        a.block_tables, a.context_lens, a.out = tables.data_ptr(), m.context_lens.data_ptr(), out.data_ptr()
+        if self._fn(self.layers, len(self.layers), self._args_ref) != 0:
+            raise ValueError(f"fused CPU decode step: {self._err().decode()}")
+        return out
+
+
+def _linear(lin) -> LinearPlan:
+    spec = lin.fmt.spec
+    return LinearPlan(packed=lin.lut_packed.data_ptr(), scales=lin.lut_scales.data_ptr(),
+                      mins=lin.lut_mins.data_ptr(), bias=lin.bias.data_ptr() if lin.bias is not None else None,
+                      in_features=lin.in_features, in_padded=lin.in_padded, out_features=lin.out_features,
+                      bits=spec.bits, group=spec.group)
+
+
+def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple, name: str) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or tuple(t.shape) != shape or not t.is_contiguous():
+        raise ValueError(f"fused CPU decode step: {name} must be contiguous CPU {dtype} of shape {shape}, "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def plan_for(model, ctx) -> FusedDecodeStep | None:
+    """The model's fused step for this step's KV caches (built or rebuilt as needed), or None when
+    the step must take the per-op path (`why_not` says why)."""
+    if why_not(model, ctx) is not None:
+        return None
+    state = _state(model)
+    plan = state.get("plan")
+    if plan is None or not plan.matches(ctx.kv_caches):
+        plan = state["plan"] = FusedDecodeStep(model, ctx.kv_caches)
+    return plan
+
+
+def reset(model) -> None:
+    """Forget the model's plan and eligibility (its weights were (re)loaded)."""
+    model.__dict__.pop("_cpu_step_state", None)
+
+
+def _state(model) -> dict:
+    # A plain attribute of the model (not a module or buffer): {"why_not": ..., "plan": ...}.
+    state = model.__dict__.get("_cpu_step_state")
+    if state is None:
+        state = model.__dict__["_cpu_step_state"] = {}
+    return state
