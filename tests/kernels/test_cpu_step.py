@@ -184,3 +184,14 @@ def test_bad_inputs_raise(tiny_llama):
         plan(torch.tensor([1]), ctx)
     with pytest.raises(ValueError, match="input_ids must be"):
         plan(torch.tensor([1], dtype=torch.int32), ctx)
+
+
+def test_profile_counts_phases(tiny_llama):
+    r = Runner(tiny_llama, "int4", fused=True)
+    model, ctx = r.runner.model, _decode_ctx(r.runner)
+    plan = cpu_step.plan_for(model, ctx)
+    cpu_step.profile()
+    plan(torch.tensor([1]), ctx)
+    prof = cpu_step.profile()
+    assert set(prof) == set(cpu_step.PHASES) and all(prof[p] > 0 for p in ("qkv", "o", "gate_up", "down"))
+    assert all(v == 0 for v in cpu_step.profile().values())  # read and reset

@@ -64,6 +64,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitfold_silu_mul": (None, [p, p, i, i, i]),
         "bitfold_decode_layers": (i, [p, i, p]),
         "bitfold_decode_error": (ctypes.c_char_p, []),
+        "bitfold_decode_profile": (None, [p]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

@@ -169,6 +169,17 @@ def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple, name: str) -> None
                          f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
+PHASES = ("qkv", "o", "gate_up", "down", "attention", "other")  # decode_step.cpp's enum Phase
+
+
+def profile() -> dict[str, float]:
+    """Seconds each phase of the fused steps run on this thread took since the last call
+    (GEMVs by layer, attention with its KV write, everything else), then reset."""
+    out = (ctypes.c_double * len(PHASES))()
+    load_cpu_library().bitfold_decode_profile(out)
+    return dict(zip(PHASES, out))
+
+
 def plan_for(model, ctx) -> FusedDecodeStep | None:
     """The model's fused step for this step's KV caches (built or rebuilt as needed), or None when
     the step must take the per-op path (`why_not` says why)."""
