@@ -1,8 +1,9 @@
 """float32 C++ versions of a decode layer's small operations for the CPU path (see
 cpu/decode_ops.cpp for why). Same signatures and meaning as the references they stand in for:
-`add_rms_norm` = rms_norm_ref / fused_add_rms_norm_ref, `rotary` = rotary_ref, `paged_decode` =
-paged_decode_ref (with or without its fused KV write). `usable(*tensors)` says whether a call can take
-the C++ path (CPU, float32, library built); otherwise callers use the references.
+`add_rms_norm` = rms_norm_ref / fused_add_rms_norm_ref, `rotary` = rotary_ref, `silu_mul` =
+silu_and_mul_ref, `paged_decode` = paged_decode_ref (with or without its fused KV write).
+`usable(*tensors)` says whether a call can take the C++ path (CPU, float32, library built);
+otherwise callers use the references. The fused decode step (cpu_step.py) calls the same kernels.
 """
 from __future__ import annotations
 
