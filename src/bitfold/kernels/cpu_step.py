@@ -58,13 +58,19 @@ def why_not_model(model) -> str | None:
     if not available():
         return "the C++ CPU kernels could not be built"
     norms = [model.norm]
+    padded = None  # the step's scratch rows are laid out once: every layer pads its inputs alike
     for i, layer in enumerate(model.layers):
         att = layer.attn
-        for name, lin in (("qkv", att.qkv), ("o", att.o), ("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down)):
+        lins = (("qkv", att.qkv), ("o", att.o), ("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down))
+        for name, lin in lins:
             if not isinstance(lin.fmt, LowBitFormat):
                 return f"layer {i} {name}: weight format {lin.fmt.name!r} is not a low-bit LUT format"
             if lin.lut_packed.device.type != "cpu" or not _f32_cpu(lin.bias):
                 return f"layer {i} {name}: not on the CPU in float32"
+        pads = tuple(lin.in_padded for _, lin in lins)
+        if padded is not None and pads != padded:
+            return f"layer {i} pads its inputs differently from layer 0 (mixed groups)"
+        padded = pads
         norms += [layer.attn_norm, layer.mlp_norm] + ([att.q_norm, att.k_norm] if att.q_norm is not None else [])
     if any(not _f32_cpu(n.weight) for n in norms) or not _f32_cpu(model.embed.weight) or not _f32_cpu(model.rope):
         return "norm, embedding or rotary tables are not contiguous CPU float32"
