@@ -40,7 +40,7 @@ def test_rotary(T, H, KVH, D):
 
 
 @pytest.mark.parametrize("lens", [[1], [16], [17, 33], [5, 64, 1, 100], [1500]])
-@pytest.mark.parametrize("H,KVH,D", [(4, 4, 64), (8, 2, 64), (16, 2, 128)])
+@pytest.mark.parametrize("H,KVH,D", [(4, 4, 64), (8, 2, 64), (16, 2, 128), (6, 3, 80)])  # 80: the any-D path
 @pytest.mark.parametrize("window", [0, 9, 2000])
 def test_paged_decode(lens, H, KVH, D, window):
     g = torch.Generator().manual_seed(sum(lens) + H + window)

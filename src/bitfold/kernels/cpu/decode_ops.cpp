@@ -20,17 +20,19 @@ namespace {
 
 // Sums of products in 16 independent lanes: without -ffast-math the compiler may not reorder a
 // plain `s += a[i] * b[i]`, which then runs at one add per FP latency (~4 cycles) per element;
-// written as 16 running sums it becomes one vector FMA per 16 elements. (Not bit-identical to a
-// sequential sum; the tests allow float32 rounding.)
+// written as 16 running sums it becomes one vector FMA per 16 elements, then a tree of halves.
+// (Not bit-identical to a sequential sum; the tests allow float32 rounding.)
 __attribute__((always_inline)) inline float dot(const float* a, const float* b, int n) {
   float acc[16] = {};
   int i = 0;
   for (; i + 16 <= n; i += 16)
     for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = 0.f;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
+  for (; i < n; ++i) acc[i & 15] += a[i] * b[i];
+  // a tree, not a chain: 4 dependent vector adds instead of 16 scalar ones (for a 64-wide head
+  // the chain cost more than the products)
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
 }
 
 // exp(x) as 2^n * p(r), r = x - n ln2 (Cephes expf's degree-6 polynomial, ~1 ulp on [-87, 88]),
@@ -52,6 +54,88 @@ __attribute__((always_inline)) inline float exp_approx(float x) {
   float scale;
   std::memcpy(&scale, &e, 4);
   return x != x ? x : p * scale;
+}
+
+// 16 floats as one value (GCC/Clang vector extension): one zmm in the AVX-512 clone, two ymm or
+// four xmm in the others. aligned(4): loads from any float address.
+typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+// Sum of the 16 lanes by halves (compiles to extracts and vector adds, no trip through memory).
+__attribute__((always_inline)) inline float hsum(vf16 v) {
+  vf8 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const vf8 s8 = lo + hi;
+  vf4 l4, h4;
+  std::memcpy(&l4, &s8, sizeof(l4));
+  std::memcpy(&h4, reinterpret_cast<const char*>(&s8) + sizeof(l4), sizeof(h4));
+  const vf4 s4 = l4 + h4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// In place: sc[i] = exp(sc[i] - max) / sum.
+__attribute__((always_inline)) inline void softmax(float* sc, int n) {
+  float m = sc[0];
+  for (int i = 1; i < n; ++i) m = std::max(m, sc[i]);
+  float l = 0.f;
+  for (int i = 0; i < n; ++i) {
+    sc[i] = exp_approx(sc[i] - m);
+    l += sc[i];
+  }
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  for (int i = 0; i < n; ++i) sc[i] *= inv;
+}
+
+// One KV head's group of G query heads over n positions: qg [G, D], krow/vrow the positions'
+// K and V rows, sc scratch [G, n], o [G, D]. C = D / 16 known at compile time keeps a head's
+// dot product and its output row in registers (C <= 8 for D <= 128); C = 0 is any D.
+template <int C>
+__attribute__((always_inline)) inline void attend(const float* qg, const float* const* krow, const float* const* vrow,
+                                                  int n, int G, int D, float scale, float* sc, float* o) {
+  for (int p = 0; p < n; ++p) {  // scores: each K row once, for every head of the group
+    if constexpr (C > 0) {
+      const vf16* k = reinterpret_cast<const vf16*>(krow[p]);
+      for (int g = 0; g < G; ++g) {
+        const vf16* qv = reinterpret_cast<const vf16*>(qg + g * D);
+        vf16 acc = qv[0] * k[0];
+        for (int c = 1; c < C; ++c) acc += qv[c] * k[c];
+        sc[static_cast<size_t>(g) * n + p] = hsum(acc) * scale;
+      }
+    } else {
+      for (int g = 0; g < G; ++g) sc[static_cast<size_t>(g) * n + p] = dot(qg + g * D, krow[p], D) * scale;
+    }
+  }
+  for (int g = 0; g < G; ++g) softmax(sc + static_cast<size_t>(g) * n, n);
+  if constexpr (C > 0) {
+    // Weighted sum of V by tiles of positions small enough to stay in L1 while every head of the
+    // group reads them, one head at a time with its output row in registers.
+    constexpr int kTileRows = 16384 / (64 * C);
+    std::fill(o, o + static_cast<size_t>(G) * D, 0.f);
+    for (int p0 = 0; p0 < n; p0 += kTileRows) {
+      const int p1 = std::min(n, p0 + kTileRows);
+      for (int g = 0; g < G; ++g) {
+        const float* e = sc + static_cast<size_t>(g) * n;
+        vf16* og = reinterpret_cast<vf16*>(o + static_cast<size_t>(g) * D);
+        vf16 a[C];
+        for (int c = 0; c < C; ++c) a[c] = og[c];
+        for (int p = p0; p < p1; ++p) {
+          const vf16* v = reinterpret_cast<const vf16*>(vrow[p]);
+          for (int c = 0; c < C; ++c) a[c] += e[p] * v[c];
+        }
+        for (int c = 0; c < C; ++c) og[c] = a[c];
+      }
+    }
+    return;
+  }
+  for (int g = 0; g < G; ++g) {  // any D: the weighted sum of V head by head
+    const float* e = sc + static_cast<size_t>(g) * n;
+    float* a = o + static_cast<size_t>(g) * D;
+    std::fill(a, a + D, 0.f);
+    for (int p = 0; p < n; ++p)
+      for (int d = 0; d < D; ++d) a[d] += e[p] * vrow[p][d];
+  }
 }
 
 }  // namespace
@@ -133,52 +217,38 @@ BITFOLD_SIMD void bitfold_paged_decode(const float* q, float* kc, float* vc, con
       std::copy(new_v + b * row, new_v + (b + 1) * row, vc + slots[b] * row);
     }
   }
-  thread_local std::vector<float> scores, acc;
-  acc.resize(static_cast<size_t>(G) * D);
+  thread_local std::vector<float> scores;
+  thread_local std::vector<const float*> krow, vrow;
   for (int b = 0; b < B; ++b) {
     const int len = context_lens[b];
     const int start = sliding_window > 0 ? std::max(0, len - sliding_window) : 0;
     const int n = len - start;
+    float* ob = out + static_cast<int64_t>(b) * H * D;
     if (n <= 0) {
-      std::fill(out + static_cast<int64_t>(b) * H * D, out + static_cast<int64_t>(b + 1) * H * D, 0.f);
+      std::fill(ob, ob + static_cast<int64_t>(H) * D, 0.f);
       continue;
     }
     if (scores.size() < static_cast<size_t>(G) * n) scores.resize(static_cast<size_t>(G) * n);
+    if (krow.size() < static_cast<size_t>(n)) krow.resize(n), vrow.resize(n);
     const int32_t* table = block_tables + static_cast<int64_t>(b) * max_blocks;
     for (int kh = 0; kh < KVH; ++kh) {
-      const float* qg = q + (static_cast<int64_t>(b) * H + static_cast<int64_t>(kh) * G) * D;
-      auto row = [&](const float* cache, const float* fresh, int p) {
-        if (fresh && p == len - 1) return fresh + (static_cast<int64_t>(b) * KVH + kh) * D;
+      for (int p = start; p < len; ++p) {
         const int64_t blk = table[p / block_size];
-        return cache + ((blk * block_size + p % block_size) * KVH + kh) * D;
-      };
-      for (int p = start; p < len; ++p) {
-        const float* kv = row(kc, new_k, p);
-        for (int g = 0; g < G; ++g) scores[static_cast<size_t>(g) * n + (p - start)] = dot(qg + g * D, kv, D) * scale;
+        const int64_t off = ((blk * block_size + p % block_size) * KVH + kh) * D;
+        krow[p - start] = kc + off;
+        vrow[p - start] = vc + off;
       }
-      for (int g = 0; g < G; ++g) {
-        float* sc = scores.data() + static_cast<size_t>(g) * n;
-        float m = sc[0];
-        for (int i = 1; i < n; ++i) m = std::max(m, sc[i]);
-        float l = 0.f;
-        for (int i = 0; i < n; ++i) {
-          sc[i] = exp_approx(sc[i] - m);
-          l += sc[i];
-        }
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        for (int i = 0; i < n; ++i) sc[i] *= inv;
+      if (new_k) {  // the new token's K/V straight from the inputs (fused write)
+        krow[n - 1] = new_k + (static_cast<int64_t>(b) * KVH + kh) * D;
+        vrow[n - 1] = new_v + (static_cast<int64_t>(b) * KVH + kh) * D;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int p = start; p < len; ++p) {
-        const float* vv = row(vc, new_v, p);
-        for (int g = 0; g < G; ++g) {
-          const float e = scores[static_cast<size_t>(g) * n + (p - start)];
-          float* a = acc.data() + static_cast<size_t>(g) * D;
-          for (int d = 0; d < D; ++d) a[d] += e * vv[d];
-        }
+      const float* qg = q + (static_cast<int64_t>(b) * H + static_cast<int64_t>(kh) * G) * D;
+      float* o = ob + static_cast<int64_t>(kh) * G * D;
+      switch (D) {
+        case 64: attend<4>(qg, krow.data(), vrow.data(), n, G, D, scale, scores.data(), o); break;
+        case 128: attend<8>(qg, krow.data(), vrow.data(), n, G, D, scale, scores.data(), o); break;
+        default: attend<0>(qg, krow.data(), vrow.data(), n, G, D, scale, scores.data(), o);
       }
-      float* o = out + (static_cast<int64_t>(b) * H + static_cast<int64_t>(kh) * G) * D;
-      std::copy(acc.begin(), acc.end(), o);
     }
   }
 }
