@@ -349,7 +349,7 @@ def test_smollm2_gguf_quantized_folder(smollm2_path, smollm2_int4, smollm2_int4_
     assert s.linear_tensors == 30 * 7 + 1 and s.layers == 30 and s.head_format == "int4-g32"
     assert s.converted == 30 * 7  # Q4_1 blocks taken as int4-g32 codes; the head rounds the Q8_0 embedding
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["method"] == "rtn+gguf-blocks"
+    assert qc["method"] == "rtn+gguf-blocks" and qc["rounding"] == "search"
     # the Q8_0 embedding decodes to float32; the F32 norms hold fp16 values, stored so exactly
     assert s.dense_tensors == 1 + 2 * 30 + 1 and s.dense_dtypes == {"float32": 1, "float16": 61}
     folder, gguf = open_model(str(out)), open_model(smollm2_path)

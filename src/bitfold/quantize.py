@@ -1,9 +1,9 @@
 """`bitfold quantize --model M --format int2-g64 --out DIR`: a checkpoint whose linear layers are
 stored in a low-bit format, which `bitfold generate --model DIR` loads without rounding again.
 
-Each linear weight is rounded to nearest per group (`lowbit.quantize_rtn`, exactly what
-`--weights FORMAT` does at load), or converted without a float round trip where a GGUF block
-type lines up with the format (Q4_0/Q4_1/Q4_K -> int4-g32, Q2_K -> int2-g16). DIR gets:
+Each linear weight is rounded to nearest per group over a searched range (`lowbit.quantize_rtn`,
+exactly what `--weights FORMAT` does at load), or converted without a float round trip where a
+GGUF block type lines up with the format (Q4_0/Q4_1/Q4_K -> int4-g32, Q2_K -> int2-g16). DIR gets:
 
 - model.safetensors (model-0000i-of-0000n.safetensors + index past --max-shard-size). A linear
   weight `<name>.weight` [rows, in_features], with K = in_features padded to whole groups, is
@@ -113,7 +113,7 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
     from bitfold.loader import open_model
     from bitfold.models import MODELS
     from bitfold.weights import WEIGHT_FORMATS
-    from bitfold.weights.lowbit import lowbit_spec
+    from bitfold.weights.lowbit import ROUNDINGS, lowbit_spec
 
     t0 = time.perf_counter()
     spec = lowbit_spec(fmt) if fmt in WEIGHT_FORMATS else None
@@ -147,6 +147,8 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
         qc = {"quant_method": "bitfold", "format": spec.name, "bits": spec.bits, "group_size": spec.group,
               "ternary": spec.ternary, "lm_head_format": head, "packing": "bitplanes-le",
               "method": "+".join(m for m, n in (("rtn", rounded), ("gguf-blocks", converted)) if n)}
+        if rounded:  # how the rounded tensors' ranges were chosen (see lowbit.quantize_rtn)
+            qc["rounding"] = ROUNDINGS[0]
         config = _hf_config(source, model_cls.config_overrides, cfg)
         config["quantization_config"] = qc
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
