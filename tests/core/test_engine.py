@@ -76,10 +76,12 @@ def test_closing_a_stream_cancels_and_frees(alone_llm):
     _assert_whole(alone_llm)
 
 
-def test_error_inside_a_step_frees_everything(alone_llm, monkeypatch):
+@pytest.mark.parametrize("which", ["alone_llm", "async_llm"])  # async_llm is defined below
+def test_error_inside_a_step_frees_everything(which, request, monkeypatch):
+    llm = request.getfixturevalue(which)
     prompts, params = _workload(seed=2, n=4)
     calls = {"n": 0}
-    real = alone_llm.engine.runner.launch
+    real = llm.engine.runner.launch
 
     def flaky(out):
         calls["n"] += 1
@@ -87,12 +89,12 @@ def test_error_inside_a_step_frees_everything(alone_llm, monkeypatch):
             raise KeyboardInterrupt  # what Ctrl-C looks like mid-step
         return real(out)
 
-    monkeypatch.setattr(alone_llm.engine.runner, "launch", flaky)
+    monkeypatch.setattr(llm.engine.runner, "launch", flaky)
     with pytest.raises(KeyboardInterrupt):
-        alone_llm.generate(prompts, params)
-    _assert_whole(alone_llm)
+        llm.generate(prompts, params)
+    _assert_whole(llm)
     monkeypatch.undo()
-    assert alone_llm.generate([prompts[0]], params[0])[0].finish_reason == "length"  # still usable
+    assert llm.generate([prompts[0]], params[0])[0].finish_reason == "length"  # still usable
 
 
 def test_bad_requests_raise_typed_errors_and_leave_no_trace(alone_llm):
@@ -216,25 +218,6 @@ def test_async_abort_in_flight_and_id_reuse(async_llm):
         outs += [o for o in eng.step() if o.request_id == "x"]
     assert outs[-1].finished and outs[-1].token_ids == alone
     _assert_whole(async_llm)
-
-
-def test_async_error_inside_a_step_frees_everything(async_llm, monkeypatch):
-    prompts, params = _workload(seed=2, n=4)
-    calls = {"n": 0}
-    real = async_llm.engine.runner.launch
-
-    def flaky(out):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(out)
-
-    monkeypatch.setattr(async_llm.engine.runner, "launch", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        async_llm.generate(prompts, params)
-    _assert_whole(async_llm)
-    monkeypatch.undo()
-    assert async_llm.generate([prompts[0]], params[0])[0].finish_reason == "length"
 
 
 def test_async_is_the_default_on_cuda_only(tiny_model_dir):
