@@ -67,7 +67,7 @@ def _check_registries(spec: str, overrides: dict[str, Any]) -> None:
     """Names that live in registries (KV codecs, attention backends) are checked against them now,
     not after a model has loaded."""
     from bitfold.kvcache.codecs import KV_CODECS
-    from bitfold.layers.attention import ATTENTION_BACKENDS
+    from bitfold.attention import ATTENTION_BACKENDS
 
     codec = overrides.get("kv_codec")
     if codec is not None and codec not in KV_CODECS:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from bitfold.layers.attention import AttentionMetadata
+from bitfold.attention.base import AttentionMetadata
 from bitfold.models.base import StepContext
 
 

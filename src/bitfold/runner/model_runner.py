@@ -20,7 +20,7 @@ from bitfold.core.scheduler import ScheduledChunk, SchedulerOutput
 from bitfold.errors import BitfoldError
 from bitfold.kvcache.codecs import KV_CODECS
 from bitfold.kvcache.spec import KVCacheSpec
-from bitfold.layers.attention import AttentionMetadata, select_backend
+from bitfold.attention import AttentionMetadata, select_backend
 from bitfold.layers.sampler import TokenLogprob, apply_penalties, assemble_logprobs, logprobs_on_device, sample_tokens
 from bitfold.loader.source import ModelSource
 from bitfold.models import MODELS
@@ -79,7 +79,7 @@ class ModelRunner:
             raise BitfoldError(f"unknown KV codec {cfg.kv_codec!r}; known: {', '.join(KV_CODECS.names())}")
         codec = KV_CODECS.get(cfg.kv_codec)(dtype)
         self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, codec)
-        self.backend = select_backend(cfg.attention_backend, device, codec)
+        self.backend = select_backend(cfg.attention_backend, device, dtype, codec)
         self.max_model_len = max_model_len
         self.num_blocks = cfg.num_kv_blocks or self.kv_spec.num_blocks_for(self._kv_budget_bytes())
         if self.num_blocks < 1:
@@ -99,7 +99,7 @@ class ModelRunner:
                  self.num_blocks, cfg.block_size, self.num_blocks * cfg.block_size,
                  self.num_blocks * self.kv_spec.page_size_bytes / 2**30, codec.name, self.backend.name)
         self.graphs = None
-        if device.type == "cuda" and not cfg.enforce_eager and self.backend.graph_safe:
+        if device.type == "cuda" and not cfg.enforce_eager and self.backend.is_graph_safe:
             sizes = default_batch_sizes(cfg.max_num_seqs)
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, sizes, max_model_len, cfg.block_size)
