@@ -47,7 +47,7 @@ def recapture(eng, sizes: list[int], fused: bool, gemv_rows: int) -> None:
     r.backend.ops.fuses_kv_write = fused
     dense.GEMV_MAX_ROWS = gemv_rows
     with torch.inference_mode():
-        r.graphs = DecodeGraphs(r.model, r.kv_caches, r.backend, sizes, r.max_model_len, eng.config.block_size)
+        r.graphs = DecodeGraphs(r.model, r.kv_caches, r.backend, sizes, r.max_model_len, r.block_size)
 
 
 def host_split(eng, B, ctx, steps):

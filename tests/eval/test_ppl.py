@@ -46,7 +46,7 @@ def ref_engine(smollm2_source):
 def lockstep(smollm2_source, ref_engine, windows):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(KV_CODECS._entries, ZeroVCodec.name, ZeroVCodec)
-        broken = make_engine(smollm2_source, kv_codec=ZeroVCodec.name)
+        broken = make_engine(smollm2_source, kv_cache=ZeroVCodec.name)
     engines = {"ref": ref_engine, "self": make_engine(smollm2_source), "zero_v": broken}
     out = score_windows(engines, windows, batch=NUM_WINDOWS)
     assert all(e.pool.num_free == e.pool.num_blocks for e in engines.values())  # every block freed

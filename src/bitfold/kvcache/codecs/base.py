@@ -17,6 +17,8 @@ from bitfold.registry import Registry
 
 class KVCodec(ABC):
     name: str
+    default_block_size = 16  # tokens per page when the user does not set --block-size
+    rotate = False
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype  # the compute dtype K/V arrive in and are read back as
@@ -25,11 +27,6 @@ class KVCodec(ABC):
     @abstractmethod
     def bits_per_element(self) -> float:
         """Average stored bits per K or V element in a full page, scales included."""
-
-    @property
-    def block_size(self) -> int | None:
-        """Tokens per page this codec needs (None: any power of two)."""
-        return None
 
     @property
     def residual(self) -> int:
@@ -43,6 +40,10 @@ class KVCodec(ABC):
     def seq_bytes(self, block_size: int, num_kv_heads: int, head_dim: int) -> int:
         """Fixed bytes per sequence slot and layer outside the pages (the residual window)."""
         return 0
+
+    def needs_seq_slots(self, block_size: int, num_kv_heads: int, head_dim: int) -> bool:
+        """Whether each running sequence needs a slot of per-sequence storage (`seq_bytes`)."""
+        return False
 
     @abstractmethod
     def allocate(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -63,6 +63,7 @@ class DenseCppOps(DenseOps):
 @KV_CODECS.register("dense", "auto")
 class DenseCodec(KVCodec):
     name = "dense"
+    stores: torch.dtype | None = None  # the named 16/32-bit variants store exactly that dtype
 
     @property
     def bits_per_element(self) -> float:
@@ -83,8 +84,19 @@ class DenseCodec(KVCodec):
         fn = write_kv if k_cache.is_cuda else write_kv_ref
         fn(k_cache, v_cache, k, v, slot_mapping)
 
+    def validate(self, block_size, head_dim, max_model_len):
+        if self.stores is not None and self.stores != self.dtype:
+            want = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[self.stores]
+            return (f"KV cache {self.name} stores the compute dtype, which is {str(self.dtype).removeprefix('torch.')}"
+                    f": add --dtype {want}, or use --kv-cache dense")
+        return None
+
     def ops(self, backend):
         if backend == "cpu" and self.dtype != torch.float32:
             return "float32 KV pages only"
         cls = {"torch": DenseRefOps, "triton": DenseTritonOps, "cpu": DenseCppOps}.get(backend)
         return cls(self) if cls is not None else f"has no {backend} kernels for {self.name} pages"
+
+
+for _name, _dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+    KV_CODECS.register(_name)(type(f"DenseCodec_{_name}", (DenseCodec,), {"name": _name, "stores": _dtype}))

@@ -1,0 +1,394 @@
+"""Paged attention over compressed KV pages (layout: kernels/quant_kv_write.py), decode and
+prefill, reading packed codes and scales straight from the pages and dequantizing in registers:
+no dequantized copy of the cache exists, ever.
+
+A page is walked in P = max(K planes, V planes) pieces of block_size / P consecutive tokens
+(each side's planes are runs of tokens, so a piece is one shift-and-mask of one byte tile per
+side) with an online-softmax update per piece. Per side:
+- KIVI keys (per-channel scale s and zero z over the page): q . k_t = (q * s) . code_t + q . z,
+  so the page's scale folds into q once and the zero into one bias per query row; the codes go
+  to `tl.dot` as they are (small integers are exact in bf16): tensor cores, no dequantized K;
+- KIVI values (per token, groups of channels): dequantized in registers, code * s + z, then
+  `tl.dot` with the probabilities;
+- int8 / fp8 (one scale per token): the K scale multiplies the scores' column, the V scale the
+  probabilities' column; codes go to `tl.dot` converted, not scaled;
+- dense: as the dense kernels.
+The newest tokens (the residual window, positions [n_sealed(L), L)) are read from the
+sequence's 16-bit ring in a second loop. Decode is split-K flash-decoding with GQA grouping
+(one program reads a page once for all query heads of its KV head) and reuses the dense merge
+kernel; prefill is FlashAttention-2 tiling like kernels/paged_prefill.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, jit, next_pow2, num_sms, require, require_launchable, tl
+from bitfold.kernels.paged_decode import _decode_merge_kernel, split_plan
+from bitfold.kernels.quant_kv_write import QuantLayout, dequantize_pages_ref
+
+_NO_WINDOW = 1 << 30
+
+
+@jit
+def _attend_page(qf, qd, m_i, l_i, acc, page, p0, kv_len, qpos, window, kh,
+                 k_codes, k_meta, v_codes, v_meta, scale_log2,
+                 K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
+                 V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr,
+                 KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One sealed page (first position p0) for query rows qf/qd [M, D] at positions qpos [M]."""
+    R: tl.constexpr = BS // P
+    KR: tl.constexpr = BS // KP
+    VR: tl.constexpr = BS // VP
+    d = tl.arange(0, D)
+    ph = page * KVH + kh
+    if K_KIND == 3:  # fold the page's per-channel scale into q, its zero into a row bias
+        ks = tl.load(k_meta + ph * 2 * D + d).to(tl.float32)
+        kz = tl.load(k_meta + ph * 2 * D + D + d).to(tl.float32)
+        qk = (qf * ks[None, :]).to(qd.dtype)
+        kbias = tl.sum(qf * kz[None, :], axis=1)
+    for i in tl.static_range(P):
+        t = i * R + tl.arange(0, R)  # tokens of this piece within the page
+        pos = p0 + t
+        ok = pos < kv_len  # a page of a no-ring codec may be partly written
+        if K_KIND == 3:
+            krow = (i * R) % KR + tl.arange(0, R)
+            kb = tl.load(k_codes + (ph * KR + krow[None, :]) * D + d[:, None])  # uint8 [D, R]
+            kc = ((kb.to(tl.int32) >> (((i * R) // KR) * K_BITS)) & ((1 << K_BITS) - 1)).to(qd.dtype)
+            s = tl.dot(qk, kc, input_precision=DOT_PREC) + kbias[:, None]
+        elif K_KIND == 0:
+            kt = tl.load(k_codes + (ph * BS + t[None, :]) * D + d[:, None], mask=ok[None, :], other=0.0)
+            s = tl.dot(qd, kt.to(qd.dtype), input_precision=DOT_PREC)
+        else:
+            kt = tl.load(k_codes + (ph * BS + t[None, :]) * D + d[:, None], mask=ok[None, :], other=0)
+            if K_KIND == 1:
+                kc = kt.to(tl.float32).to(qd.dtype)
+            else:
+                kc = kt.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(qd.dtype)
+            ksc = tl.load(k_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
+            s = tl.dot(qd, kc, input_precision=DOT_PREC) * ksc[None, :]
+        allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
+        s = tl.where(allowed, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: no NaN
+        alpha = tl.exp2(m_i - m_base)
+        p = tl.exp2(s - m_base[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if V_KIND == 3:
+            NG: tl.constexpr = D // VG
+            vrow = (i * R) % VR + tl.arange(0, R)
+            vb = tl.load(v_codes + (ph * VR + vrow[:, None]) * D + d[None, :])  # uint8 [R, D]
+            vc = ((vb.to(tl.int32) >> (((i * R) // VR) * V_BITS)) & ((1 << V_BITS) - 1)).to(tl.float32)
+            moff = (ph * BS + t[:, None]) * (2 * NG) + d[None, :] // VG
+            vs = tl.load(v_meta + moff).to(tl.float32)
+            vz = tl.load(v_meta + moff + NG).to(tl.float32)
+            pv = tl.dot(p.to(qd.dtype), (vc * vs + vz).to(qd.dtype), input_precision=DOT_PREC)
+        elif V_KIND == 0:
+            v = tl.load(v_codes + (ph * BS + t[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
+            pv = tl.dot(p.to(qd.dtype), v.to(qd.dtype), input_precision=DOT_PREC)
+        else:
+            vt = tl.load(v_codes + (ph * BS + t[:, None]) * D + d[None, :], mask=ok[:, None], other=0)
+            if V_KIND == 1:
+                vc = vt.to(tl.float32).to(qd.dtype)
+            else:
+                vc = vt.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(qd.dtype)
+            vsc = tl.load(v_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
+            pv = tl.dot((p * vsc[None, :]).to(qd.dtype), vc, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@jit
+def _attend_ring(qd, m_i, l_i, acc, r0, r_hi, qpos, window, kh, seq_slot, ring_k, ring_v, scale_log2,
+                 KVH: tl.constexpr, D: tl.constexpr, CAP: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Positions [r0, min(r0 + BN, r_hi)) from the sequence's 16-bit ring."""
+    d = tl.arange(0, D)
+    pos = r0 + tl.arange(0, BN)
+    ok = pos < r_hi
+    off = ((seq_slot.to(tl.int64) * CAP + pos % CAP) * KVH + kh) * D
+    kt = tl.load(ring_k + off[None, :] + d[:, None], mask=ok[None, :], other=0.0)
+    v = tl.load(ring_v + off[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+    s = tl.dot(qd, kt.to(qd.dtype), input_precision=DOT_PREC)
+    allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
+    s = tl.where(allowed, s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_base)
+    p = tl.exp2(s - m_base[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(qd.dtype), v.to(qd.dtype), input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@jit
+def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, block_tables, context_lens, seq_slots,
+                         out, part_m, part_l, part_acc, scale_log2, window, bt_stride, num_splits,
+                         K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
+                         V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr,
+                         NUM_HEADS: tl.constexpr, KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                         VG: tl.constexpr, RING: tl.constexpr, RESID: tl.constexpr, CAP: tl.constexpr,
+                         QG: tl.constexpr, QG_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(context_lens + b)
+    start = tl.maximum(seq_len - window, 0) // BS * BS  # page-aligned: pieces never straddle pages
+    split_tokens = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BS) * BS
+    lo = start + split * split_tokens
+    hi = tl.minimum(lo + split_tokens, seq_len)
+    if lo >= hi:
+        return
+    if RING:
+        n_sealed = tl.maximum(seq_len - RESID, 0) // BS * BS
+    else:
+        n_sealed = seq_len
+    rows = tl.arange(0, QG_PAD)
+    d = tl.arange(0, D)
+    q_mask = (rows[:, None] < QG) & (d[None, :] < D)
+    q_off = (b * NUM_HEADS + kh * QG + rows[:, None]) * D + d[None, :]
+    qd = tl.load(q + q_off, mask=q_mask, other=0.0)
+    qf = qd.to(tl.float32)
+    qpos = tl.zeros([QG_PAD], tl.int32) + (seq_len - 1)
+    m_i = tl.full([QG_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([QG_PAD], tl.float32)
+    acc = tl.zeros([QG_PAD, D], tl.float32)
+    for p0 in range(lo, tl.minimum(hi, n_sealed), BS):
+        page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
+        m_i, l_i, acc = _attend_page(qf, qd, m_i, l_i, acc, page, p0, seq_len, qpos, window, kh,
+                                     k_codes, k_meta, v_codes, v_meta, scale_log2,
+                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, P, KVH, BS, D, VG, DOT_PREC)
+    if RING:
+        seq_slot = tl.load(seq_slots + b)
+        r_lo = tl.maximum(lo, n_sealed)
+        if seq_slot < 0:
+            r_lo = hi  # padding row of a CUDA graph: nothing in a ring
+        for r0 in range(r_lo, hi, BS):
+            m_i, l_i, acc = _attend_ring(qd, m_i, l_i, acc, r0, hi, qpos, window, kh, seq_slot, ring_k, ring_v,
+                                         scale_log2, KVH, D, CAP, BS, DOT_PREC)
+    if SINGLE_SPLIT:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out + q_off, o.to(out.dtype.element_ty), mask=q_mask)
+    else:
+        part = (b * NUM_HEADS + kh * QG + rows) * num_splits + split
+        tl.store(part_m + part, m_i, mask=rows < QG)
+        tl.store(part_l + part, l_i, mask=rows < QG)
+        tl.store(part_acc + part[:, None] * D + d[None, :], acc, mask=q_mask)
+
+
+@jit
+def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, block_tables, cu_seqlens_q,
+                          context_lens, seq_slots, out, scale_log2, window, bt_stride, num_seqs,
+                          K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
+                          V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr,
+                          NUM_HEADS: tl.constexpr, KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                          VG: tl.constexpr, RING: tl.constexpr, RESID: tl.constexpr, CAP: tl.constexpr,
+                          BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Tile -> sequence exactly as kernels/paged_prefill.py: grid T // BLOCK_M + B, binary search.
+    tile_id = tl.program_id(0)
+    h = tl.program_id(1)
+    lo_s = 0
+    hi_s = num_seqs
+    while lo_s < hi_s:
+        mid = (lo_s + hi_s) // 2
+        if tl.load(cu_seqlens_q + mid) // BLOCK_M + mid <= tile_id:
+            lo_s = mid + 1
+        else:
+            hi_s = mid
+    b = lo_s - 1
+    q_start = tl.load(cu_seqlens_q + b)
+    q_len = tl.load(cu_seqlens_q + b + 1) - q_start
+    m0 = (tile_id - (q_start // BLOCK_M + b)) * BLOCK_M
+    if m0 >= q_len:
+        return
+    seq_len = tl.load(context_lens + b)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    qpos = seq_len - q_len + offs_m
+    d = tl.arange(0, D)
+    q_mask = (offs_m[:, None] < q_len) & (d[None, :] < D)
+    q_off = ((q_start + offs_m[:, None]).to(tl.int64) * NUM_HEADS + h) * D + d[None, :]
+    qd = tl.load(q + q_off, mask=q_mask, other=0.0)
+    qf = qd.to(tl.float32)
+    kh = h // (NUM_HEADS // KVH)
+    kv_hi = seq_len - q_len + tl.minimum(m0 + BLOCK_M, q_len)
+    kv_lo = tl.maximum(seq_len - q_len + m0 - window + 1, 0) // BS * BS
+    if RING:
+        n_sealed = tl.maximum(seq_len - RESID, 0) // BS * BS
+    else:
+        n_sealed = seq_len
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for p0 in range(kv_lo, tl.minimum(kv_hi, n_sealed), BS):
+        page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
+        m_i, l_i, acc = _attend_page(qf, qd, m_i, l_i, acc, page, p0, seq_len, qpos, window, kh,
+                                     k_codes, k_meta, v_codes, v_meta, scale_log2,
+                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, P, KVH, BS, D, VG, DOT_PREC)
+    if RING:
+        seq_slot = tl.load(seq_slots + b)
+        r_lo = tl.maximum(kv_lo, n_sealed)
+        if seq_slot < 0:
+            r_lo = kv_hi
+        for r0 in range(r_lo, kv_hi, BS):
+            m_i, l_i, acc = _attend_ring(qd, m_i, l_i, acc, r0, kv_hi, qpos, window, kh, seq_slot, ring_k, ring_v,
+                                         scale_log2, KVH, D, CAP, BS, DOT_PREC)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out + q_off, o.to(out.dtype.element_ty), mask=q_mask)
+
+
+def _consts(lay: QuantLayout, q: torch.Tensor) -> dict:
+    return dict(K_KIND=lay.k_kind, K_BITS=lay.k_bits, KP=lay.k_planes, V_KIND=lay.v_kind, V_BITS=lay.v_bits,
+                VP=lay.v_planes, P=lay.planes, KVH=lay.num_kv_heads, BS=lay.block_size, D=lay.head_dim,
+                VG=lay.v_group, RING=lay.ring, RESID=lay.residual, CAP=max(lay.ring_cap, 1),
+                # fp32: 3xTF32 keeps ~fp32 accuracy on tensor cores
+                DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32")
+
+
+def _check(lay: QuantLayout, q, storage, block_tables, context_lens, seq_slots, sliding_window):
+    require(q.dim() == 3 and q.shape[2] == lay.head_dim and q.shape[1] % lay.num_kv_heads == 0,
+            f"q must be [T, num_heads (a multiple of {lay.num_kv_heads}), {lay.head_dim}], got {tuple(q.shape)}")
+    require(q.dtype in FLOAT_DTYPES and q.is_contiguous(), f"q must be a contiguous float tensor, got {q.dtype}")
+    B = context_lens.shape[0]
+    require(block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.dtype == torch.int32,
+            f"block_tables must be int32 [B={B}, max_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}")
+    require(context_lens.dtype == torch.int32, f"context_lens must be int32, got {context_lens.dtype}")
+    if lay.ring:
+        require(seq_slots is not None and seq_slots.shape == (B,) and seq_slots.dtype == torch.int32,
+                f"seq_slots must be int32 [B={B}] for a codec with a residual window")
+    require(sliding_window >= 0, f"sliding_window must be >= 0, got {sliding_window}")
+
+
+def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
+                       sliding_window: int = 0, *, max_context_len: int | None = None, num_splits: int | None = None,
+                       min_split_tokens: int = 256, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Attention of each sequence's newest token over its compressed paged context (new K/V
+    already written by `write_quant_kv`).
+
+    q: `[B, num_heads, head_dim]`; storage: the layer's `QuantKV`; block_tables int32
+    `[B, max_blocks]`; context_lens int32 `[B]` (>= 1, counting the new token); seq_slots int32
+    `[B]` (ring slot, -1 = a padding row) when the codec has a residual window. Returns
+    `[B, num_heads, head_dim]` in q's dtype. Knobs as `paged_decode` (splits cover whole pages).
+    """
+    _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
+    B, H, D = q.shape
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    require_launchable(q, storage.k, block_tables, context_lens)
+    KVH, BS = lay.num_kv_heads, lay.block_size
+    qg = H // KVH
+    window = sliding_window if sliding_window > 0 else _NO_WINDOW
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    span = max(1, min(max_context_len, window) + BS)  # + BS: the aligned start may reach one page back
+    num_splits, _ = split_plan(B * KVH, span, num_sms(q.device), BS, min_split_tokens, num_splits)
+    single = num_splits == 1
+    if single:
+        part_m = part_l = part_acc = out
+    else:
+        part_m = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+    slots = seq_slots if seq_slots is not None else context_lens
+    _quant_decode_kernel[(B, KVH, num_splits)](
+        q, storage.k, storage.k_meta, storage.v, storage.v_meta, storage.ring_k, storage.ring_v, block_tables,
+        context_lens, slots, out, part_m, part_l, part_acc, float(scale) * math.log2(math.e), window,
+        block_tables.stride(0), num_splits, NUM_HEADS=H, QG=qg, QG_PAD=max(16, next_pow2(qg)), SINGLE_SPLIT=single,
+        num_warps=num_warps, num_stages=num_stages, **_consts(lay, q))
+    if not single:
+        _decode_merge_kernel[(B, H)](out, part_m, part_l, part_acc, context_lens, window, num_splits,
+                                     NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=D, BLOCK_S=next_pow2(num_splits), BLOCK_N=BS,
+                                     ALIGN=BS, num_warps=4)
+    return out
+
+
+def quant_paged_prefill(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
+                        cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor | None,
+                        scale: float, sliding_window: int = 0, *, block_m: int = 64, num_warps: int = 4,
+                        num_stages: int = 2) -> torch.Tensor:
+    """Causal attention of the packed new tokens (q: `[T, num_heads, head_dim]`, offsets
+    cu_seqlens_q int32 `[B+1]`) over their sequences' compressed pages and rings, new K/V
+    already written. Returns `[T, num_heads, head_dim]` in q's dtype."""
+    _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
+    T, H, D = q.shape
+    B = context_lens.shape[0]
+    out = torch.empty_like(q)
+    if T == 0 or B == 0:
+        return out
+    require_launchable(q, storage.k, block_tables, context_lens, cu_seqlens_q)
+    require(block_m >= 16 and block_m & (block_m - 1) == 0, f"block_m must be a power of two >= 16, got {block_m}")
+    slots = seq_slots if seq_slots is not None else context_lens
+    _quant_prefill_kernel[(T // block_m + B, H)](
+        q, storage.k, storage.k_meta, storage.v, storage.v_meta, storage.ring_k, storage.ring_v, block_tables,
+        cu_seqlens_q, context_lens, slots, out, float(scale) * math.log2(math.e),
+        sliding_window if sliding_window > 0 else _NO_WINDOW, block_tables.stride(0), B,
+        NUM_HEADS=H, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages, **_consts(lay, q))
+    return out
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def gather_kv_ref(lay: QuantLayout, storage, block_table: torch.Tensor, seq_slot: int, length: int):
+    """One sequence's K and V, float32 `[length, KVH, D]`, as the kernels read them: sealed
+    pages dequantized, the rest from its ring."""
+    BS, H, D = lay.block_size, lay.num_kv_heads, lay.head_dim
+    sealed = lay.n_sealed(length)
+    pages = block_table[: cdiv(sealed, BS)].long()
+    out = []
+    for is_k in (True, False):
+        codes, meta = (storage.k, storage.k_meta) if is_k else (storage.v, storage.v_meta)
+        x = dequantize_pages_ref(lay, is_k, codes[pages], meta[pages] if meta.numel() else meta)
+        x = x.permute(0, 2, 1, 3).reshape(-1, H, D)[:sealed]
+        if length > sealed:
+            ring = storage.ring_k if is_k else storage.ring_v
+            pos = torch.arange(sealed, length, device=ring.device)
+            x = torch.cat([x, ring[seq_slot, pos % lay.ring_cap].float()])
+        out.append(x)
+    return out[0], out[1]
+
+
+def _attend_ref(q, k, v, qpos, scale, sliding_window):
+    """q [M, H, D] at positions qpos [M]; k, v [L, KVH, D] float32 -> [M, H, D] float32."""
+    M, H, D = q.shape
+    KVH = k.shape[1]
+    qf = q.float().view(M, KVH, H // KVH, D)
+    scores = torch.einsum("mkgd,lkd->kgml", qf, k) * scale
+    dist = qpos[:, None] - torch.arange(k.shape[0], device=q.device)[None, :]
+    allowed = (dist >= 0) & ((dist < sliding_window) if sliding_window > 0 else True)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("kgml,lkd->mkgd", scores.softmax(-1), v).reshape(M, H, D)
+
+
+def quant_paged_decode_ref(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
+                           sliding_window: int = 0, **_) -> torch.Tensor:
+    """Pure-PyTorch `quant_paged_decode` (float32 math); the CPU path for compressed pages."""
+    _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
+    out = torch.empty_like(q)
+    slots = seq_slots.tolist() if seq_slots is not None else [-1] * q.shape[0]
+    for b, n in enumerate(context_lens.tolist()):
+        k, v = gather_kv_ref(lay, storage, block_tables[b], slots[b], n)
+        qpos = torch.tensor([n - 1], device=q.device)
+        out[b] = _attend_ref(q[b : b + 1], k, v, qpos, scale, sliding_window)[0].to(q.dtype)
+    return out
+
+
+def quant_paged_prefill_ref(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor | None,
+                            scale: float, sliding_window: int = 0, **_) -> torch.Tensor:
+    """Pure-PyTorch `quant_paged_prefill` (float32 math)."""
+    _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    slots = seq_slots.tolist() if seq_slots is not None else [-1] * len(cu)
+    for b, n in enumerate(context_lens.tolist()):
+        s, e = cu[b], cu[b + 1]
+        if e == s:
+            continue
+        k, v = gather_kv_ref(lay, storage, block_tables[b], slots[b], n)
+        qpos = n - (e - s) + torch.arange(e - s, device=q.device)
+        out[s:e] = _attend_ref(q[s:e], k, v, qpos, scale, sliding_window).to(q.dtype)
+    return out
