@@ -86,7 +86,8 @@ class Scenario:
     """Sequences of given lengths on a shuffled page pool with -1 holes past each table,
     stepped through chunked prefill then single-token decodes, on every backend at once."""
 
-    def __init__(self, codec, backends, lens, kvh, d, heads, seed):
+    def __init__(self, codec, backends, lens, kvh, d, heads, seed, dtype=DTYPE):
+        self.dtype = dtype
         self.gen = torch.Generator().manual_seed(seed)
         self.codec, self.kvh, self.d, self.h = codec, kvh, d, heads
         self.bs = bs = codec.default_block_size
@@ -134,7 +135,8 @@ class Scenario:
         self.done = ctx.tolist()
         outs = {}
         for be, ops in self.ops.items():
-            outs[be] = ops.forward(q.to(dev, DTYPE), k.to(dev, DTYPE), v.to(dev, DTYPE), self.stores[be], meta,
+            dt = self.dtype
+            outs[be] = ops.forward(q.to(dev, dt), k.to(dev, dt), v.to(dev, dt), self.stores[be], meta,
                                    1 / math.sqrt(self.d), 0).float().cpu()
         return q, outs
 
@@ -183,7 +185,7 @@ def test_round_trip_error_is_within_half_a_step(name):
     """Write through the reference, read back what a kernel would read: every element within
     half a quantization step of what was written; tokens still in the residual window exact."""
     codec = make_codec(name, torch.float32, residual=64)
-    sc = Scenario(codec, ["torch"], [300, 130], kvh=2, d=64, heads=2, seed=1)
+    sc = Scenario(codec, ["torch"], [300, 130], kvh=2, d=64, heads=2, seed=1, dtype=torch.float32)
     sc.step([200, 100])
     sc.step([100, 30])
     lay = sc.stores["torch"].layout
@@ -232,7 +234,7 @@ def test_backends_match_the_reference(name, d, gqa, residual):
 @pytest.mark.parametrize("name", ["int4", "int2", "k8v4", "fp8"])
 def test_reference_attention_equals_float64_attention_over_the_cache(name):
     codec = make_codec(name, torch.float32, residual=16)
-    sc = Scenario(codec, ["torch"], [200, 77], kvh=2, d=64, heads=8, seed=3)
+    sc = Scenario(codec, ["torch"], [200, 77], kvh=2, d=64, heads=8, seed=3, dtype=torch.float32)
     sc.step([150, 77])
     q, outs = sc.step([50, 0])
     lay = sc.stores["torch"].layout

@@ -26,9 +26,18 @@ import torch
 
 from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, jit, next_pow2, num_sms, require, require_launchable, tl
 from bitfold.kernels.paged_decode import _decode_merge_kernel, split_plan
-from bitfold.kernels.quant_kv_write import QuantLayout, dequantize_pages_ref
+from bitfold.kernels.quant_kv_write import KIND_GROUP, QuantLayout, dequantize_pages_ref
 
 _NO_WINDOW = 1 << 30
+
+
+@jit
+def _dot3(a, b, NG: tl.constexpr, DOT_PREC: tl.constexpr):
+    """[NG, M, K] @ [NG, K, N] -> [NG, M, N] float32; NG == 1 is a plain 2-D tensor-core dot."""
+    if NG == 1:
+        return tl.expand_dims(tl.dot(tl.reshape(a, [a.shape[1], a.shape[2]]), tl.reshape(b, [b.shape[1], b.shape[2]]),
+                                     input_precision=DOT_PREC), 0)
+    return tl.dot(a, b, input_precision=DOT_PREC)
 
 
 @jit
@@ -41,7 +50,10 @@ def _attend_page(qf, qd, m_i, l_i, acc, page, p0, kv_len, qpos, window, kh,
     R: tl.constexpr = BS // P
     KR: tl.constexpr = BS // KP
     VR: tl.constexpr = BS // VP
+    NG: tl.constexpr = D // VG
     d = tl.arange(0, D)
+    g3 = tl.arange(0, NG)[:, None, None]
+    c3 = tl.arange(0, VG)[None, None, :]
     ph = page * KVH + kh
     if K_KIND == 3:  # fold the page's per-channel scale into q, its zero into a row bias
         ks = tl.load(k_meta + ph * 2 * D + d).to(tl.float32)
@@ -75,41 +87,45 @@ def _attend_page(qf, qd, m_i, l_i, acc, page, p0, kv_len, qpos, window, kh,
         alpha = tl.exp2(m_i - m_base)
         p = tl.exp2(s - m_base[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if V_KIND == 3:
-            NG: tl.constexpr = D // VG
+        if V_KIND == 3:  # per token and channel group: scale folded into p per group, zero as a bias
             vrow = (i * R) % VR + tl.arange(0, R)
-            vb = tl.load(v_codes + (ph * VR + vrow[:, None]) * D + d[None, :])  # uint8 [R, D]
-            vc = ((vb.to(tl.int32) >> (((i * R) // VR) * V_BITS)) & ((1 << V_BITS) - 1)).to(tl.float32)
-            moff = (ph * BS + t[:, None]) * (2 * NG) + d[None, :] // VG
+            vb = tl.load(v_codes + (ph * VR + vrow[None, :, None]) * D + g3 * VG + c3)  # uint8 [NG, R, VG]
+            vc = ((vb.to(tl.int32) >> (((i * R) // VR) * V_BITS)) & ((1 << V_BITS) - 1)).to(qd.dtype)
+            moff = (ph * BS + t[None, :]) * (2 * NG) + tl.arange(0, NG)[:, None]  # [NG, R]
             vs = tl.load(v_meta + moff).to(tl.float32)
             vz = tl.load(v_meta + moff + NG).to(tl.float32)
-            pv = tl.dot(p.to(qd.dtype), (vc * vs + vz).to(qd.dtype), input_precision=DOT_PREC)
+            pg = p[None, :, :] * vs[:, None, :]  # [NG, M, R]
+            pv = _dot3(pg.to(qd.dtype), vc, NG, DOT_PREC) + tl.sum(p[None, :, :] * vz[:, None, :], axis=2)[:, :, None]
         elif V_KIND == 0:
-            v = tl.load(v_codes + (ph * BS + t[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
-            pv = tl.dot(p.to(qd.dtype), v.to(qd.dtype), input_precision=DOT_PREC)
+            v = tl.load(v_codes + (ph * BS + t[None, :, None]) * D + g3 * VG + c3, mask=ok[None, :, None], other=0.0)
+            pv = _dot3(tl.broadcast_to(p[None, :, :], [NG, p.shape[0], R]).to(qd.dtype), v.to(qd.dtype), NG, DOT_PREC)
         else:
-            vt = tl.load(v_codes + (ph * BS + t[:, None]) * D + d[None, :], mask=ok[:, None], other=0)
+            vt = tl.load(v_codes + (ph * BS + t[None, :, None]) * D + g3 * VG + c3, mask=ok[None, :, None], other=0)
             if V_KIND == 1:
                 vc = vt.to(tl.float32).to(qd.dtype)
             else:
                 vc = vt.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(qd.dtype)
             vsc = tl.load(v_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
-            pv = tl.dot((p * vsc[None, :]).to(qd.dtype), vc, input_precision=DOT_PREC)
-        acc = acc * alpha[:, None] + pv
+            ps = tl.broadcast_to((p * vsc[None, :])[None, :, :], [NG, p.shape[0], R])
+            pv = _dot3(ps.to(qd.dtype), vc, NG, DOT_PREC)
+        acc = acc * alpha[None, :, None] + pv
         m_i = m_new
     return m_i, l_i, acc
 
 
 @jit
 def _attend_ring(qd, m_i, l_i, acc, r0, r_hi, qpos, window, kh, seq_slot, ring_k, ring_v, scale_log2,
-                 KVH: tl.constexpr, D: tl.constexpr, CAP: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+                 KVH: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, CAP: tl.constexpr, BN: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
     """Positions [r0, min(r0 + BN, r_hi)) from the sequence's 16-bit ring."""
+    NG: tl.constexpr = D // VG
     d = tl.arange(0, D)
     pos = r0 + tl.arange(0, BN)
     ok = pos < r_hi
     off = ((seq_slot.to(tl.int64) * CAP + pos % CAP) * KVH + kh) * D
     kt = tl.load(ring_k + off[None, :] + d[:, None], mask=ok[None, :], other=0.0)
-    v = tl.load(ring_v + off[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(ring_v + off[None, :, None] + tl.arange(0, NG)[:, None, None] * VG + tl.arange(0, VG)[None, None, :],
+                mask=ok[None, :, None], other=0.0)  # [NG, BN, VG]
     s = tl.dot(qd, kt.to(qd.dtype), input_precision=DOT_PREC)
     allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
     s = tl.where(allowed, s * scale_log2, float("-inf"))
@@ -118,7 +134,8 @@ def _attend_ring(qd, m_i, l_i, acc, r0, r_hi, qpos, window, kh, seq_slot, ring_k
     alpha = tl.exp2(m_i - m_base)
     p = tl.exp2(s - m_base[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(qd.dtype), v.to(qd.dtype), input_precision=DOT_PREC)
+    p3 = tl.broadcast_to(p[None, :, :], [NG, p.shape[0], BN]).to(qd.dtype)
+    acc = acc * alpha[None, :, None] + _dot3(p3, v.to(qd.dtype), NG, DOT_PREC)
     return m_new, l_i, acc
 
 
@@ -153,7 +170,8 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
     qpos = tl.zeros([QG_PAD], tl.int32) + (seq_len - 1)
     m_i = tl.full([QG_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([QG_PAD], tl.float32)
-    acc = tl.zeros([QG_PAD, D], tl.float32)
+    NG: tl.constexpr = D // VG
+    acc = tl.zeros([NG, QG_PAD, VG], tl.float32)  # output channel g * VG + c at [g, row, c]
     for p0 in range(lo, tl.minimum(hi, n_sealed), BS):
         page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
         m_i, l_i, acc = _attend_page(qf, qd, m_i, l_i, acc, page, p0, seq_len, qpos, window, kh,
@@ -166,15 +184,19 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
             r_lo = hi  # padding row of a CUDA graph: nothing in a ring
         for r0 in range(r_lo, hi, BS):
             m_i, l_i, acc = _attend_ring(qd, m_i, l_i, acc, r0, hi, qpos, window, kh, seq_slot, ring_k, ring_v,
-                                         scale_log2, KVH, D, CAP, BS, DOT_PREC)
+                                         scale_log2, KVH, D, VG, CAP, BS, DOT_PREC)
+    g3 = tl.arange(0, NG)[:, None, None]
+    c3 = tl.arange(0, VG)[None, None, :]
+    row3 = rows[None, :, None]
+    mask3 = (row3 < QG) & (c3 < VG)
     if SINGLE_SPLIT:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out + q_off, o.to(out.dtype.element_ty), mask=q_mask)
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[None, :, None]
+        tl.store(out + (b * NUM_HEADS + kh * QG + row3) * D + g3 * VG + c3, o.to(out.dtype.element_ty), mask=mask3)
     else:
         part = (b * NUM_HEADS + kh * QG + rows) * num_splits + split
         tl.store(part_m + part, m_i, mask=rows < QG)
         tl.store(part_l + part, l_i, mask=rows < QG)
-        tl.store(part_acc + part[:, None] * D + d[None, :], acc, mask=q_mask)
+        tl.store(part_acc + part[None, :, None] * D + g3 * VG + c3, acc, mask=mask3)
 
 
 @jit
@@ -219,7 +241,8 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, b
         n_sealed = seq_len
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    NG: tl.constexpr = D // VG
+    acc = tl.zeros([NG, BLOCK_M, VG], tl.float32)
     for p0 in range(kv_lo, tl.minimum(kv_hi, n_sealed), BS):
         page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
         m_i, l_i, acc = _attend_page(qf, qd, m_i, l_i, acc, page, p0, seq_len, qpos, window, kh,
@@ -232,15 +255,19 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, b
             r_lo = kv_hi
         for r0 in range(r_lo, kv_hi, BS):
             m_i, l_i, acc = _attend_ring(qd, m_i, l_i, acc, r0, kv_hi, qpos, window, kh, seq_slot, ring_k, ring_v,
-                                         scale_log2, KVH, D, CAP, BS, DOT_PREC)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out + q_off, o.to(out.dtype.element_ty), mask=q_mask)
+                                         scale_log2, KVH, D, VG, CAP, BS, DOT_PREC)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[None, :, None]
+    g3 = tl.arange(0, NG)[:, None, None]
+    c3 = tl.arange(0, VG)[None, None, :]
+    m3 = offs_m[None, :, None]
+    o_off = ((q_start + m3).to(tl.int64) * NUM_HEADS + h) * D + g3 * VG + c3
+    tl.store(out + o_off, o.to(out.dtype.element_ty), mask=(m3 < q_len) & (c3 < VG))
 
 
 def _consts(lay: QuantLayout, q: torch.Tensor) -> dict:
     return dict(K_KIND=lay.k_kind, K_BITS=lay.k_bits, KP=lay.k_planes, V_KIND=lay.v_kind, V_BITS=lay.v_bits,
                 VP=lay.v_planes, P=lay.planes, KVH=lay.num_kv_heads, BS=lay.block_size, D=lay.head_dim,
-                VG=lay.v_group, RING=lay.ring, RESID=lay.residual, CAP=max(lay.ring_cap, 1),
+                VG=lay.v_group if lay.v_kind == KIND_GROUP else lay.head_dim, RING=lay.ring, RESID=lay.residual, CAP=max(lay.ring_cap, 1),
                 # fp32: 3xTF32 keeps ~fp32 accuracy on tensor cores
                 DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32")
 
@@ -306,7 +333,7 @@ def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables:
 
 def quant_paged_prefill(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
                         cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor | None,
-                        scale: float, sliding_window: int = 0, *, block_m: int = 64, num_warps: int = 4,
+                        scale: float, sliding_window: int = 0, *, block_m: int = 64, num_warps: int = 8,
                         num_stages: int = 2) -> torch.Tensor:
     """Causal attention of the packed new tokens (q: `[T, num_heads, head_dim]`, offsets
     cu_seqlens_q int32 `[B+1]`) over their sequences' compressed pages and rings, new K/V

@@ -359,7 +359,7 @@ def write_quant_kv(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tensor, 
         k, v, storage.k, storage.k_meta, storage.v, storage.v_meta, storage.ring_k, storage.ring_v,
         meta.block_tables, meta.cu_seqlens_q, meta.context_lens, meta.seq_slots, meta.block_tables.stride(0),
         K_KIND=lay.k_kind, K_BITS=lay.k_bits, KP=lay.k_planes, V_KIND=lay.v_kind, V_BITS=lay.v_bits,
-        VP=lay.v_planes, VG=lay.v_group, WRITE_RING=decode, num_warps=4, **common)
+        VP=lay.v_planes, VG=lay.v_group, WRITE_RING=decode, num_warps=8, **common)
     if not decode:
         block_t = 16
         _ring_write_kernel[(B, H, cdiv(meta.max_q_len, block_t))](
