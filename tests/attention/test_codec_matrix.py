@@ -217,9 +217,12 @@ def test_backends_match_the_reference(name, d, gqa, residual):
         q, outs = sc.step(ns)
         ref = outs["torch"]
         assert not torch.isnan(ref).any()
-        tol = 1e-4 if DTYPE == torch.float32 else 3e-2
+        # Kernels feed compressed sides to the tensor cores as float16 (q' = q x scale, p' = p x scale):
+        # ~1e-3 absolute on outputs of size ~0.3 against the float32 reference.
+        tol = 3e-3 if DTYPE == torch.float32 else 3e-2
         for be, out in outs.items():
-            torch.testing.assert_close(out, ref, atol=tol, rtol=tol, msg=f"{be} vs torch after steps up to {ns}")
+            torch.testing.assert_close(out, ref, atol=tol, rtol=tol,
+                                       msg=lambda m: f"{be} vs torch after steps up to {ns}: {m}")
         # the pages and rings hold the same codes on every backend (a GPU's division may round a
         # code differently in rare ties: allow one step on a few elements there)
         for be, st in sc.stores.items():

@@ -41,76 +41,84 @@ def _dot3(a, b, NG: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @jit
-def _attend_page(qf, qd, m_i, l_i, acc, page, p0, kv_len, qpos, window, kh,
+def _magic16(b, shift, BITS: tl.constexpr):
+    """Unsigned codes at bit `shift` of bytes `b` -> float16 1024 + code, exactly: the code goes
+    into the mantissa of 1024.0 (bits 0x6400), two integer ops and no int-to-float conversion.
+    Callers subtract 1024 x (the sum of the other dot operand) once per row."""
+    return (((b.to(tl.int16) >> shift.to(tl.int16)) & ((1 << BITS) - 1)) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@jit
+def _magic16_i8(b):
+    """int8 codes -> float16 1152 + code (1024 + the code shifted to unsigned), exactly."""
+    return ((b.to(tl.int16) + 128) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@jit
+def _attend_page(qf, qd, qh, m_i, l_i, acc, page, p0, kv_len, qpos, window, kh,
                  k_codes, k_meta, v_codes, v_meta, scale_log2,
                  K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
-                 V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr,
+                 V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr,
                  KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One sealed page (first position p0) for query rows qf/qd [M, D] at positions qpos [M]."""
-    R: tl.constexpr = BS // P
-    KR: tl.constexpr = BS // KP
-    VR: tl.constexpr = BS // VP
+    """One sealed page (first position p0) for query rows [M, D] at positions qpos [M]: qf
+    (float32), qd (compute dtype), qh (float16). Integer codes go to the tensor cores as float16
+    1024 + code (`_magic16`); fp8 converts to float16 in hardware."""
     NG: tl.constexpr = D // VG
     d = tl.arange(0, D)
-    g3 = tl.arange(0, NG)[:, None, None]
-    c3 = tl.arange(0, VG)[None, None, :]
+    t = tl.arange(0, BS)  # token of the page; it sits in byte row t // P at bits (t % P) * BITS
+    pos = p0 + t
+    ok = pos < kv_len  # a page of a no-ring codec may be partly written
     ph = page * KVH + kh
-    if K_KIND == 3:  # fold the page's per-channel scale into q, its zero into a row bias
+    if K_KIND == 3:  # KIVI keys: the page's per-channel scale folds into q, its zero into a row bias
         ks = tl.load(k_meta + ph * 2 * D + d).to(tl.float32)
         kz = tl.load(k_meta + ph * 2 * D + D + d).to(tl.float32)
-        qk = (qf * ks[None, :]).to(qd.dtype)
-        kbias = tl.sum(qf * kz[None, :], axis=1)
-    for i in tl.static_range(P):
-        t = i * R + tl.arange(0, R)  # tokens of this piece within the page
-        pos = p0 + t
-        ok = pos < kv_len  # a page of a no-ring codec may be partly written
-        if K_KIND == 3:
-            krow = (i * R) % KR + tl.arange(0, R)
-            kb = tl.load(k_codes + (ph * KR + krow[None, :]) * D + d[:, None])  # uint8 [D, R]
-            kc = ((kb.to(tl.int32) >> (((i * R) // KR) * K_BITS)) & ((1 << K_BITS) - 1)).to(qd.dtype)
-            s = tl.dot(qk, kc, input_precision=DOT_PREC) + kbias[:, None]
-        elif K_KIND == 0:
-            kt = tl.load(k_codes + (ph * BS + t[None, :]) * D + d[:, None], mask=ok[None, :], other=0.0)
-            s = tl.dot(qd, kt.to(qd.dtype), input_precision=DOT_PREC)
+        qk = (qf * ks[None, :]).to(tl.float16)
+        kbias = tl.sum(qf * kz[None, :], axis=1) - 1024.0 * tl.sum(qk.to(tl.float32), axis=1)
+        kb = tl.load(k_codes + (ph * (BS // KP) + (t // KP)[None, :]) * D + d[:, None])  # uint8 [D, BS]
+        kc = _magic16(kb, ((t % KP) * K_BITS)[None, :], K_BITS)
+        s = tl.dot(qk, kc) + kbias[:, None]
+    elif K_KIND == 0:
+        kt = tl.load(k_codes + (ph * BS + t[None, :]) * D + d[:, None], mask=ok[None, :], other=0.0)
+        s = tl.dot(qd, kt.to(qd.dtype), input_precision=DOT_PREC)
+    else:
+        kt = tl.load(k_codes + (ph * BS + t[None, :]) * D + d[:, None], mask=ok[None, :], other=0)
+        ksc = tl.load(k_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
+        if K_KIND == 1:
+            s = (tl.dot(qh, _magic16_i8(kt)) - 1152.0 * tl.sum(qh.to(tl.float32), axis=1)[:, None]) * ksc[None, :]
         else:
-            kt = tl.load(k_codes + (ph * BS + t[None, :]) * D + d[:, None], mask=ok[None, :], other=0)
-            if K_KIND == 1:
-                kc = kt.to(tl.float32).to(qd.dtype)
-            else:
-                kc = kt.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(qd.dtype)
-            ksc = tl.load(k_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
-            s = tl.dot(qd, kc, input_precision=DOT_PREC) * ksc[None, :]
-        allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
-        s = tl.where(allowed, s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: no NaN
-        alpha = tl.exp2(m_i - m_base)
-        p = tl.exp2(s - m_base[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if V_KIND == 3:  # per token and channel group: scale folded into p per group, zero as a bias
-            vrow = (i * R) % VR + tl.arange(0, R)
-            vb = tl.load(v_codes + (ph * VR + vrow[None, :, None]) * D + g3 * VG + c3)  # uint8 [NG, R, VG]
-            vc = ((vb.to(tl.int32) >> (((i * R) // VR) * V_BITS)) & ((1 << V_BITS) - 1)).to(qd.dtype)
-            moff = (ph * BS + t[None, :]) * (2 * NG) + tl.arange(0, NG)[:, None]  # [NG, R]
-            vs = tl.load(v_meta + moff).to(tl.float32)
-            vz = tl.load(v_meta + moff + NG).to(tl.float32)
-            pg = p[None, :, :] * vs[:, None, :]  # [NG, M, R]
-            pv = _dot3(pg.to(qd.dtype), vc, NG, DOT_PREC) + tl.sum(p[None, :, :] * vz[:, None, :], axis=2)[:, :, None]
-        elif V_KIND == 0:
-            v = tl.load(v_codes + (ph * BS + t[None, :, None]) * D + g3 * VG + c3, mask=ok[None, :, None], other=0.0)
-            pv = _dot3(tl.broadcast_to(p[None, :, :], [NG, p.shape[0], R]).to(qd.dtype), v.to(qd.dtype), NG, DOT_PREC)
+            s = tl.dot(qh, kt.to(tl.float8e4nv, bitcast=True).to(tl.float16)) * ksc[None, :]
+    allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
+    s = tl.where(allowed, s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: no NaN
+    alpha = tl.exp2(m_i - m_base)
+    p = tl.exp2(s - m_base[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    g3 = tl.arange(0, NG)[:, None, None]
+    c3 = tl.arange(0, VG)[None, None, :]
+    t3 = t[None, :, None]
+    if V_KIND == 3:  # per token and channel group: the group scale folds into p, the zero into a bias
+        vb = tl.load(v_codes + (ph * (BS // VP) + t3 // VP) * D + g3 * VG + c3)  # uint8 [NG, BS, VG]
+        vc = _magic16(vb, (t3 % VP) * V_BITS, V_BITS)
+        moff = (ph * BS + t[None, :]) * (2 * NG) + tl.arange(0, NG)[:, None]  # [NG, BS]
+        vs = tl.load(v_meta + moff).to(tl.float32)
+        vz = tl.load(v_meta + moff + NG).to(tl.float32)
+        pg = (p[None, :, :] * vs[:, None, :]).to(tl.float16)  # [NG, M, BS]
+        bias = tl.sum(p[None, :, :] * vz[:, None, :], axis=2) - 1024.0 * tl.sum(pg.to(tl.float32), axis=2)
+        pv = _dot3(pg, vc, NG, DOT_PREC) + bias[:, :, None]
+    elif V_KIND == 0:
+        v = tl.load(v_codes + (ph * BS + t3) * D + g3 * VG + c3, mask=ok[None, :, None], other=0.0)
+        pv = _dot3(tl.broadcast_to(p[None, :, :], [NG, p.shape[0], BS]).to(qd.dtype), v.to(qd.dtype), NG, DOT_PREC)
+    else:
+        vt = tl.load(v_codes + (ph * BS + t3) * D + g3 * VG + c3, mask=ok[None, :, None], other=0)
+        vsc = tl.load(v_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
+        ps = tl.broadcast_to((p * vsc[None, :])[None, :, :], [NG, p.shape[0], BS]).to(tl.float16)
+        if V_KIND == 1:
+            pv = _dot3(ps, _magic16_i8(vt), NG, DOT_PREC) - 1152.0 * tl.sum(ps.to(tl.float32), axis=2)[:, :, None]
         else:
-            vt = tl.load(v_codes + (ph * BS + t[None, :, None]) * D + g3 * VG + c3, mask=ok[None, :, None], other=0)
-            if V_KIND == 1:
-                vc = vt.to(tl.float32).to(qd.dtype)
-            else:
-                vc = vt.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(qd.dtype)
-            vsc = tl.load(v_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
-            ps = tl.broadcast_to((p * vsc[None, :])[None, :, :], [NG, p.shape[0], R])
-            pv = _dot3(ps.to(qd.dtype), vc, NG, DOT_PREC)
-        acc = acc * alpha[None, :, None] + pv
-        m_i = m_new
-    return m_i, l_i, acc
+            pv = _dot3(ps, vt.to(tl.float8e4nv, bitcast=True).to(tl.float16), NG, DOT_PREC)
+    acc = acc * alpha[None, :, None] + pv
+    return m_new, l_i, acc
 
 
 @jit
@@ -167,6 +175,7 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
     q_off = (b * NUM_HEADS + kh * QG + rows[:, None]) * D + d[None, :]
     qd = tl.load(q + q_off, mask=q_mask, other=0.0)
     qf = qd.to(tl.float32)
+    qh = qd.to(tl.float16)
     qpos = tl.zeros([QG_PAD], tl.int32) + (seq_len - 1)
     m_i = tl.full([QG_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([QG_PAD], tl.float32)
@@ -174,9 +183,9 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
     acc = tl.zeros([NG, QG_PAD, VG], tl.float32)  # output channel g * VG + c at [g, row, c]
     for p0 in range(lo, tl.minimum(hi, n_sealed), BS):
         page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
-        m_i, l_i, acc = _attend_page(qf, qd, m_i, l_i, acc, page, p0, seq_len, qpos, window, kh,
+        m_i, l_i, acc = _attend_page(qf, qd, qh, m_i, l_i, acc, page, p0, seq_len, qpos, window, kh,
                                      k_codes, k_meta, v_codes, v_meta, scale_log2,
-                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, P, KVH, BS, D, VG, DOT_PREC)
+                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, KVH, BS, D, VG, DOT_PREC)
     if RING:
         seq_slot = tl.load(seq_slots + b)
         r_lo = tl.maximum(lo, n_sealed)
@@ -232,6 +241,7 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, b
     q_off = ((q_start + offs_m[:, None]).to(tl.int64) * NUM_HEADS + h) * D + d[None, :]
     qd = tl.load(q + q_off, mask=q_mask, other=0.0)
     qf = qd.to(tl.float32)
+    qh = qd.to(tl.float16)
     kh = h // (NUM_HEADS // KVH)
     kv_hi = seq_len - q_len + tl.minimum(m0 + BLOCK_M, q_len)
     kv_lo = tl.maximum(seq_len - q_len + m0 - window + 1, 0) // BS * BS
@@ -245,9 +255,9 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, b
     acc = tl.zeros([NG, BLOCK_M, VG], tl.float32)
     for p0 in range(kv_lo, tl.minimum(kv_hi, n_sealed), BS):
         page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
-        m_i, l_i, acc = _attend_page(qf, qd, m_i, l_i, acc, page, p0, seq_len, qpos, window, kh,
+        m_i, l_i, acc = _attend_page(qf, qd, qh, m_i, l_i, acc, page, p0, seq_len, qpos, window, kh,
                                      k_codes, k_meta, v_codes, v_meta, scale_log2,
-                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, P, KVH, BS, D, VG, DOT_PREC)
+                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, KVH, BS, D, VG, DOT_PREC)
     if RING:
         seq_slot = tl.load(seq_slots + b)
         r_lo = tl.maximum(kv_lo, n_sealed)
@@ -289,14 +299,16 @@ def _check(lay: QuantLayout, q, storage, block_tables, context_lens, seq_slots, 
 def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
                        context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
                        sliding_window: int = 0, *, max_context_len: int | None = None, num_splits: int | None = None,
-                       min_split_tokens: int = 256, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                       min_split_tokens: int = 256, waves: int = 4, num_warps: int = 4,
+                       num_stages: int = 2) -> torch.Tensor:
     """Attention of each sequence's newest token over its compressed paged context (new K/V
     already written by `write_quant_kv`).
 
     q: `[B, num_heads, head_dim]`; storage: the layer's `QuantKV`; block_tables int32
     `[B, max_blocks]`; context_lens int32 `[B]` (>= 1, counting the new token); seq_slots int32
     `[B]` (ring slot, -1 = a padding row) when the codec has a residual window. Returns
-    `[B, num_heads, head_dim]` in q's dtype. Knobs as `paged_decode` (splits cover whole pages).
+    `[B, num_heads, head_dim]` in q's dtype. Knobs as `paged_decode` (splits cover whole pages),
+    and `waves`: programs per SM the split plan aims for, over 2.
     """
     _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
     B, H, D = q.shape
@@ -310,7 +322,9 @@ def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables:
     if max_context_len is None:
         max_context_len = int(context_lens.max())
     span = max(1, min(max_context_len, window) + BS)  # + BS: the aligned start may reach one page back
-    num_splits, _ = split_plan(B * KVH, span, num_sms(q.device), BS, min_split_tokens, num_splits)
+    # A compressed page is a few KB and costs arithmetic to unpack: more programs in flight than
+    # the dense kernel's ~2 waves keep the memory system busy (`waves` of the GPU's SMs).
+    num_splits, _ = split_plan(B * KVH, span, num_sms(q.device) * waves // 2, BS, min_split_tokens, num_splits)
     single = num_splits == 1
     if single:
         part_m = part_l = part_acc = out

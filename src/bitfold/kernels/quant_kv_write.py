@@ -9,10 +9,11 @@ Sides. K and V are stored each in one of four ways (`KIND_*`):
 
 Page layout (one layer; N pages of `block_size` tokens, KVH heads of D channels):
 - codes `[N, KVH, block_size // P, D]`, P = 8 // bits codes per byte (P = 1 for 8/16 bits):
-  token t of a page lives in plane t // (block_size // P), row t % (block_size // P), at bits
-  [plane * bits, (plane + 1) * bits) of its byte. Planes are contiguous runs of tokens, so an
-  attention kernel unpacks a plane with one shift and one mask into a `[rows, D]` tile that
-  `tl.dot` takes as it is (no interleaving in registers);
+  token t of a page lives in byte row t // P at bits [(t % P) * bits, (t % P + 1) * bits), so
+  P consecutive tokens share a byte per channel. An attention kernel reads a whole page as a
+  `[D, block_size]` (K) or `[block_size, D]` (V) tile in token order, each byte fetched once
+  per token that lives in it (the repeats are the same cache line, no extra DRAM traffic), and
+  unpacks it with one shift and one mask per element;
 - meta (fp16): per-token scale `[N, KVH, block_size]`; KIVI keys `[N, KVH, 2, D]` (scale row,
   zero row); KIVI values `[N, KVH, block_size, 2, D // v_group]`; dense sides none.
 
@@ -133,15 +134,15 @@ def _fp8_round(y):
 def _store_side(x3, codes, meta, page, kh,
                 KIND: tl.constexpr, BITS: tl.constexpr, P: tl.constexpr, IS_K: tl.constexpr,
                 KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, VG: tl.constexpr):
-    """Quantize one page of one head, x3 [P, BS // P, D] float32 (token i * BS // P + r at
-    [i, r]), into its codes and meta."""
+    """Quantize one page of one head, x3 [P, BS // P, D] float32 (token r * P + i at [i, r]),
+    into its codes and meta."""
     R: tl.constexpr = BS // P
     i3 = tl.arange(0, P)[:, None, None]
     r3 = tl.arange(0, R)[None, :, None]
     d3 = tl.arange(0, D)[None, None, :]
     ph = page * KVH + kh  # int64 (page, head) index
     if KIND == 0:
-        tl.store(codes + (ph * BS + i3 * R + r3) * D + d3, x3.to(codes.dtype.element_ty))
+        tl.store(codes + (ph * BS + r3 * P + i3) * D + d3, x3.to(codes.dtype.element_ty))
     elif KIND == 3:
         QMAX: tl.constexpr = (1 << BITS) - 1
         if IS_K:  # per channel over the page's tokens
@@ -164,7 +165,7 @@ def _store_side(x3, codes, meta, page, kh,
             sc = ((mx - mn) / QMAX).to(tl.float16)
             zp = mn.to(tl.float16)
             g3 = tl.arange(0, NG)[None, None, :]
-            moff = (ph * BS + i3 * R + r3) * (2 * NG) + g3
+            moff = (ph * BS + r3 * P + i3) * (2 * NG) + g3
             tl.store(meta + moff, sc)
             tl.store(meta + moff + NG, zp)
             scf = sc.to(tl.float32)[:, :, :, None]
@@ -182,10 +183,10 @@ def _store_side(x3, codes, meta, page, kh,
             sc = (amax / 127.0).to(tl.float16)
         else:
             sc = (amax / 448.0).to(tl.float16)
-        tl.store(meta + ph * BS + i3 * R + r3, sc)
+        tl.store(meta + ph * BS + r3 * P + i3, sc)
         scf = sc.to(tl.float32)
         y = x3 * tl.where(scf > 0, 1.0 / scf, 0.0)
-        off = (ph * BS + i3 * R + r3) * D + d3
+        off = (ph * BS + r3 * P + i3) * D + d3
         if KIND == 1:
             q = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
             tl.store(codes + off, q.to(tl.int8))
@@ -197,10 +198,11 @@ def _store_side(x3, codes, meta, page, kh,
 @jit
 def _load_page_tokens(ring, new, b_row0, seq_slot, page_start, len_old, kh,
                       P: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, KVH: tl.constexpr, CAP: tl.constexpr):
-    """[P, BS // P, D] float32 of the page's tokens: from the ring where the token was cached
-    before this step (pos < len_old), from this step's new rows otherwise."""
+    """[P, BS // P, D] float32 of the page's tokens (token r * P + i at [i, r]): from the ring
+    where the token was cached before this step (pos < len_old), from this step's new rows
+    otherwise."""
     R: tl.constexpr = BS // P
-    pos = page_start + tl.arange(0, P)[:, None, None] * R + tl.arange(0, R)[None, :, None]  # [P, R, 1]
+    pos = page_start + tl.arange(0, R)[None, :, None] * P + tl.arange(0, P)[:, None, None]  # [P, R, 1]
     d3 = tl.arange(0, D)[None, None, :]
     old = pos < len_old
     ring_off = ((seq_slot.to(tl.int64) * CAP + pos % CAP) * KVH + kh) * D + d3
@@ -408,8 +410,8 @@ def quantize_page_ref(lay: QuantLayout, is_k: bool, x: torch.Tensor):
         meta = torch.stack([sc, zp], dim=3)  # [n, h, bs, 2, ng]
         scf, zpf = sc.float()[..., None], zp.float()[..., None]
         q = torch.floor((g - zpf) * torch.where(scf > 0, 1.0 / scf, torch.zeros_like(scf)) + 0.5).view(n, h, bs, d)
-    q = q.clamp(0, qmax).to(torch.int32).view(n, h, planes, bs // planes, d)
-    packed = sum(q[:, :, i] << (i * bits) for i in range(planes))
+    q = q.clamp(0, qmax).to(torch.int32).view(n, h, bs // planes, planes, d)  # token r * P + i at [r, i]
+    packed = sum(q[:, :, :, i] << (i * bits) for i in range(planes))
     return packed.to(torch.uint8), meta
 
 
@@ -424,8 +426,8 @@ def dequantize_pages_ref(lay: QuantLayout, is_k: bool, codes: torch.Tensor, meta
         return codes.view(torch.float8_e4m3fn).float() * meta.float()[..., None]
     n, h, rows, d = codes.shape
     c = codes.to(torch.int32)
-    q = torch.stack([(c >> (i * bits)) & ((1 << bits) - 1) for i in range(planes)], dim=2)  # [n, h, P, R, d]
-    q = q.reshape(n, h, planes * rows, d).float()
+    q = torch.stack([(c >> (i * bits)) & ((1 << bits) - 1) for i in range(planes)], dim=3)  # [n, h, R, P, d]
+    q = q.reshape(n, h, rows * planes, d).float()
     if is_k:
         return q * meta[:, :, 0:1].float() + meta[:, :, 1:2].float()
     sc = meta[:, :, :, 0].float().repeat_interleave(lay.v_group, dim=-1)  # [n, h, bs, d]
