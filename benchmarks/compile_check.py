@@ -31,7 +31,9 @@ _T = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torc
 def compile_kernel(kern, types: dict, consts: dict, num_warps: int = 4):
     names = list(inspect.signature(kern.fn).parameters)
     sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
-    src = ASTSource(kern, sig, {(names.index(k),): v for k, v in consts.items()})
+    # As the JIT specializes at launch: every pointer 16-byte aligned (torch allocations are).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    src = ASTSource(kern, sig, {(names.index(k),): v for k, v in consts.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 

@@ -32,15 +32,6 @@ _NO_WINDOW = 1 << 30
 
 
 @jit
-def _dot3(a, b, NG: tl.constexpr, DOT_PREC: tl.constexpr):
-    """[NG, M, K] @ [NG, K, N] -> [NG, M, N] float32; NG == 1 is a plain 2-D tensor-core dot."""
-    if NG == 1:
-        return tl.expand_dims(tl.dot(tl.reshape(a, [a.shape[1], a.shape[2]]), tl.reshape(b, [b.shape[1], b.shape[2]]),
-                                     input_precision=DOT_PREC), 0)
-    return tl.dot(a, b, input_precision=DOT_PREC)
-
-
-@jit
 def _magic16(b, shift, BITS: tl.constexpr):
     """Unsigned codes at bit `shift` of bytes `b` -> float16 1024 + code, exactly: the code goes
     into the mantissa of 1024.0 (bits 0x6400), two integer ops and no int-to-float conversion.
@@ -55,14 +46,46 @@ def _magic16_i8(b):
 
 
 @jit
-def _attend_page(qf, qd, qh, m_i, l_i, acc, page, p0, kv_len, qpos, window, kh,
+def _pv_group(p, qd, ph, t, ok, g: tl.constexpr, v_codes, v_meta,
+              V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+              VG: tl.constexpr, DOT_PREC: tl.constexpr):
+    """p [M, BS] (probabilities of the page's tokens) times the page's V channels
+    [g * VG, (g + 1) * VG): float32 [M, VG]."""
+    NG: tl.constexpr = D // VG
+    c = g * VG + tl.arange(0, VG)
+    if V_KIND == 3:  # per token and channel group: the group scale folds into p, the zero into a bias
+        vb = tl.load(v_codes + ph * (BS // VP * D) + ((t // VP)[:, None] * D + c[None, :]))  # uint8 [BS, VG]
+        vc = _magic16(vb, ((t % VP) * V_BITS)[:, None], V_BITS)
+        vmeta = v_meta + ph * (BS * 2 * NG) + g
+        vs = tl.load(vmeta + t * (2 * NG)).to(tl.float32)
+        vz = tl.load(vmeta + t * (2 * NG) + NG).to(tl.float32)
+        pg = (p * vs[None, :]).to(tl.float16)
+        bias = tl.sum(p * vz[None, :], axis=1) - 1024.0 * tl.sum(pg.to(tl.float32), axis=1)
+        return tl.dot(pg, vc) + bias[:, None]
+    elif V_KIND == 0:
+        v = tl.load(v_codes + ph * (BS * D) + (t[:, None] * D + c[None, :]), mask=ok[:, None], other=0.0)
+        return tl.dot(p.to(qd.dtype), v.to(qd.dtype), input_precision=DOT_PREC)
+    else:
+        vt = tl.load(v_codes + ph * (BS * D) + (t[:, None] * D + c[None, :]), mask=ok[:, None], other=0)
+        vsc = tl.load(v_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
+        ps = (p * vsc[None, :]).to(tl.float16)
+        if V_KIND == 1:
+            return tl.dot(ps, _magic16_i8(vt)) - 1152.0 * tl.sum(ps.to(tl.float32), axis=1)[:, None]
+        else:
+            return tl.dot(ps, vt.to(tl.float8e4nv, bitcast=True).to(tl.float16))
+
+
+@jit
+def _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, kv_len, qpos, window, kh,
                  k_codes, k_meta, v_codes, v_meta, scale_log2,
                  K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
                  V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr,
                  KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, DOT_PREC: tl.constexpr):
     """One sealed page (first position p0) for query rows [M, D] at positions qpos [M]: qf
     (float32), qd (compute dtype), qh (float16). Integer codes go to the tensor cores as float16
-    1024 + code (`_magic16`); fp8 converts to float16 in hardware."""
+    1024 + code (`_magic16`); fp8 converts to float16 in hardware. The output accumulates in
+    acc0 (channels [0, VG)) and, when D = 2 VG, acc1 ([VG, 2 VG)): every tile stays 2-D, so no
+    batched dot or 3-D broadcast needs a trip through shared memory."""
     NG: tl.constexpr = D // VG
     d = tl.arange(0, D)
     t = tl.arange(0, BS)  # token of the page; it sits in byte row t // P at bits (t % P) * BITS
@@ -70,18 +93,19 @@ def _attend_page(qf, qd, qh, m_i, l_i, acc, page, p0, kv_len, qpos, window, kh,
     ok = pos < kv_len  # a page of a no-ring codec may be partly written
     ph = page * KVH + kh
     if K_KIND == 3:  # KIVI keys: the page's per-channel scale folds into q, its zero into a row bias
-        ks = tl.load(k_meta + ph * 2 * D + d).to(tl.float32)
-        kz = tl.load(k_meta + ph * 2 * D + D + d).to(tl.float32)
+        kmeta = k_meta + ph * (2 * D)  # page bases: one scalar add per element below, offsets loop-invariant
+        ks = tl.load(kmeta + d).to(tl.float32)
+        kz = tl.load(kmeta + D + d).to(tl.float32)
         qk = (qf * ks[None, :]).to(tl.float16)
         kbias = tl.sum(qf * kz[None, :], axis=1) - 1024.0 * tl.sum(qk.to(tl.float32), axis=1)
-        kb = tl.load(k_codes + (ph * (BS // KP) + (t // KP)[None, :]) * D + d[:, None])  # uint8 [D, BS]
+        kb = tl.load(k_codes + ph * (BS // KP * D) + ((t // KP)[None, :] * D + d[:, None]))  # uint8 [D, BS]
         kc = _magic16(kb, ((t % KP) * K_BITS)[None, :], K_BITS)
         s = tl.dot(qk, kc) + kbias[:, None]
     elif K_KIND == 0:
-        kt = tl.load(k_codes + (ph * BS + t[None, :]) * D + d[:, None], mask=ok[None, :], other=0.0)
+        kt = tl.load(k_codes + ph * (BS * D) + (t[None, :] * D + d[:, None]), mask=ok[None, :], other=0.0)
         s = tl.dot(qd, kt.to(qd.dtype), input_precision=DOT_PREC)
     else:
-        kt = tl.load(k_codes + (ph * BS + t[None, :]) * D + d[:, None], mask=ok[None, :], other=0)
+        kt = tl.load(k_codes + ph * (BS * D) + (t[None, :] * D + d[:, None]), mask=ok[None, :], other=0)
         ksc = tl.load(k_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
         if K_KIND == 1:
             s = (tl.dot(qh, _magic16_i8(kt)) - 1152.0 * tl.sum(qh.to(tl.float32), axis=1)[:, None]) * ksc[None, :]
@@ -94,35 +118,16 @@ def _attend_page(qf, qd, qh, m_i, l_i, acc, page, p0, kv_len, qpos, window, kh,
     alpha = tl.exp2(m_i - m_base)
     p = tl.exp2(s - m_base[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    g3 = tl.arange(0, NG)[:, None, None]
-    c3 = tl.arange(0, VG)[None, None, :]
-    t3 = t[None, :, None]
-    if V_KIND == 3:  # per token and channel group: the group scale folds into p, the zero into a bias
-        vb = tl.load(v_codes + (ph * (BS // VP) + t3 // VP) * D + g3 * VG + c3)  # uint8 [NG, BS, VG]
-        vc = _magic16(vb, (t3 % VP) * V_BITS, V_BITS)
-        moff = (ph * BS + t[None, :]) * (2 * NG) + tl.arange(0, NG)[:, None]  # [NG, BS]
-        vs = tl.load(v_meta + moff).to(tl.float32)
-        vz = tl.load(v_meta + moff + NG).to(tl.float32)
-        pg = (p[None, :, :] * vs[:, None, :]).to(tl.float16)  # [NG, M, BS]
-        bias = tl.sum(p[None, :, :] * vz[:, None, :], axis=2) - 1024.0 * tl.sum(pg.to(tl.float32), axis=2)
-        pv = _dot3(pg, vc, NG, DOT_PREC) + bias[:, :, None]
-    elif V_KIND == 0:
-        v = tl.load(v_codes + (ph * BS + t3) * D + g3 * VG + c3, mask=ok[None, :, None], other=0.0)
-        pv = _dot3(tl.broadcast_to(p[None, :, :], [NG, p.shape[0], BS]).to(qd.dtype), v.to(qd.dtype), NG, DOT_PREC)
-    else:
-        vt = tl.load(v_codes + (ph * BS + t3) * D + g3 * VG + c3, mask=ok[None, :, None], other=0)
-        vsc = tl.load(v_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
-        ps = tl.broadcast_to((p * vsc[None, :])[None, :, :], [NG, p.shape[0], BS]).to(tl.float16)
-        if V_KIND == 1:
-            pv = _dot3(ps, _magic16_i8(vt), NG, DOT_PREC) - 1152.0 * tl.sum(ps.to(tl.float32), axis=2)[:, :, None]
-        else:
-            pv = _dot3(ps, vt.to(tl.float8e4nv, bitcast=True).to(tl.float16), NG, DOT_PREC)
-    acc = acc * alpha[None, :, None] + pv
-    return m_new, l_i, acc
+    acc0 = acc0 * alpha[:, None] + _pv_group(p, qd, ph, t, ok, 0, v_codes, v_meta, V_KIND, V_BITS, VP, BS, D, VG,
+                                               DOT_PREC)
+    if NG == 2:
+        acc1 = acc1 * alpha[:, None] + _pv_group(p, qd, ph, t, ok, 1, v_codes, v_meta, V_KIND, V_BITS, VP, BS, D, VG,
+                                                   DOT_PREC)
+    return m_new, l_i, acc0, acc1
 
 
 @jit
-def _attend_ring(qd, m_i, l_i, acc, r0, r_hi, qpos, window, kh, seq_slot, ring_k, ring_v, scale_log2,
+def _attend_ring(qd, m_i, l_i, acc0, acc1, r0, r_hi, qpos, window, kh, seq_slot, ring_k, ring_v, scale_log2,
                  KVH: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, CAP: tl.constexpr, BN: tl.constexpr,
                  DOT_PREC: tl.constexpr):
     """Positions [r0, min(r0 + BN, r_hi)) from the sequence's 16-bit ring."""
@@ -132,19 +137,21 @@ def _attend_ring(qd, m_i, l_i, acc, r0, r_hi, qpos, window, kh, seq_slot, ring_k
     ok = pos < r_hi
     off = ((seq_slot.to(tl.int64) * CAP + pos % CAP) * KVH + kh) * D
     kt = tl.load(ring_k + off[None, :] + d[:, None], mask=ok[None, :], other=0.0)
-    v = tl.load(ring_v + off[None, :, None] + tl.arange(0, NG)[:, None, None] * VG + tl.arange(0, VG)[None, None, :],
-                mask=ok[None, :, None], other=0.0)  # [NG, BN, VG]
     s = tl.dot(qd, kt.to(qd.dtype), input_precision=DOT_PREC)
     allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
     s = tl.where(allowed, s * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_base)
-    p = tl.exp2(s - m_base[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    p3 = tl.broadcast_to(p[None, :, :], [NG, p.shape[0], BN]).to(qd.dtype)
-    acc = acc * alpha[None, :, None] + _dot3(p3, v.to(qd.dtype), NG, DOT_PREC)
-    return m_new, l_i, acc
+    p = tl.exp2(s - m_base[:, None]).to(qd.dtype)
+    l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
+    c = tl.arange(0, VG)
+    v0 = tl.load(ring_v + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+    acc0 = acc0 * alpha[:, None] + tl.dot(p, v0.to(qd.dtype), input_precision=DOT_PREC)
+    if NG == 2:
+        v1 = tl.load(ring_v + off[:, None] + VG + c[None, :], mask=ok[:, None], other=0.0)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1.to(qd.dtype), input_precision=DOT_PREC)
+    return m_new, l_i, acc0, acc1
 
 
 @jit
@@ -180,10 +187,11 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
     m_i = tl.full([QG_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([QG_PAD], tl.float32)
     NG: tl.constexpr = D // VG
-    acc = tl.zeros([NG, QG_PAD, VG], tl.float32)  # output channel g * VG + c at [g, row, c]
+    acc0 = tl.zeros([QG_PAD, VG], tl.float32)  # output channels [0, VG)
+    acc1 = tl.zeros([QG_PAD, VG], tl.float32)  # [VG, 2 VG) when NG == 2
     for p0 in range(lo, tl.minimum(hi, n_sealed), BS):
         page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
-        m_i, l_i, acc = _attend_page(qf, qd, qh, m_i, l_i, acc, page, p0, seq_len, qpos, window, kh,
+        m_i, l_i, acc0, acc1 = _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, seq_len, qpos, window, kh,
                                      k_codes, k_meta, v_codes, v_meta, scale_log2,
                                      K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, KVH, BS, D, VG, DOT_PREC)
     if RING:
@@ -192,20 +200,24 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
         if seq_slot < 0:
             r_lo = hi  # padding row of a CUDA graph: nothing in a ring
         for r0 in range(r_lo, hi, BS):
-            m_i, l_i, acc = _attend_ring(qd, m_i, l_i, acc, r0, hi, qpos, window, kh, seq_slot, ring_k, ring_v,
+            m_i, l_i, acc0, acc1 = _attend_ring(qd, m_i, l_i, acc0, acc1, r0, hi, qpos, window, kh, seq_slot, ring_k,
+                                                ring_v,
                                          scale_log2, KVH, D, VG, CAP, BS, DOT_PREC)
-    g3 = tl.arange(0, NG)[:, None, None]
-    c3 = tl.arange(0, VG)[None, None, :]
-    row3 = rows[None, :, None]
-    mask3 = (row3 < QG) & (c3 < VG)
+    c = tl.arange(0, VG)
+    mask2 = (rows[:, None] < QG) & (c[None, :] < VG)
     if SINGLE_SPLIT:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[None, :, None]
-        tl.store(out + (b * NUM_HEADS + kh * QG + row3) * D + g3 * VG + c3, o.to(out.dtype.element_ty), mask=mask3)
+        inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        o_off = (b * NUM_HEADS + kh * QG + rows[:, None]) * D + c[None, :]
+        tl.store(out + o_off, (acc0 * inv[:, None]).to(out.dtype.element_ty), mask=mask2)
+        if NG == 2:
+            tl.store(out + o_off + VG, (acc1 * inv[:, None]).to(out.dtype.element_ty), mask=mask2)
     else:
         part = (b * NUM_HEADS + kh * QG + rows) * num_splits + split
         tl.store(part_m + part, m_i, mask=rows < QG)
         tl.store(part_l + part, l_i, mask=rows < QG)
-        tl.store(part_acc + part[None, :, None] * D + g3 * VG + c3, acc, mask=mask3)
+        tl.store(part_acc + part[:, None] * D + c[None, :], acc0, mask=mask2)
+        if NG == 2:
+            tl.store(part_acc + part[:, None] * D + VG + c[None, :], acc1, mask=mask2)
 
 
 @jit
@@ -252,10 +264,11 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, b
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     NG: tl.constexpr = D // VG
-    acc = tl.zeros([NG, BLOCK_M, VG], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, VG], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, VG], tl.float32)
     for p0 in range(kv_lo, tl.minimum(kv_hi, n_sealed), BS):
         page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
-        m_i, l_i, acc = _attend_page(qf, qd, qh, m_i, l_i, acc, page, p0, seq_len, qpos, window, kh,
+        m_i, l_i, acc0, acc1 = _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, seq_len, qpos, window, kh,
                                      k_codes, k_meta, v_codes, v_meta, scale_log2,
                                      K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, KVH, BS, D, VG, DOT_PREC)
     if RING:
@@ -264,14 +277,16 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, b
         if seq_slot < 0:
             r_lo = kv_hi
         for r0 in range(r_lo, kv_hi, BS):
-            m_i, l_i, acc = _attend_ring(qd, m_i, l_i, acc, r0, kv_hi, qpos, window, kh, seq_slot, ring_k, ring_v,
+            m_i, l_i, acc0, acc1 = _attend_ring(qd, m_i, l_i, acc0, acc1, r0, kv_hi, qpos, window, kh, seq_slot,
+                                                ring_k, ring_v,
                                          scale_log2, KVH, D, VG, CAP, BS, DOT_PREC)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[None, :, None]
-    g3 = tl.arange(0, NG)[:, None, None]
-    c3 = tl.arange(0, VG)[None, None, :]
-    m3 = offs_m[None, :, None]
-    o_off = ((q_start + m3).to(tl.int64) * NUM_HEADS + h) * D + g3 * VG + c3
-    tl.store(out + o_off, o.to(out.dtype.element_ty), mask=(m3 < q_len) & (c3 < VG))
+    inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    c = tl.arange(0, VG)
+    o_off = ((q_start + offs_m[:, None]).to(tl.int64) * NUM_HEADS + h) * D + c[None, :]
+    o_mask = (offs_m[:, None] < q_len) & (c[None, :] < VG)
+    tl.store(out + o_off, (acc0 * inv[:, None]).to(out.dtype.element_ty), mask=o_mask)
+    if NG == 2:
+        tl.store(out + o_off + VG, (acc1 * inv[:, None]).to(out.dtype.element_ty), mask=o_mask)
 
 
 def _consts(lay: QuantLayout, q: torch.Tensor) -> dict:

@@ -29,7 +29,9 @@ shared by two writers, and K's per-channel statistics see the whole page. Codecs
 `write_quant_kv` (Triton) and `write_quant_kv_ref` (PyTorch) do the same thing: seal the pages
 this step completes (reading their tokens from the ring or from the new K/V), then put the new
 tokens that stay 16-bit into the ring. Rounding is round-half-up of (x - zero) / scale with
-the *stored* (fp16) scale and zero, so the codes are the nearest to what is read back; fp8 is
+the *stored* (fp16) scale and zero, so the codes are the nearest to what is read back, and
+every division is IEEE round-to-nearest (`div_rn`; a GPU's default division is approximate),
+so the GPU writes the same codes as the reference; fp8 is
 rounded by hand to e4m3's grid (exponent from the float's bits, 3 mantissa bits, half up) and
 only then converted, so the conversion itself never rounds.
 """
@@ -148,21 +150,20 @@ def _store_side(x3, codes, meta, page, kh,
         if IS_K:  # per channel over the page's tokens
             mn = tl.min(tl.min(x3, axis=0), axis=0)  # [D]
             mx = tl.max(tl.max(x3, axis=0), axis=0)
-            sc = ((mx - mn) / QMAX).to(tl.float16)
+            sc = tl.math.div_rn(mx - mn, QMAX + 0.0).to(tl.float16)
             zp = mn.to(tl.float16)
             d1 = tl.arange(0, D)
             tl.store(meta + ph * 2 * D + d1, sc)
             tl.store(meta + ph * 2 * D + D + d1, zp)
             scf = sc.to(tl.float32)[None, None, :]
             zpf = zp.to(tl.float32)[None, None, :]
-            inv = tl.where(scf > 0, 1.0 / scf, 0.0)
-            q = tl.floor((x3 - zpf) * inv + 0.5)
+            q = tl.floor(tl.math.div_rn(x3 - zpf, tl.where(scf > 0, scf, 1.0)) + 0.5)
         else:  # per token over groups of VG channels
             NG: tl.constexpr = D // VG
             x4 = tl.reshape(x3, [P, R, NG, VG])
             mn = tl.min(x4, axis=3)  # [P, R, NG]
             mx = tl.max(x4, axis=3)
-            sc = ((mx - mn) / QMAX).to(tl.float16)
+            sc = tl.math.div_rn(mx - mn, QMAX + 0.0).to(tl.float16)
             zp = mn.to(tl.float16)
             g3 = tl.arange(0, NG)[None, None, :]
             moff = (ph * BS + r3 * P + i3) * (2 * NG) + g3
@@ -170,8 +171,7 @@ def _store_side(x3, codes, meta, page, kh,
             tl.store(meta + moff + NG, zp)
             scf = sc.to(tl.float32)[:, :, :, None]
             zpf = zp.to(tl.float32)[:, :, :, None]
-            inv = tl.where(scf > 0, 1.0 / scf, 0.0)
-            q = tl.reshape(tl.floor((x4 - zpf) * inv + 0.5), [P, R, D])
+            q = tl.reshape(tl.floor(tl.math.div_rn(x4 - zpf, tl.where(scf > 0, scf, 1.0)) + 0.5), [P, R, D])
         q = tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.int32)
         packed = tl.sum(q << (i3 * BITS), axis=0)  # disjoint bit fields: the sum is an OR
         r2 = tl.arange(0, R)[:, None]
@@ -180,12 +180,12 @@ def _store_side(x3, codes, meta, page, kh,
     else:  # int8 / fp8: one symmetric scale per token
         amax = tl.max(tl.abs(x3), axis=2, keep_dims=True)  # [P = 1, BS, 1]
         if KIND == 1:
-            sc = (amax / 127.0).to(tl.float16)
+            sc = tl.math.div_rn(amax, 127.0).to(tl.float16)
         else:
-            sc = (amax / 448.0).to(tl.float16)
+            sc = tl.math.div_rn(amax, 448.0).to(tl.float16)
         tl.store(meta + ph * BS + r3 * P + i3, sc)
         scf = sc.to(tl.float32)
-        y = x3 * tl.where(scf > 0, 1.0 / scf, 0.0)
+        y = tl.math.div_rn(x3, tl.where(scf > 0, scf, 1.0))
         off = (ph * BS + r3 * P + i3) * D + d3
         if KIND == 1:
             q = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
@@ -312,12 +312,12 @@ def _store_token(x, codes, meta, page, kh, off, KIND: tl.constexpr, KVH: tl.cons
     else:
         amax = tl.max(tl.abs(x), axis=0)
         if KIND == 1:
-            sc = (amax / 127.0).to(tl.float16)
+            sc = tl.math.div_rn(amax, 127.0).to(tl.float16)
         else:
-            sc = (amax / 448.0).to(tl.float16)
+            sc = tl.math.div_rn(amax, 448.0).to(tl.float16)
         tl.store(meta + row, sc)
         scf = sc.to(tl.float32)
-        y = x * tl.where(scf > 0, 1.0 / scf, 0.0)
+        y = tl.math.div_rn(x, tl.where(scf > 0, scf, 1.0))
         if KIND == 1:
             q = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
             tl.store(codes + row * D + d, q.to(tl.int8))
@@ -391,7 +391,7 @@ def quantize_page_ref(lay: QuantLayout, is_k: bool, x: torch.Tensor):
         amax = x.abs().amax(-1)
         sc = (amax / (INT8_MAX if kind == KIND_INT8 else FP8_MAX)).half()
         scf = sc.float()[..., None]
-        y = x * torch.where(scf > 0, 1.0 / scf, torch.zeros_like(scf))
+        y = x / torch.where(scf > 0, scf, torch.ones_like(scf))
         if kind == KIND_INT8:
             return torch.floor(y + 0.5).clamp(-127, 127).to(torch.int8), sc
         y = fp8_round_ref(y.clamp(-FP8_MAX, FP8_MAX))
@@ -402,14 +402,14 @@ def quantize_page_ref(lay: QuantLayout, is_k: bool, x: torch.Tensor):
         sc, zp = ((mx - mn) / qmax).half(), mn.half()
         meta = torch.cat([sc, zp], dim=2)  # [n, h, 2, d]
         scf, zpf = sc.float(), zp.float()
-        q = torch.floor((x - zpf) * torch.where(scf > 0, 1.0 / scf, torch.zeros_like(scf)) + 0.5)
+        q = torch.floor((x - zpf) / torch.where(scf > 0, scf, torch.ones_like(scf)) + 0.5)
     else:
         g = x.view(n, h, bs, d // lay.v_group, lay.v_group)
         mn, mx = g.amin(-1), g.amax(-1)  # [n, h, bs, ng]
         sc, zp = ((mx - mn) / qmax).half(), mn.half()
         meta = torch.stack([sc, zp], dim=3)  # [n, h, bs, 2, ng]
         scf, zpf = sc.float()[..., None], zp.float()[..., None]
-        q = torch.floor((g - zpf) * torch.where(scf > 0, 1.0 / scf, torch.zeros_like(scf)) + 0.5).view(n, h, bs, d)
+        q = torch.floor((g - zpf) / torch.where(scf > 0, scf, torch.ones_like(scf)) + 0.5).view(n, h, bs, d)
     q = q.clamp(0, qmax).to(torch.int32).view(n, h, bs // planes, planes, d)  # token r * P + i at [r, i]
     packed = sum(q[:, :, :, i] << (i * bits) for i in range(planes))
     return packed.to(torch.uint8), meta

@@ -131,7 +131,8 @@ class QuantCodec(KVCodec):
     def layout(self, block_size: int, num_kv_heads: int, head_dim: int) -> QuantLayout:
         return QuantLayout(k_kind=self.k_side[0], k_bits=self.k_side[1], v_kind=self.v_side[0], v_bits=self.v_side[1],
                            block_size=block_size, head_dim=head_dim, num_kv_heads=num_kv_heads,
-                           v_group=min(self.v_group, head_dim), residual=self._residual)
+                           # at most two V groups per head: the kernels keep one accumulator per group
+                           v_group=max(min(self.v_group, head_dim), head_dim // 2), residual=self._residual)
 
     @property
     def bits_per_element(self) -> float:
