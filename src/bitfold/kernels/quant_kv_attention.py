@@ -33,20 +33,18 @@ _NO_WINDOW = 1 << 30
 
 
 @jit
-def _magic(b, SHIFT: tl.constexpr, BITS: tl.constexpr, BF16: tl.constexpr):
-    """The BITS-bit unsigned code at bit SHIFT of each byte of `b` -> MAGIC + code, exactly: the
-    code goes into the mantissa of 128.0 (bfloat16 bits 0x4300) or of 1024.0 (float16 0x6400),
-    a shift and one AND/OR, no int-to-float conversion. Callers subtract MAGIC x (the sum of
-    the other dot operand). bfloat16 on a GPU (the other operand, q x scale or p x scale, keeps
-    its range); float16 under Triton's interpreter, whose bfloat16 tl.dot is broken
-    (triton-lang/triton#11584)."""
-    x = b.to(tl.int16)
-    if SHIFT > 0:
-        x = x >> SHIFT
+def _magic(b, shift, BITS: tl.constexpr, BF16: tl.constexpr):
+    """Unsigned BITS-bit codes at bit `shift` of bytes `b` -> MAGIC + code, exactly: the code goes
+    into the mantissa of 128.0 (bfloat16 bits 0x4300) or 1024.0 (float16 0x6400), two integer
+    ops and no int-to-float conversion. Callers subtract MAGIC x (the sum of the other dot
+    operand) once per row. bfloat16 on a GPU (the other operand, q x scale or p x scale, keeps
+    its range: p x scale can be ~1e-7 at long flat contexts, a float16 subnormal); float16 under
+    Triton's interpreter, whose bfloat16 tl.dot is broken (triton-lang/triton#11584)."""
+    x = ((b.to(tl.int16) >> shift.to(tl.int16)) & ((1 << BITS) - 1))
     if BF16:
-        out = ((x & ((1 << BITS) - 1)) | 0x4300).to(tl.bfloat16, bitcast=True)
+        out = (x | 0x4300).to(tl.bfloat16, bitcast=True)
     else:
-        out = ((x & ((1 << BITS) - 1)) | 0x6400).to(tl.float16, bitcast=True)
+        out = (x | 0x6400).to(tl.float16, bitcast=True)
     return out
 
 
@@ -57,122 +55,93 @@ def _magic16_i8(b):
 
 
 @jit
-def _plane_rows(i: tl.constexpr, r, P: tl.constexpr, SP: tl.constexpr):
-    """Byte rows of a side packed SP tokens per byte that hold the tokens r * P + i of plane i
-    (P a multiple of SP): the token's row t // SP, its bits at (t % SP) = (i % SP)."""
-    return r * (P // SP) + i // SP
+def _pv_group(p, qd, ph, t, ok, g: tl.constexpr, v_codes, v_meta,
+              V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+              VG: tl.constexpr, DOT_PREC: tl.constexpr, BF16: tl.constexpr):
+    """p [M, BS] (probabilities of the page's tokens) times the page's V channels
+    [g * VG, (g + 1) * VG): float32 [M, VG]."""
+    NG: tl.constexpr = D // VG
+    MAGIC: tl.constexpr = 128.0 if BF16 else 1024.0
+    MT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    c = g * VG + tl.arange(0, VG)
+    if V_KIND == 3:  # per token and channel group: the group scale folds into p, the zero into a bias
+        vb = tl.load(v_codes + ph * (BS // VP * D) + ((t // VP)[:, None] * D + c[None, :]))  # uint8 [BS, VG]
+        vc = _magic(vb, ((t % VP) * V_BITS)[:, None], V_BITS, BF16)
+        vmeta = v_meta + ph * (BS * 2 * NG) + g
+        vs = tl.load(vmeta + t * (2 * NG)).to(tl.float32)
+        vz = tl.load(vmeta + t * (2 * NG) + NG).to(tl.float32)
+        pg = (p * vs[None, :]).to(MT)
+        bias = tl.sum(p * vz[None, :], axis=1) - MAGIC * tl.sum(pg.to(tl.float32), axis=1)
+        out = tl.dot(pg, vc) + bias[:, None]
+    elif V_KIND == 0:
+        v = tl.load(v_codes + ph * (BS * D) + (t[:, None] * D + c[None, :]), mask=ok[:, None], other=0.0)
+        out = tl.dot(p.to(qd.dtype), v.to(qd.dtype), input_precision=DOT_PREC)
+    else:
+        vt = tl.load(v_codes + ph * (BS * D) + (t[:, None] * D + c[None, :]), mask=ok[:, None], other=0)
+        vsc = tl.load(v_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
+        # x 256 keeps small p out of float16 subnormals; undone in float32
+        ps = (p * (vsc * 256.0)[None, :]).to(tl.float16)
+        if V_KIND == 1:
+            out = tl.dot(ps, _magic16_i8(vt)) - 1152.0 * tl.sum(ps.to(tl.float32), axis=1)[:, None]
+        else:
+            out = tl.dot(ps, vt.to(tl.float8e4nv, bitcast=True).to(tl.float16))
+        out = out * (1.0 / 256.0)
+    return out
 
 
 @jit
 def _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, kv_len, qpos, window, kh,
                  k_codes, k_meta, v_codes, v_meta, scale_log2,
                  K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
-                 V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr,
+                 V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr,
                  KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, DOT_PREC: tl.constexpr,
                  BF16: tl.constexpr):
     """One sealed page (first position p0) for query rows [M, D] at positions qpos [M]: qf
-    (float32), qd (compute dtype), qh (float16).
-
-    The page is walked in P planes: plane i holds the tokens r * P + i (r < BS / P), which sit
-    at one constant bit offset of their bytes in every side (token t is at bits (t % SP) * BITS
-    of byte row t // SP). So a plane unpacks with a constant shift and one AND/OR per element,
-    loads only its own bytes, and updates the online softmax once. Integer codes enter the
-    tensor cores as exact bfloat16 128 + code (`_magic_bf16`) or float16 1152 + code (int8);
-    fp8 converts to float16 in hardware. The output accumulates in acc0 (channels [0, VG)) and,
-    when D = 2 VG, acc1 ([VG, 2 VG)): every tile is 2-D."""
-    R: tl.constexpr = BS // P
+    (float32), qd (compute dtype), qh (float16). A page is one [D, BS] K tile and [BS, D] V tile
+    in token order; integer codes go to the tensor cores as exact MAGIC + code (`_magic`,
+    int8: float16 1152 + code); fp8 converts to float16 in hardware. The output accumulates in
+    acc0 (channels [0, VG)) and, when D = 2 VG, acc1 ([VG, 2 VG)): every tile stays 2-D, so no
+    batched dot or 3-D broadcast needs a trip through shared memory."""
     NG: tl.constexpr = D // VG
     MAGIC: tl.constexpr = 128.0 if BF16 else 1024.0
     MT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     d = tl.arange(0, D)
-    c = tl.arange(0, VG)
-    r = tl.arange(0, R)
+    t = tl.arange(0, BS)  # token of the page; it sits in byte row t // P at bits (t % P) * BITS
+    pos = p0 + t
+    ok = pos < kv_len  # a page of a no-ring codec may be partly written
     ph = page * KVH + kh
     if K_KIND == 3:  # KIVI keys: the page's per-channel scale folds into q, its zero into a row bias
-        kmeta = k_meta + ph * (2 * D)
+        kmeta = k_meta + ph * (2 * D)  # page bases: one scalar add per element below, offsets loop-invariant
         ks = tl.load(kmeta + d).to(tl.float32)
         kz = tl.load(kmeta + D + d).to(tl.float32)
         qk = (qf * ks[None, :]).to(MT)
         kbias = tl.sum(qf * kz[None, :], axis=1) - MAGIC * tl.sum(qk.to(tl.float32), axis=1)
-        kbase = k_codes + ph * (BS // KP * D)
-        if KP == P:  # every plane reads the same bytes: load them once
-            kb_all = tl.load(kbase + r[None, :] * D + d[:, None])  # uint8 [D, R]
-    if V_KIND == 3:
-        vbase = v_codes + ph * (BS // VP * D)
-        vmeta = v_meta + ph * (BS * 2 * NG)
-        if VP == P:
-            vb0_all = tl.load(vbase + r[:, None] * D + c[None, :])  # uint8 [R, VG]
-            if NG == 2:
-                vb1_all = tl.load(vbase + r[:, None] * D + VG + c[None, :])
-    for i in tl.static_range(P):
-        t = r * P + i  # the plane's tokens within the page
-        pos = p0 + t
-        ok = pos < kv_len  # a page of a no-ring codec may be partly written
-        # ---- scores [M, R]
-        if K_KIND == 3:
-            if KP == P:
-                kb = kb_all
-            else:
-                kb = tl.load(kbase + _plane_rows(i, r, P, KP)[None, :] * D + d[:, None])
-            s = tl.dot(qk, _magic(kb, (i % KP) * K_BITS, K_BITS, BF16)) + kbias[:, None]
-        elif K_KIND == 0:
-            kt = tl.load(k_codes + ph * (BS * D) + (t[None, :] * D + d[:, None]), mask=ok[None, :], other=0.0)
-            s = tl.dot(qd, kt.to(qd.dtype), input_precision=DOT_PREC)
+        kb = tl.load(k_codes + ph * (BS // KP * D) + ((t // KP)[None, :] * D + d[:, None]))  # uint8 [D, BS]
+        kc = _magic(kb, ((t % KP) * K_BITS)[None, :], K_BITS, BF16)
+        s = tl.dot(qk, kc) + kbias[:, None]
+    elif K_KIND == 0:
+        kt = tl.load(k_codes + ph * (BS * D) + (t[None, :] * D + d[:, None]), mask=ok[None, :], other=0.0)
+        s = tl.dot(qd, kt.to(qd.dtype), input_precision=DOT_PREC)
+    else:
+        kt = tl.load(k_codes + ph * (BS * D) + (t[None, :] * D + d[:, None]), mask=ok[None, :], other=0)
+        ksc = tl.load(k_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
+        if K_KIND == 1:
+            s = (tl.dot(qh, _magic16_i8(kt)) - 1152.0 * tl.sum(qh.to(tl.float32), axis=1)[:, None]) * ksc[None, :]
         else:
-            kt = tl.load(k_codes + ph * (BS * D) + (t[None, :] * D + d[:, None]), mask=ok[None, :], other=0)
-            ksc = tl.load(k_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
-            if K_KIND == 1:
-                s = (tl.dot(qh, _magic16_i8(kt)) - 1152.0 * tl.sum(qh.to(tl.float32), axis=1)[:, None]) * ksc[None, :]
-            else:
-                s = tl.dot(qh, kt.to(tl.float8e4nv, bitcast=True).to(tl.float16)) * ksc[None, :]
-        allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
-        s = tl.where(allowed, s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: no NaN
-        alpha = tl.exp2(m_i - m_base)
-        p = tl.exp2(s - m_base[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-        # ---- p @ V [M, VG] per channel group
-        if V_KIND == 3:  # per token and group: the group scale folds into p, the zero into a bias
-            if VP == P:
-                vb0 = vb0_all
-            else:
-                vb0 = tl.load(vbase + _plane_rows(i, r, P, VP)[:, None] * D + c[None, :])
-            vs = tl.load(vmeta + t * (2 * NG)).to(tl.float32)
-            vz = tl.load(vmeta + t * (2 * NG) + NG).to(tl.float32)
-            pg = (p * vs[None, :]).to(MT)
-            bias = tl.sum(p * vz[None, :], axis=1) - MAGIC * tl.sum(pg.to(tl.float32), axis=1)
-            acc0 = acc0 * alpha[:, None] + tl.dot(pg, _magic(vb0, (i % VP) * V_BITS, V_BITS, BF16)) + bias[:, None]
-            if NG == 2:
-                if VP == P:
-                    vb1 = vb1_all
-                else:
-                    vb1 = tl.load(vbase + _plane_rows(i, r, P, VP)[:, None] * D + VG + c[None, :])
-                vs1 = tl.load(vmeta + t * (2 * NG) + 1).to(tl.float32)
-                vz1 = tl.load(vmeta + t * (2 * NG) + NG + 1).to(tl.float32)
-                pg1 = (p * vs1[None, :]).to(MT)
-                bias1 = tl.sum(p * vz1[None, :], axis=1) - MAGIC * tl.sum(pg1.to(tl.float32), axis=1)
-                acc1 = acc1 * alpha[:, None] + tl.dot(pg1, _magic(vb1, (i % VP) * V_BITS, V_BITS, BF16)) + bias1[:, None]
-        elif V_KIND == 0:
-            vrow = v_codes + ph * (BS * D) + t[:, None] * D
-            pd = p.to(qd.dtype)
-            v0 = tl.load(vrow + c[None, :], mask=ok[:, None], other=0.0)
-            acc0 = acc0 * alpha[:, None] + tl.dot(pd, v0.to(qd.dtype), input_precision=DOT_PREC)
-            if NG == 2:
-                v1 = tl.load(vrow + VG + c[None, :], mask=ok[:, None], other=0.0)
-                acc1 = acc1 * alpha[:, None] + tl.dot(pd, v1.to(qd.dtype), input_precision=DOT_PREC)
-        else:  # int8 / fp8, one scale per token: it folds into p (x 256 keeps small p out of fp16
-            # subnormals; undone in float32)
-            vt = tl.load(v_codes + ph * (BS * D) + t[:, None] * D + c[None, :], mask=ok[:, None], other=0)
-            vsc = tl.load(v_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
-            ps = (p * (vsc * 256.0)[None, :]).to(tl.float16)
-            if V_KIND == 1:
-                pv = tl.dot(ps, _magic16_i8(vt)) - 1152.0 * tl.sum(ps.to(tl.float32), axis=1)[:, None]
-            else:
-                pv = tl.dot(ps, vt.to(tl.float8e4nv, bitcast=True).to(tl.float16))
-            acc0 = acc0 * alpha[:, None] + pv * (1.0 / 256.0)
-    return m_i, l_i, acc0, acc1
+            s = tl.dot(qh, kt.to(tl.float8e4nv, bitcast=True).to(tl.float16)) * ksc[None, :]
+    allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
+    s = tl.where(allowed, s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: no NaN
+    alpha = tl.exp2(m_i - m_base)
+    p = tl.exp2(s - m_base[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc0 = acc0 * alpha[:, None] + _pv_group(p, qd, ph, t, ok, 0, v_codes, v_meta, V_KIND, V_BITS, VP, BS, D, VG,
+                                               DOT_PREC, BF16)
+    if NG == 2:
+        acc1 = acc1 * alpha[:, None] + _pv_group(p, qd, ph, t, ok, 1, v_codes, v_meta, V_KIND, V_BITS, VP, BS, D, VG,
+                                                   DOT_PREC, BF16)
+    return m_new, l_i, acc0, acc1
 
 
 @jit
@@ -243,7 +212,7 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
         page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
         m_i, l_i, acc0, acc1 = _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, seq_len, qpos, window, kh,
                                      k_codes, k_meta, v_codes, v_meta, scale_log2,
-                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, P, KVH, BS, D, VG, DOT_PREC, BF16)
+                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, KVH, BS, D, VG, DOT_PREC, BF16)
     if RING:
         seq_slot = tl.load(seq_slots + b)
         r_lo = tl.maximum(lo, n_sealed)
@@ -320,7 +289,7 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, b
         page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
         m_i, l_i, acc0, acc1 = _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, seq_len, qpos, window, kh,
                                      k_codes, k_meta, v_codes, v_meta, scale_log2,
-                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, P, KVH, BS, D, VG, DOT_PREC, BF16)
+                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, KVH, BS, D, VG, DOT_PREC, BF16)
     if RING:
         seq_slot = tl.load(seq_slots + b)
         r_lo = tl.maximum(kv_lo, n_sealed)
@@ -364,7 +333,7 @@ def _check(lay: QuantLayout, q, storage, block_tables, context_lens, seq_slots, 
 def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
                        context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
                        sliding_window: int = 0, *, max_context_len: int | None = None, num_splits: int | None = None,
-                       min_split_tokens: int = 256, waves: int = 4, num_warps: int = 4,
+                       min_split_tokens: int = 256, waves: int = 8, num_warps: int = 4,
                        num_stages: int = 2) -> torch.Tensor:
     """Attention of each sequence's newest token over its compressed paged context (new K/V
     already written by `write_quant_kv`).
