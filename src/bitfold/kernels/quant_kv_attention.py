@@ -27,6 +27,7 @@ import torch
 from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, interpreting, jit, next_pow2, num_sms, require,
                                      require_launchable, tl)
 from bitfold.kernels.paged_decode import _decode_merge_kernel, split_plan
+from bitfold.kernels.paged_prefill import tile_of_sequence
 from bitfold.kernels.quant_kv_write import KIND_GROUP, QuantLayout, dequantize_pages_ref
 
 _NO_WINDOW = 1 << 30
@@ -270,21 +271,8 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, k
     before n_sealed(t + 1) from their (sealed) pages, the rest exact, from the ring (positions
     cached before this step: the ring is written after this kernel) or from this step's new
     rows. So a sequence's outputs do not depend on how its prompt was chunked or batched."""
-    # Tile -> sequence exactly as kernels/paged_prefill.py: grid T // BLOCK_M + B, binary search.
-    tile_id = tl.program_id(0)
     h = tl.program_id(1)
-    lo_s = 0
-    hi_s = num_seqs
-    while lo_s < hi_s:
-        mid = (lo_s + hi_s) // 2
-        if tl.load(cu_seqlens_q + mid) // BLOCK_M + mid <= tile_id:
-            lo_s = mid + 1
-        else:
-            hi_s = mid
-    b = lo_s - 1
-    q_start = tl.load(cu_seqlens_q + b)
-    q_len = tl.load(cu_seqlens_q + b + 1) - q_start
-    m0 = (tile_id - (q_start // BLOCK_M + b)) * BLOCK_M
+    b, q_start, q_len, m0 = tile_of_sequence(cu_seqlens_q, num_seqs, tl.program_id(0), BLOCK_M)
     if m0 >= q_len:
         return
     seq_len = tl.load(context_lens + b)
