@@ -213,3 +213,30 @@ def test_process_generate_chat_on_the_default_model(smollm2_llm):
     ref = smollm2_llm.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=8))[0]
     assert p.stdout == ref.text + "\n"
     assert "Paris" in p.stdout
+
+
+# ---- text that is not UTF-8 ------------------------------------------------------------------------
+
+
+def test_prompt_that_is_not_utf8_is_one_error_line(tiny_model_dir):
+    """Bytes that are not UTF-8 (latin-1 'é', a stray 0xff), from argv and from stdin: refused before
+    the model loads, naming the first bad byte and where it is."""
+    bad = b"caf\xe9 \xff"
+    for argv, stdin in [([bad], None), (["-"], bad)]:
+        p = subprocess.run([sys.executable, "-m", "bitfold.cli", "generate", *argv, *tiny_args(tiny_model_dir)],
+                           input=stdin, capture_output=True, timeout=120)
+        out, err = p.stdout.decode(), p.stderr.decode()
+        line = assert_one_error_line(p.returncode, out, err, "not valid UTF-8", "0xE9", "byte 3")
+        assert "Traceback" not in line
+
+
+def test_chat_line_that_is_not_utf8_is_one_bad_turn(capsys, monkeypatch, tiny_chat_dir):
+    """A line that is not UTF-8 in `bitfold chat` fails that turn only, as a too-long one does."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n" + PROMPT.encode() + b"\n/exit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rc = main(["chat", *tiny_args(tiny_chat_dir, "--max-tokens", "3", "--temperature", "0")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    errors = [line for line in err.splitlines() if line.startswith("bitfold: error:")]
+    assert len(errors) == 1 and "not valid UTF-8" in errors[0] and "0xE9" in errors[0], err
+    assert out.count("> ") == 3  # the bad line, PROMPT, /exit

@@ -451,3 +451,31 @@ def test_cancelled_or_failing_consumers_leave_the_pool_whole(tiny_llm):
     a.close()
     b.close()
     assert_pool_whole(tiny_llm)
+
+
+# ---- prompts that are not text -----------------------------------------------------------------
+
+
+def test_prompt_of_bytes_or_lone_surrogates_is_a_typed_error(tiny_llm):
+    """Python strings may hold lone surrogates, which are not Unicode text (UTF-8 cannot encode
+    them); bytes are not a prompt at all. Both are InvalidRequestError naming what and where,
+    through generate, stream and chat, and nothing is queued."""
+    sp = SamplingParams(temperature=0, max_tokens=2)
+    for prompt, needles in [(b"\xff", ["bytes", "decode"]), ("1 \ud800 2", ["U+D800", "character 2"]),
+                            ("1 2 \udcff", ["U+DCFF", "character 4"]), ([5, "6"], ["'6'"]), (3.5, ["float"])]:
+        with pytest.raises(InvalidRequestError) as e:
+            tiny_llm.generate(prompt, sp)
+        check_message(e.value, *needles)
+        with pytest.raises(InvalidRequestError):
+            tiny_llm.generate([[5, 6, 7], prompt], sp)  # a bad prompt among good ones: nothing stays queued
+        assert_pool_whole(tiny_llm)
+        with pytest.raises(InvalidRequestError):
+            next(tiny_llm.stream(prompt, sp))
+        assert_pool_whole(tiny_llm)
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_llm.chat([{"role": "system", "content": "1"}, {"role": "user", "content": "2\ud83d"}], sp)
+    check_message(e.value, "messages[1]", "U+D83D")
+    assert_pool_whole(tiny_llm)
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_llm.tokenizer.encode("\udc80")
+    check_message(e.value, "U+DC80")

@@ -88,9 +88,35 @@ def _load(args):
     return llm, status
 
 
+def _utf8(text: str, what: str) -> str:
+    """`text` as Python read it from argv or stdin, where bytes that are not UTF-8 become lone
+    surrogates (`surrogateescape`); a BitfoldError naming the first bad byte if there is one.
+    Such text is refused rather than decoded with replacement characters: the model would
+    silently see different text than the user meant (see the README)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the bytes as they came
+    except UnicodeEncodeError:  # a surrogate no decoder made (only possible in-process)
+        raw = text.encode("utf-8", "surrogatepass")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"{what} is not valid UTF-8: byte 0x{raw[e.start]:02X} at byte {e.start} "
+                                  f"({e.reason}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _read_stdin() -> str:
+    buffer = getattr(sys.stdin, "buffer", None)
+    return buffer.read().decode("utf-8", "surrogateescape") if buffer is not None else sys.stdin.read()
+
+
 def cmd_generate(args) -> None:
     params = _params(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _utf8(_read_stdin() if args.prompt == "-" else args.prompt, "the prompt")
     llm, status = _load(args)
     t0 = time.perf_counter()
     if args.chat:
@@ -118,12 +144,20 @@ def cmd_chat(args) -> None:
     print(status, file=sys.stderr)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("[bitfold] chat: type a message; /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is then one bad turn, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> ")
         except EOFError:
             print()
             return
+        try:
+            line = _utf8(line, "the message")
+        except InvalidRequestError as e:
+            sys.stdout.flush()
+            print(f"bitfold: error: {e}", file=sys.stderr)
+            continue
         if line.strip() in ("/exit", "/quit"):
             return
         if line.strip() == "/reset":

@@ -27,6 +27,7 @@ from bitfold.detokenizer import IncrementalDetokenizer
 from bitfold.errors import BitfoldError, InvalidRequestError, PromptTooLongError
 from bitfold.layers.sampler import TokenLogprob
 from bitfold.loader import open_model
+from bitfold.loader.tokenizer import check_text
 from bitfold.loader.source import ModelSource
 from bitfold.runner.model_runner import ModelRunner, StepHandle
 from bitfold.sampling import SamplingParams
@@ -121,9 +122,13 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: pass prompts as token ids")
+            check_text(prompt, "the prompt")
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        else:
+        elif isinstance(prompt, (list, tuple)):
             text, ids = None, list(prompt)
+        else:
+            hint = " (decode bytes to a str first, e.g. data.decode('utf-8'))" if isinstance(prompt, (bytes, bytearray)) else ""
+            raise InvalidRequestError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}{hint}")
         vocab = self.runner.model_config.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:  # for text, a tokenizer that does not match the model

@@ -205,3 +205,33 @@ def test_429_when_the_queue_is_full(tiny_model_dir):
         m = s.metrics()
         assert m['bitfold_requests_finished_total{finish_reason="abort"}'] == 2
         assert m['bitfold_http_requests_total{code="429",endpoint="/v1/completions"}'] == 2
+
+
+SURROGATE_BODIES = [  # JSON that parses, with a lone surrogate escape where text is expected: (path, body, param)
+    ("/v1/completions", '{"model": "tiny", "prompt": "1 \\ud800", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ["\\udfff"], "max_tokens": 2}', "prompt.0"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "1", "stop": ["\\ud83d"], "max_tokens": 2}', "stop.0"),
+    ("/v1/completions", '{"model": "\\ud800", "prompt": "1", "max_tokens": 2}', "model"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "1\\ud800"}]}',
+     "messages.0.content"),
+    ("/v1/chat/completions",
+     '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages.0.content.0.text"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", SURROGATE_BODIES)
+def test_lone_surrogates_are_400(tiny_server, path, body, param):
+    """Lone surrogates are valid JSON escapes but not Unicode text: 400 naming the parameter, not a 500."""
+    r = post(tiny_server, path, body.encode())
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["param"] == param and err["code"] == "invalid_value" and "surrogate" in err["message"], err
+
+
+def test_error_bodies_always_encode(tiny_server):
+    """A 404 that names a model the client sent (or a path) is valid UTF-8 JSON whatever the name holds."""
+    r = httpx.get(tiny_server.url + "/v1/models/%ED%A0%80x%FF")
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    r = post(tiny_server, "/v1/completions", {**OK, "model": "caf\u00e9 \U0001f999"})
+    assert r.status_code == 404 and "caf\u00e9 \U0001f999" in error_of(r)["message"]

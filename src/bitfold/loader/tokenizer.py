@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +19,7 @@ import gguf
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from bitfold.errors import BitfoldError, ModelLoadError, UnsupportedFormatError
+from bitfold.errors import BitfoldError, InvalidRequestError, ModelLoadError, UnsupportedFormatError
 from bitfold.loader.chat_template import render_chat_template
 from bitfold.loader.gguf_reader import GGUFFile
 
@@ -72,6 +73,21 @@ _PRE_SPLITS: dict[str, tuple[str, ...]] = {
 # and adds BOS when the file does not say.
 _LLAMA3_PRES = frozenset({"llama-bpe", "llama3", "llama-v3"})
 _SUPPORTED_MODELS = "'gpt2' (byte-level BPE) or 'llama' (SentencePiece BPE)"
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """Raise InvalidRequestError when `text` holds a lone surrogate (U+D800-U+DFFF).
+
+    A Python str (or a JSON "\\ud800" escape) can hold one, but it is not Unicode text: UTF-8
+    cannot encode it and the tokenizer library refuses it. bitfold rejects it rather than
+    replacing it, so a client learns its text was damaged instead of the model seeing U+FFFD.
+    """
+    m = _SURROGATE.search(text)
+    if m is not None:
+        raise InvalidRequestError(f"{what} contains a lone surrogate (U+{ord(m.group()):04X} at character "
+                                  f"{m.start()}), which is not valid Unicode text; send UTF-8 text")
 
 
 class Tokenizer:
@@ -268,6 +284,9 @@ class Tokenizer:
         """Token ids of `text`. Special-token text in it (e.g. `<|im_start|>`) becomes its single id,
         which rendered chat templates rely on. BOS is added once: a template that already wrote it
         does not get a second one."""
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"the text to encode must be a str, got {type(text).__name__}")
+        check_text(text)
         ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self.add_bos and ids[:1] != [self.bos_token_id]:
@@ -290,6 +309,10 @@ class Tokenizer:
         if self.chat_template is None:
             raise BitfoldError(f"{self._source} has no chat template; format the prompt yourself and use "
                                "`generate` instead of chat")
+        for i, message in enumerate(messages if isinstance(messages, list) else ()):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                check_text(content, f"messages[{i}]['content']")
         return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
