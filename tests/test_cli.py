@@ -240,3 +240,53 @@ def test_chat_line_that_is_not_utf8_is_one_bad_turn(capsys, monkeypatch, tiny_ch
     errors = [line for line in err.splitlines() if line.startswith("bitfold: error:")]
     assert len(errors) == 1 and "not valid UTF-8" in errors[0] and "0xE9" in errors[0], err
     assert out.count("> ") == 3  # the bad line, PROMPT, /exit
+
+
+# ---- help and flags ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "quantize", "eval ppl"])
+def test_help_shows_every_default_and_every_flag_has_help(capsys, command):
+    """Each flag with a value says what it does and its default (argparse prints neither unless asked)."""
+    import argparse
+
+    from bitfold.cli import build_parser
+
+    parser = build_parser()
+    for word in command.split():
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented, undocumented
+    rc, out, err = run_main(capsys, [*command.split(), "--help"])
+    assert rc == 0
+    if command in ("generate", "chat", "serve"):
+        flat = " ".join(out.split())
+        assert "(default: 16)" in flat and "--max-num-seqs MAX_NUM_SEQS" in flat
+        assert "most requests decoded together in one step (default: 128)" in flat
+        assert "(default: None)" not in flat
+
+
+def test_verbose_before_or_after_the_subcommand():
+    from bitfold.cli import build_parser
+
+    for argv in (["-v", "generate", PROMPT], ["generate", PROMPT, "-v"], ["generate", "--verbose", PROMPT],
+                 ["serve", "-v"], ["eval", "ppl", "-v"], ["-v", "eval", "ppl"], ["quantize", "--format", "int4", "--out", "x", "-v"]):
+        assert build_parser().parse_args(argv).verbose is True, argv
+    for argv in (["generate", PROMPT], ["serve"], ["eval", "ppl"]):
+        assert build_parser().parse_args(argv).verbose is False, argv
+
+
+def test_bad_weights_lists_each_format_once(capsys):
+    rc, out, err = run_main(capsys, ["generate", PROMPT, "--weights", "int5"])
+    line = assert_one_error_line(rc, out, err, "int5", "int4", "dense")
+    assert line.count("auto") == 1, line
+
+
+def test_unknown_architecture_is_named_before_missing_fields(capsys, tmp_path):
+    """A config.json of another family (GPT-2 spells its fields n_embd, n_head...) names the
+    architecture, not the first Llama field it lacks."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 768,
+                                                      "n_head": 12, "n_layer": 12, "vocab_size": 50257}))
+    rc, out, err = run_main(capsys, ["generate", PROMPT, "--model", str(tmp_path)])
+    assert_one_error_line(rc, out, err, "GPT2LMHeadModel", "not supported", "LlamaForCausalLM")

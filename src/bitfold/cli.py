@@ -18,9 +18,25 @@ EXIT_BAD_INPUT = 2
 SUBCOMMAND_MODULES = ("bitfold.server.cli", "bitfold.eval.cli", "bitfold.quantize")
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each flag's default, unless it has none (None, False) or already says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in text and not isinstance(action, argparse.BooleanOptionalAction)):
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are bad input too: one `bitfold: error: ...` line and status 2, not
-    argparse's usage block (`--help` still shows it)."""
+    argparse's usage block (`--help` still shows it). Every subcommand's parser is one too
+    (argparse builds them with the parent's class), so all show their defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_BAD_INPUT, f"bitfold: error: {message} (see '{self.prog} --help')\n")
@@ -30,8 +46,9 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
     g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the most likely tokens whose probabilities sum to p (1 = all)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     g.add_argument("--seed", dest="sample_seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
@@ -72,7 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # that package is not part of this build
         mod.register(sub)
+    _verbose_everywhere(parser)
     return parser
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`-v` after the subcommand too (`bitfold generate "hi" -v`, `bitfold eval ppl -v`). SUPPRESS
+    leaves the top-level value alone when a subcommand's parser does not see the flag."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "-v" not in sub._option_string_actions:
+                    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="log engine details (KV capacity, ...)")
+                _verbose_everywhere(sub)
 
 
 def _load(args):

@@ -154,7 +154,7 @@ class EngineConfig:
         from bitfold.weights import WEIGHT_FORMATS
 
         if self.weights != "auto" and self.weights not in WEIGHT_FORMATS:
-            bad("weights", "auto or one of " + ", ".join(WEIGHT_FORMATS.names()))
+            bad("weights", "one of " + ", ".join(WEIGHT_FORMATS.names()))  # "auto" is registered too
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:

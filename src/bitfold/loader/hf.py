@@ -161,8 +161,10 @@ def load_hf_folder(folder: str) -> ModelSource:
     if not os.path.exists(cfg_path):
         raise ModelLoadError(f"{folder}: no config.json (expected a Hugging Face model folder or a .gguf file)")
     raw = _read_json(cfg_path)
+    archs = raw.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        _check_architecture(archs[0], cfg_path)  # before the fields: another family names them differently
     config = ModelConfig.from_hf(raw, cfg_path)
-    _check_architecture(config.architecture, cfg_path)
     quant = BitfoldQuantization(raw["quantization_config"], cfg_path) if "quantization_config" in raw else None
     paths = safetensors_files(folder)
     return ModelSource(
