@@ -13,6 +13,7 @@ from bitfold import LLM, SamplingParams
 from bitfold.errors import (BitfoldError, InvalidRequestError, InvalidSamplingParamsError, ModelLoadError,
                             PromptTooLongError, UnsupportedArchitectureError, UnsupportedFormatError)
 from bitfold.loader import open_model
+from tests.helpers import fail_after
 
 
 def check_message(err: BaseException, *needles: str) -> str:
@@ -479,3 +480,49 @@ def test_prompt_of_bytes_or_lone_surrogates_is_a_typed_error(tiny_llm):
     with pytest.raises(InvalidRequestError) as e:
         tiny_llm.tokenizer.encode("\udc80")
     check_message(e.value, "U+DC80")
+
+
+def test_logprobs_beyond_the_limit_is_refused(tiny_llm):
+    from bitfold.engine import MAX_LOGPROBS
+
+    with pytest.raises(InvalidSamplingParamsError) as e:
+        tiny_llm.generate([[5, 6]], SamplingParams(max_tokens=1, logprobs=MAX_LOGPROBS + 1))
+    check_message(e.value, "logprobs", str(MAX_LOGPROBS))
+    assert_pool_whole(tiny_llm)
+    out = tiny_llm.generate([[5, 6]], SamplingParams(max_tokens=1, logprobs=MAX_LOGPROBS))[0]
+    assert len(out.logprobs[0].top) == MAX_LOGPROBS
+
+
+def test_a_stream_left_open_is_cancelled_by_the_next_generate(tiny_llm):
+    """A named stream abandoned after `break` would keep decoding inside later generate() calls:
+    generate() cancels it (freeing its blocks), and reading it again says so."""
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    it = tiny_llm.stream([5, 6, 7], sp)
+    for _ in it:
+        break
+    out = tiny_llm.generate([[8, 9]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3
+    assert_pool_whole(tiny_llm)
+    with pytest.raises(InvalidRequestError) as e:
+        next(it)
+    check_message(e.value, "cancelled", "close()")
+    assert_pool_whole(tiny_llm)
+
+
+def test_interleaved_streams_lose_no_text(tiny_llm):
+    """Two streams read in turns each get all their text (the engine steps both in one batch)."""
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7], [40, 41]]
+    want = [o.text for o in tiny_llm.generate(prompts, sp)]
+    streams, got = [tiny_llm.stream(p, sp) for p in prompts], [[], []]
+    live = [0, 1]
+    with fail_after(60):  # a stream whose last output went to the other one would wait forever
+        while live:
+            for i in list(live):
+                piece = next(streams[i], None)
+                if piece is None:
+                    live.remove(i)
+                else:
+                    got[i].append(piece)
+    assert ["".join(g) for g in got] == want and all(want)
+    assert_pool_whole(tiny_llm)

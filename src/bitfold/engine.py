@@ -24,7 +24,7 @@ from bitfold.core.kv_manager import KVManager, blocks_for
 from bitfold.core.request import Request
 from bitfold.core.scheduler import Scheduler
 from bitfold.detokenizer import IncrementalDetokenizer
-from bitfold.errors import BitfoldError, InvalidRequestError, PromptTooLongError
+from bitfold.errors import BitfoldError, InvalidRequestError, InvalidSamplingParamsError, PromptTooLongError
 from bitfold.layers.sampler import TokenLogprob
 from bitfold.loader import open_model
 from bitfold.loader.tokenizer import check_text
@@ -33,6 +33,10 @@ from bitfold.runner.model_runner import ModelRunner, StepHandle
 from bitfold.sampling import SamplingParams
 
 log = logging.getLogger("bitfold")
+
+# Most top log-probabilities a request may ask for per token: OpenAI's top_logprobs limit and
+# vLLM's default max_logprobs. Each costs a top-k over the vocabulary at every step.
+MAX_LOGPROBS = 20
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,6 +123,9 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
+        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+            raise InvalidSamplingParamsError(f"invalid sampling parameter logprobs={params.logprobs!r}: expected at most "
+                                             f"{MAX_LOGPROBS} top log-probabilities per token")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: pass prompts as token ids")
@@ -127,8 +134,9 @@ class LLMEngine:
         elif isinstance(prompt, (list, tuple)):
             text, ids = None, list(prompt)
         else:
-            hint = " (decode bytes to a str first, e.g. data.decode('utf-8'))" if isinstance(prompt, (bytes, bytearray)) else ""
-            raise InvalidRequestError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}{hint}")
+            hint = " (decode bytes first, e.g. data.decode('utf-8'))" if isinstance(prompt, (bytes, bytearray)) else ""
+            raise InvalidRequestError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}"
+                                      + hint)
         vocab = self.runner.model_config.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:  # for text, a tokenizer that does not match the model

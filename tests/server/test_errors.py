@@ -175,7 +175,8 @@ def test_503_after_a_failed_load(tmp_path):
     with LiveServer(create_app(load, model_name="x"), wait_ready=False) as s:
         time.sleep(0.1)
         for r in [httpx.get(s.url + "/health"), post(s, "/v1/completions", OK)]:
-            assert r.status_code == 503 and "failed to load" in error_of(r)["message"] and "no such file" in r.text
+            assert r.status_code == 503 and "failed to load" in error_of(r)["message"] and "ModelLoadError" in r.text
+            assert str(tmp_path) not in r.text  # the reason is in the server's log; clients see no server paths
 
 
 def test_429_when_the_queue_is_full(tiny_model_dir):
@@ -235,3 +236,38 @@ def test_error_bodies_always_encode(tiny_server):
     assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
     r = post(tiny_server, "/v1/completions", {**OK, "model": "caf\u00e9 \U0001f999"})
     assert r.status_code == 404 and "caf\u00e9 \U0001f999" in error_of(r)["message"]
+
+
+def test_nan_and_infinite_floats_are_reported_as_such(tiny_server):
+    for value in ("NaN", "Infinity", "-Infinity"):
+        for name in ("temperature", "top_p", "presence_penalty"):
+            r = post(tiny_server, "/v1/completions", f'{{"model": "tiny", "prompt": "1", "{name}": {value}}}'.encode())
+            err = error_of(r)
+            assert r.status_code == 400 and err["param"] == name and "finite number" in err["message"], err
+
+
+def test_405_names_the_allowed_methods(tiny_server):
+    r = httpx.get(tiny_server.url + "/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    r = httpx.post(tiny_server.url + "/health")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+
+
+def test_models_show_names_not_server_paths(tiny_model_dir, tiny_server):
+    for r in (httpx.get(tiny_server.url + "/v1/models"), httpx.get(tiny_server.url + "/v1/models/tiny")):
+        assert r.status_code == 200
+        assert str(tiny_model_dir) not in r.text and "/" not in json.dumps(r.json()), r.text
+
+
+def test_openapi_declares_the_errors_bitfold_sends():
+    """Every /v1 POST declares 400/401/404/413/429/503 in OpenAI's error shape, and no 422
+    (bitfold never sends one: validation errors are 400)."""
+    schema = create_app(lambda: None).openapi()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert {"200", "400", "401", "404", "413", "429", "503"} <= set(responses), responses
+        assert "422" not in responses
+        ref = responses["400"]["content"]["application/json"]["schema"]["$ref"]
+        shape = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        assert set(shape["properties"]) == {"error"}
+    assert "422" not in json.dumps(schema)

@@ -26,11 +26,21 @@ from bitfold.errors import BitfoldError
 from bitfold.server.async_engine import AsyncEngine, EngineUnavailableError
 from bitfold.server.generate import generate
 from bitfold.server.http_errors import APIError, api_error, error_response, validation_error
-from bitfold.server.protocol import ChatCompletionRequest, CompletionRequest
+from bitfold.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 
 log = logging.getLogger("bitfold")
 
 _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+
+# What each route may answer besides 200, for the OpenAPI schema (all in OpenAI's error shape).
+_ERRORS = {400: "Invalid JSON or parameter values; `context_length_exceeded` when prompt + max_tokens do not fit",
+           401: "Missing or wrong API key (with --api-key)", 404: "Unknown model",
+           413: "Request body larger than --max-request-bytes", 429: "The waiting queue is full (--max-queue)",
+           503: "The model is loading, failed to load, or the server is shutting down"}
+
+
+def _responses(*codes: int) -> dict:
+    return {c: {"model": ErrorResponse, "description": _ERRORS[c]} for c in codes}
 
 
 def model_name_for(path: str) -> str:
@@ -141,7 +151,7 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | AsyncEngine | Callab
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = f"{exc.detail}: {request.method} {request.url.path}"
-        return error_response(APIError(exc.status_code, message, code=code))
+        return error_response(APIError(exc.status_code, message, code=code, headers=exc.headers))  # 405: Allow
 
     @app.exception_handler(APIError)
     @app.exception_handler(BitfoldError)
@@ -152,14 +162,14 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | AsyncEngine | Callab
     async def _any(request: Request, exc: Exception):
         return error_response(api_error(exc))
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=_responses(400, 401, 404, 413, 429, 503))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         try:
             return await generate(state, body, request, chat=False)
         except Exception as e:
             return error_response(api_error(e))
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=_responses(400, 401, 404, 413, 429, 503))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         try:
             return await generate(state, body, request, chat=True)
@@ -168,19 +178,20 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | AsyncEngine | Callab
 
     def _card() -> dict:
         eng = engine.check_ready()
+        # `root` is the model's name, not its path: clients have no business with the server's files.
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "bitfold",
-                "root": eng.model_path, "max_model_len": eng.max_model_len}
+                "root": model_name_for(eng.model_path), "max_model_len": eng.max_model_len}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(401, 503))
     async def models() -> dict:
         return {"object": "list", "data": [_card()]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=_responses(401, 404, 503))
     async def model(model: str) -> dict:
         state.check_model(model)
         return _card()
 
-    @app.get("/health")
+    @app.get("/health", responses=_responses(503))
     async def health() -> Response:
         try:
             engine.check_ready()
@@ -193,4 +204,18 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | AsyncEngine | Callab
         return PlainTextResponse(engine.metrics.render(engine.stats, engine.ready),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def openapi() -> dict:
+        """FastAPI's schema without the 422 it declares for every route with a body: bitfold
+        answers validation errors with 400 in OpenAI's shape, never 422."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -122,8 +122,9 @@ class AsyncEngine:
     def check_ready(self) -> LLMEngine:
         if self._stopping:
             raise EngineUnavailableError("the server is shutting down")
-        if self.load_error is not None:
-            raise EngineUnavailableError(f"the model failed to load: {self.load_error}")
+        if self.load_error is not None:  # why (file paths...) is for the server's log, not for clients
+            raise EngineUnavailableError(f"the model failed to load ({type(self.load_error).__name__}; the server's "
+                                         "log says why)")
         if self.engine is None:
             raise EngineUnavailableError("the model is still loading; retry in a moment")
         return self.engine

@@ -21,7 +21,22 @@ from typing import Callable
 from bitfold.config import EngineConfig, add_dataclass_args, dataclass_from_args
 from bitfold.errors import BitfoldError
 
-EXTRAS_HINT = "bitfold serve needs its extras: pip install 'bitfold[serve]'"
+
+
+def extras_hint() -> str:
+    """The command that installs the serve extras into the environment bitfold runs from: that
+    Python's own pip (a bare `pip` may be another environment's), and the source checkout when
+    bitfold is installed from one (`pip install -e`)."""
+    import os
+
+    pip = os.path.join(os.path.dirname(sys.executable), "pip")
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))  # src/bitfold/server/../../..
+    if os.path.isfile(os.path.join(root, "pyproject.toml")):
+        where = "." if os.path.abspath(os.getcwd()) == root else root
+        target = f"-e '{where}[serve]'"
+    else:
+        target = "'bitfold[serve]'"
+    return f"bitfold serve needs its extras (fastapi, uvicorn): {pip} install {target}"
 
 
 def register(subparsers) -> None:
@@ -55,7 +70,7 @@ def cmd_serve(args: argparse.Namespace, build_engine: Callable[[EngineConfig], o
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise BitfoldError(EXTRAS_HINT) from e
+        raise BitfoldError(extras_hint()) from e
     from bitfold.engine import LLMEngine
     from bitfold.server.app import ServerState, create_app
     from bitfold.server.async_engine import AsyncEngine

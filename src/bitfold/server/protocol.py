@@ -15,12 +15,11 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from bitfold.engine import MAX_LOGPROBS  # OpenAI's top_logprobs limit; the engine's too
 from bitfold.errors import InvalidRequestError
 from bitfold.loader.tokenizer import check_text
 from bitfold.sampling import SamplingParams
 from bitfold.server.http_errors import APIError
-
-MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit (and vLLM's default max_logprobs)
 
 
 def _unicode(v: str) -> str:
@@ -48,15 +47,15 @@ class _Common(_Strict):
 
     model: Text
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
     seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: Text | None = None  # accepted and ignored, as a label
     top_k: int | None = Field(None, ge=-1, description="bitfold extension: keep the k most likely tokens")
@@ -182,3 +181,16 @@ class ChatCompletionRequest(_Common):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, the body of every 4xx/5xx bitfold sends."""
+
+    error: ErrorDetail
