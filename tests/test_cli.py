@@ -290,3 +290,33 @@ def test_unknown_architecture_is_named_before_missing_fields(capsys, tmp_path):
                                                       "n_head": 12, "n_layer": 12, "vocab_size": 50257}))
     rc, out, err = run_main(capsys, ["generate", PROMPT, "--model", str(tmp_path)])
     assert_one_error_line(rc, out, err, "GPT2LMHeadModel", "not supported", "LlamaForCausalLM")
+
+
+# ---- weights that rounding breaks ------------------------------------------------------------------
+
+
+def test_rounding_to_two_bits_or_fewer_warns(caplog, tiny_model_dir, tmp_path):
+    """--weights int2 (int1, ternary) rounds every layer to nearest without calibration, which
+    breaks ordinary models: one warning before loading, naming what works instead. int3/int4 and a
+    checkpoint already stored in the format load silently."""
+    import logging
+
+    from bitfold import LLM
+    from bitfold.quantize import quantize
+
+    def warnings_for(**kw) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bitfold"):
+            LLM(str(kw.pop("model", tiny_model_dir)), device="cpu", num_kv_blocks=8, **kw)
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    for weights in ("int2", "int1-g32", "ternary"):
+        (msg,) = warnings_for(weights=weights)
+        assert f"--weights {weights}:" in msg and "int4" in msg and "calibrated" in msg and "\n" not in msg, msg
+    assert warnings_for(weights="int4") == [] and warnings_for(weights="int3") == []
+    folder = tmp_path / "int2"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bitfold"):
+        quantize(str(tiny_model_dir), "int2", str(folder))
+    assert any("--format int2:" in r.getMessage() for r in caplog.records)
+    assert warnings_for(model=folder) == [] and warnings_for(model=folder, weights="int2-g64") == []

@@ -132,6 +132,8 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(1024, "token budget per step; longer prompts are prefilled in chunks")
     async_scheduling: str = _opt("auto", "launch step N+1 before reading step N's tokens, hiding host work "
                                  "behind the GPU (auto = on for CUDA)", choices=["auto", "on", "off"])
+    num_threads: int | None = _opt(None, "CPU threads for loading and compute (default: the cores other processes "
+                                   "leave free at load, at most torch's count)")
 
     def validate(self) -> None:
         def bad(name, expected):

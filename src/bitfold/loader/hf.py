@@ -13,12 +13,12 @@ import os
 from typing import Iterator
 
 import torch
-from tqdm import tqdm
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, UnsupportedFormatError
 from bitfold.loader.packed import BitfoldCodes
 from bitfold.loader.source import ModelSource
+from bitfold.progress import progress
 from bitfold.weights import WEIGHT_FORMATS
 from bitfold.weights.lowbit import lowbit_spec
 
@@ -120,7 +120,7 @@ def _iter_safetensors(paths: list[str], quant: BitfoldQuantization | None = None
 
     total = sum(os.path.getsize(p) for p in paths)
     pending: dict[str, dict[str, tuple[torch.Tensor, str]]] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=None, leave=False) as bar:
+    with progress(total, "loading weights") as bar:
         for p in paths:
             try:
                 with safe_open(p, framework="pt") as f:
