@@ -333,11 +333,19 @@ def test_invalid_sampling_params(name, value):
     check_message(e.value, name)
 
 
-def test_valid_sampling_edges_are_accepted():
+def test_valid_sampling_edges_are_accepted(tiny_llm):
+    """Each edge value is kept as given (stop strings normalized to a list) and a request with it runs."""
     for kw in [dict(temperature=0), dict(temperature=1e-6), dict(top_p=1.0), dict(top_p=1e-9), dict(top_k=-1),
                dict(top_k=0), dict(max_tokens=1), dict(seed=0), dict(seed=-1), dict(seed=2**64 - 1),
                dict(stop="x"), dict(stop=("a", "b")), dict(stop=None), dict(stop_token_ids=[0, 5])]:
-        SamplingParams(**kw)
+        sp = SamplingParams(**kw)
+        (name, value), = kw.items()
+        want = {"x": ["x"], ("a", "b"): ["a", "b"], None: []}.get(value, value) if name == "stop" else value
+        assert getattr(sp, name) == want and type(getattr(sp, name)) is type(want), (kw, getattr(sp, name))
+        sp.max_tokens, sp.ignore_eos = 2, True
+        out = tiny_llm.generate([[5, 6, 7]], sp)[0]
+        assert out.finished and 1 <= len(out.token_ids) <= 2 and all(0 <= t < 320 for t in out.token_ids), kw
+    assert_pool_whole(tiny_llm)
 
 
 def test_params_made_invalid_after_construction_are_caught(tiny_llm):

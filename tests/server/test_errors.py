@@ -173,7 +173,7 @@ def test_503_after_a_failed_load(tmp_path):
         raise ModelLoadError(f"{tmp_path}/nope.gguf: no such file")
 
     with LiveServer(create_app(load, model_name="x"), wait_ready=False) as s:
-        time.sleep(0.1)
+        assert s.engine.loaded.wait(30)
         for r in [httpx.get(s.url + "/health"), post(s, "/v1/completions", OK)]:
             assert r.status_code == 503 and "failed to load" in error_of(r)["message"] and "ModelLoadError" in r.text
             assert str(tmp_path) not in r.text  # the reason is in the server's log; clients see no server paths
