@@ -18,6 +18,7 @@ from bitfold.errors import BitfoldError
 def restore_threads(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setattr(threads, "_last", None)  # measure afresh
+    monkeypatch.setattr(threads, "_ceiling", None)
     yield
     torch.set_num_threads(before)
 
@@ -85,3 +86,17 @@ def test_engine_takes_num_threads(restore_threads, tiny_model_dir):
     for bad in (0, -2, 1.5):
         with pytest.raises(BitfoldError, match="num_threads"):
             LLM(str(tiny_model_dir), device="cpu", num_kv_blocks=8, num_threads=bad)
+
+
+def test_a_quieter_machine_gets_its_threads_back(restore_threads, monkeypatch):
+    """Lowered at one engine's load, the count goes back up at a later one when cores are free
+    again, but not above what the user set meanwhile."""
+    torch.set_num_threads(2)
+    monkeypatch.setattr(threads, "free_cores", lambda sample_s=0: 1.0)
+    assert threads.configure_threads() == 1 == torch.get_num_threads()
+    monkeypatch.setattr(threads, "_last", None)
+    monkeypatch.setattr(threads, "free_cores", lambda sample_s=0: 2.0)
+    assert threads.configure_threads() == 2 == torch.get_num_threads()
+    torch.set_num_threads(1)  # the user's own choice
+    monkeypatch.setattr(threads, "_last", None)
+    assert threads.configure_threads() == 1

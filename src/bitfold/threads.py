@@ -9,10 +9,11 @@ took 118 s with 2 threads and 8.5 s with 1, and Qwen2.5-1.5B 364-707 s against 9
 So at engine start (and before `bitfold quantize`) the number of threads is lowered to the
 cores left idle by everything else, measured over a short window from `/proc/stat` (per CPU
 this process may run on; time stolen by the hypervisor counts as busy) while this process
-sleeps. It is never raised above what torch was given (`OMP_NUM_THREADS`, `torch.set_num_threads`),
-and `EngineConfig.num_threads` (`--num-threads`) sets it outright. The choice holds for the
-process's lifetime (torch's pool is process-wide): a busy machine at load means fewer threads
-for decoding too, which `-v` logs.
+sleeps. It is never raised above what torch was given (`OMP_NUM_THREADS`, `torch.set_num_threads`;
+a later engine in the same process may go back up to it), and `EngineConfig.num_threads`
+(`--num-threads`) sets it outright. The choice holds until the next engine is built (torch's
+pool is process-wide): a busy machine at load means fewer threads for decoding too, which `-v`
+logs.
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ REUSE_S = 30.0  # engines built within this long of a measurement reuse it (test
 FREE_CORE = 0.7
 
 _last: tuple[float, float] | None = None  # (monotonic time, free cores) of the last measurement
+# (the count torch had before bitfold first lowered it, the count bitfold set): a later engine
+# may go back up to the first when the machine is quieter, unless someone else changed torch's
+# count since (then that is the new ceiling).
+_ceiling: tuple[int, int] | None = None
 
 
 def _cpu_times(cpus: set[int]) -> tuple[float, float] | None:
@@ -88,6 +93,8 @@ def choose_num_threads(requested: int | None = None) -> int:
                                "(or None to use the free cores)")
         return requested
     current = torch.get_num_threads()
+    if _ceiling is not None and _ceiling[1] == current:
+        current = _ceiling[0]
     if current <= 1:
         return current
     now = time.monotonic()
@@ -99,13 +106,19 @@ def choose_num_threads(requested: int | None = None) -> int:
 
 def configure_threads(requested: int | None = None) -> int:
     """Set torch's (and so the LUT kernel's) thread count for this process; returns it."""
+    global _ceiling
     before = torch.get_num_threads()
     n = choose_num_threads(requested)
+    if requested is None:
+        ceiling = _ceiling[0] if _ceiling is not None and _ceiling[1] == before else before
+        _ceiling = (ceiling, n)
+    else:
+        _ceiling = None  # an explicit count: later automatic choices start from it
     if n != before:
         torch.set_num_threads(n)
-    if requested is None and n < before:
+    if requested is None and _ceiling is not None and n < _ceiling[0]:
         log.info("computing with %d of %d threads: %.1f of %d cores were free at load (--num-threads overrides)",
-                 n, before, _last[1] if _last else float("nan"), len(usable_cpus()))
+                 n, _ceiling[0], _last[1] if _last else float("nan"), len(usable_cpus()))
     else:
         log.info("computing with %d CPU threads", n)
     return n
