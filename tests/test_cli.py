@@ -196,6 +196,7 @@ def test_process_chat_on_the_tiny_model(tiny_chat_dir):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_process_generate_on_the_default_model(smollm2_llm):
     prompt = "The capital of France is"
     p = run_process(["generate", prompt, "--max-tokens", "8", "--device", "cpu", "--kv-cache-memory-gb", "0.25"])
@@ -205,6 +206,7 @@ def test_process_generate_on_the_default_model(smollm2_llm):
     assert "Paris" in p.stdout
 
 
+@pytest.mark.slow
 def test_process_generate_chat_on_the_default_model(smollm2_llm):
     question = "What is the capital of France?"
     p = run_process(["generate", question, "--chat", "--max-tokens", "8", "--device", "cpu",

@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from bitfold.cli import main
 
@@ -58,6 +59,7 @@ def test_generate_does_not_import_the_server_stack():
     assert out.split() == ["False", "False"]
 
 
+@pytest.mark.slow
 def test_sigterm_is_graceful(smollm2_path):
     proc = spawn("--port", "0", "--model", smollm2_path, "--kv-cache-memory-gb", "0.2", "--device", "cpu",
                  "--shutdown-timeout", "5", "--served-model-name", "smol")

@@ -10,8 +10,11 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from tests.server.test_serve_cli import read_until
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "serve_random.py")
 
