@@ -273,7 +273,8 @@ def test_verbose_before_or_after_the_subcommand():
     from bitfold.cli import build_parser
 
     for argv in (["-v", "generate", PROMPT], ["generate", PROMPT, "-v"], ["generate", "--verbose", PROMPT],
-                 ["serve", "-v"], ["eval", "ppl", "-v"], ["-v", "eval", "ppl"], ["quantize", "--format", "int4", "--out", "x", "-v"]):
+                 ["serve", "-v"], ["eval", "ppl", "-v"], ["-v", "eval", "ppl"],
+                 ["quantize", "--format", "int4", "--out", "x", "-v"]):
         assert build_parser().parse_args(argv).verbose is True, argv
     for argv in (["generate", PROMPT], ["serve"], ["eval", "ppl"]):
         assert build_parser().parse_args(argv).verbose is False, argv

@@ -146,8 +146,8 @@ class LLMEngine:
             raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
         if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
-            raise InvalidSamplingParamsError(f"invalid sampling parameter logprobs={params.logprobs!r}: expected at most "
-                                             f"{MAX_LOGPROBS} top log-probabilities per token")
+            raise InvalidSamplingParamsError(f"invalid sampling parameter logprobs={params.logprobs!r}: expected "
+                                             f"at most {MAX_LOGPROBS} top log-probabilities per token")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: pass prompts as token ids")

@@ -29,8 +29,8 @@ def small_limit_server(tiny_model_dir):
 def test_request_larger_than_the_limit_is_413(small_limit_server):
     s = small_limit_server
     big = {**OK, "prompt": "1 " * 40_000}  # 80 KB
-    for path, body in [("/v1/completions", big),
-                       ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "1 " * 40_000}]})]:
+    big_chat = {"model": "tiny", "messages": [{"role": "user", "content": "1 " * 40_000}]}
+    for path, body in [("/v1/completions", big), ("/v1/chat/completions", big_chat)]:
         r = httpx.post(s.url + path, json=body, timeout=30)
         assert r.status_code == 413, r.text
         err = error_of(r)

@@ -47,7 +47,8 @@ def test_help_and_missing_extras(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # what `import uvicorn` does when it is not installed
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("bitfold: error: bitfold serve needs its extras (fastapi, uvicorn): ") and err.count("\n") == 1
+    assert err.startswith("bitfold: error: bitfold serve needs its extras (fastapi, uvicorn): ")
+    assert err.count("\n") == 1
     pip = os.path.join(os.path.dirname(sys.executable), "pip")
     assert f"{pip} install" in err and "[serve]" in err, err  # the pip of the Python that runs bitfold
 
