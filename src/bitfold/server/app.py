@@ -118,13 +118,16 @@ class _Gate:
         """(413 error or None, the receive to hand on). A declared Content-Length over the limit
         is refused before anything is read; a chunked body is read here up to the limit and
         replayed. The refused body is read and dropped (up to DRAIN_BYTES) so that the client,
-        still sending, gets to read the 413 instead of a reset connection."""
+        still sending, gets to read the 413 instead of a reset connection (unless it waits for
+        `100 Continue` before sending, which reading would grant)."""
         limit = self.state.max_request_bytes
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None:
             if int(length) <= limit:  # the HTTP layer keeps the body to its declared length
                 return None, receive
-            await _drain(receive, DRAIN_BYTES)
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await _drain(receive, DRAIN_BYTES)
             return _too_large(limit, f"{int(length)} bytes"), receive
         chunks, size = [], 0
         while True:
