@@ -44,10 +44,10 @@ def recapture(eng, sizes: list[int], fused: bool, gemv_rows: int) -> None:
     r.graphs = None
     gc.collect()
     torch.cuda.empty_cache()
-    r.backend.fuses_kv_write = fused
+    r.backend.ops.fuses_kv_write = fused
     dense.GEMV_MAX_ROWS = gemv_rows
     with torch.inference_mode():
-        r.graphs = DecodeGraphs(r.model, r.kv_caches, r.backend, sizes, r.max_model_len, eng.config.block_size)
+        r.graphs = DecodeGraphs(r.model, r.kv_caches, r.backend, sizes, r.max_model_len, r.block_size)
 
 
 def host_split(eng, B, ctx, steps):

@@ -264,7 +264,7 @@ def test_help_shows_every_default_and_every_flag_has_help(capsys, command):
     assert rc == 0
     if command in ("generate", "chat", "serve"):
         flat = " ".join(out.split())
-        assert "(default: 16)" in flat and "--max-num-seqs MAX_NUM_SEQS" in flat
+        assert "(default: 1024)" in flat and "--max-num-seqs MAX_NUM_SEQS" in flat
         assert "most requests decoded together in one step (default: 128)" in flat
         assert "(default: None)" not in flat
 

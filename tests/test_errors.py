@@ -401,7 +401,7 @@ def test_unknown_llm_keyword(tiny_model_dir):
     (dict(block_size=3), "block_size"), (dict(max_num_seqs=0), "max_num_seqs"),
     (dict(max_model_len=1), "max_model_len"), (dict(max_model_len=10**6), "max_model_len"),
     (dict(kv_cache_memory_gb=-1.0), "kv_cache_memory_gb"), (dict(num_kv_blocks=0), "num_kv_blocks"),
-    (dict(kv_codec="int3"), "int3"),
+    (dict(kv_cache="int3"), "int3"),
 ])
 def test_invalid_engine_settings(tiny_model_dir, kw, name):
     with pytest.raises(BitfoldError) as e:

@@ -121,10 +121,16 @@ class EngineConfig:
                         "quantized at load: int4, int3, int2, int1, ternary (group 64; e.g. int2-g32 for "
                         "groups of 32)")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's context)")
-    block_size: int = _opt(16, "tokens per KV-cache block")
+    block_size: int | None = _opt(None, "tokens per KV-cache block (default: 16, or 64 for a compressed KV cache, "
+                                  "whose key groups are one block)")
     kv_cache_memory_gb: float | None = _opt(None, "memory for the KV cache in GiB (default 2 on CPU)")
     num_kv_blocks: int | None = _opt(None, "exact number of KV blocks (overrides --kv-cache-memory-gb)")
-    kv_codec: str = _opt("auto", "KV-cache storage codec (auto = the compute dtype)")
+    kv_cache: str = _opt("auto", "KV-cache storage: auto (the compute dtype), bf16, fp16, fp32, fp8, int8, int4, "
+                         "int2 (KIVI), or K and V apart as kXvY with X, Y in 16/8/4/2 (e.g. k8v4, k4v2)")
+    kv_residual: int | None = _opt(None, "newest tokens per sequence a compressed KV cache keeps 16-bit (KIVI's "
+                                   "residual window; default 128 for int4/int2 sides, 0 for fp8/int8)")
+    kv_rotate: str = _opt("auto", "Hadamard-rotate keys before quantizing them (RotateKV/QuaRot); auto = the "
+                          "codec's default", choices=["auto", "on", "off"])
     attention_backend: str = _opt("auto", "attention backend: auto (triton on GPU, cpu = C++ for float32 on CPU, else torch), triton, cpu, torch")
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights, activations and KV cache")
     enforce_eager: bool = _opt(False, "do not capture CUDA graphs for decode (GPU only)")
@@ -139,8 +145,10 @@ class EngineConfig:
         def bad(name, expected):
             raise BitfoldError(f"invalid engine setting {name}={getattr(self, name)!r}: expected {expected}")
 
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):
             bad("block_size", "a power of two >= 1")
+        if self.kv_residual is not None and self.kv_residual < 0:
+            bad("kv_residual", "an integer >= 0")
         if self.max_num_seqs < 1:
             bad("max_num_seqs", "an integer >= 1")
         if self.max_num_batched_tokens < 1:
@@ -157,6 +165,18 @@ class EngineConfig:
 
         if self.weights != "auto" and self.weights not in WEIGHT_FORMATS:
             bad("weights", "one of " + ", ".join(WEIGHT_FORMATS.names()))  # "auto" is registered too
+        from bitfold.kvcache.codecs import KV_CODECS
+
+        if self.kv_cache not in KV_CODECS:
+            bad("kv_cache", "one of " + ", ".join(KV_CODECS.names()))
+
+    def effective_block_size(self) -> int:
+        """`block_size`, or the KV cache's own default when it is not set."""
+        from bitfold.kvcache.codecs import KV_CODECS
+
+        if self.block_size is not None:
+            return self.block_size
+        return KV_CODECS.get(self.kv_cache).default_block_size if self.kv_cache in KV_CODECS else 16
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:

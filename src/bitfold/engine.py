@@ -12,6 +12,7 @@ one more token computed, which is discarded. Greedy outputs are the same either 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ class LLMEngine:
         if config.async_scheduling not in ("auto", "on", "off"):
             raise BitfoldError(f"invalid engine setting async_scheduling={config.async_scheduling!r}: "
                                "expected auto, on or off")
+        config = dataclasses.replace(config, block_size=config.effective_block_size())
         self.config = config
         source = source or open_model(config.model)
         self.model_path = source.path
@@ -130,7 +132,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or source.max_context
         self.runner = ModelRunner(source, config, self.device, self.dtype, self.max_model_len)
         self.pool = BlockPool(self.runner.num_blocks)
-        self.kv = KVManager(self.pool, config.block_size)
+        self.kv = KVManager(self.pool, config.block_size, self.runner.num_seq_slots)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.async_scheduling = config.async_scheduling == "on" or (config.async_scheduling == "auto"
                                                                      and self.device.type == "cuda")

@@ -33,7 +33,7 @@ def assert_one_error_line(rc, err, words):
     (["needle", "--corpus", "nope"], "unknown corpus 'nope'"),
     (["needle", "--lengths", "1q"], "--lengths: '1q' is not a token count"),
     (["needle", "--depths", "2"], "--depths '2'"),
-    (["needle", "--config", "k:kv_codec=int3"], "unknown KV codec 'int3'"),
+    (["needle", "--config", "k:kv_cache=int3"], "unknown KV cache 'int3'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, words):
@@ -64,7 +64,7 @@ def test_tiny_ppl_run_writes_results(capsys, smollm2_path, wiki_docs, tmp_path):
     assert "| a | dtype=float32 |" in out and "2 windows x 24 tokens" in out
     res = json.loads((tmp_path / "p.json").read_text())
     [cfg] = res["configs"]
-    assert cfg["tokens"] == 2 * 23 and cfg["kl_mean"] == 0.0 and cfg["engine"]["kv_codec"] == "dense"
+    assert cfg["tokens"] == 2 * 23 and cfg["kl_mean"] == 0.0 and cfg["engine"]["kv_cache"] == "dense"
     assert res["windows"]["count"] == 2 and len(res["positions"]["a"]["nll"]) == 24
     assert (tmp_path / "p.md").read_text().startswith("# bitfold eval ppl")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

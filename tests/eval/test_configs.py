@@ -31,7 +31,7 @@ def test_no_config_means_the_engine_flags_alone():
     ("x:block_size=three", "not a value of type int"),
     ("x:block_size=3", "power of two"),
     ("x:enforce_eager=maybe", "true or false"),
-    ("x:kv_codec=nope", "unknown KV codec 'nope'"),
+    ("x:kv_cache=nope", "unknown KV cache 'nope'"),
     ("x:attention_backend=nope", "unknown attention backend 'nope'"),
     ("x:dtype", "is not key=value"),
     ("x:dtype=float32,dtype=bfloat16", "set twice"),

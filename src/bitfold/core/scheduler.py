@@ -27,7 +27,8 @@ class ScheduledChunk:
     """Compute tokens [start, start + num_tokens) of `request`; `block_table` covers them.
     `samples`: the chunk reaches the request's last token, so the runner samples the next one
     (left None, it is worked out from the request as it stands). `pending`: the chunk's one
-    token is the request's pending sample (async scheduling), whose id lives on the device."""
+    token is the request's pending sample (async scheduling), whose id lives on the device.
+    `seq_slot`: the request's slot of per-sequence KV storage (-1: the codec keeps none)."""
 
     request: Request
     start: int
@@ -35,6 +36,7 @@ class ScheduledChunk:
     block_table: list[int]
     samples: bool | None = None
     pending: bool = False
+    seq_slot: int = -1
 
     def __post_init__(self) -> None:
         if self.samples is None:
@@ -92,7 +94,7 @@ class Scheduler:
         """Describe [num_computed, num_computed + n) of `req` and account for it as scheduled."""
         start, known = req.num_computed_tokens, req.num_tokens + req.num_pending_tokens
         chunk = ScheduledChunk(req, start, n, list(self.kv.block_table(req)), samples=start + n == known,
-                               pending=req.num_pending_tokens > 0)
+                               pending=req.num_pending_tokens > 0, seq_slot=self.kv.seq_slot(req))
         req.num_computed_tokens += n
         req.num_pending_tokens += chunk.samples
         return chunk

@@ -84,7 +84,9 @@ def _positive(args, *names: str) -> None:
 def _engine_info(engine) -> dict:
     r = engine.runner
     return {"device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-            "kv_codec": r.kv_spec.codec.name, "attention_backend": r.backend.name, "block_size": engine.config.block_size,
+            "kv_cache": r.kv_spec.codec.name, "kv_residual": r.kv_spec.codec.residual,
+            "kv_rotate": r.kv_spec.codec.rotate, "kv_bits_per_element": r.kv_spec.codec.bits_per_element,
+            "attention_backend": r.backend.name, "block_size": engine.config.block_size,
             "weights": engine.model_path, "cuda_graphs": r.graphs is not None}
 
 
@@ -154,7 +156,7 @@ def cmd_ppl(args) -> None:
     for c in configs:
         cfg = c.engine_config(base, max_model_len=args.context)
         if cfg.num_kv_blocks is None and cfg.kv_cache_memory_gb is None:  # one batch of windows, no more
-            cfg = dataclasses.replace(cfg, num_kv_blocks=batch * blocks_for(args.context, cfg.block_size))
+            cfg = dataclasses.replace(cfg, num_kv_blocks=batch * blocks_for(args.context, cfg.effective_block_size()))
         if "max_num_seqs" not in c.overrides:  # CUDA graphs for exactly the batch sizes used
             cfg = dataclasses.replace(cfg, max_num_seqs=batch)
         engines[c.name] = _build(cfg, base, source, c)

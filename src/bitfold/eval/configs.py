@@ -1,7 +1,7 @@
 """Named engine configurations to compare: `--config name:key=value,key=value`.
 
 A configuration is a set of EngineConfig overrides on top of the command's own engine flags
-(`ref:dtype=float32`, `bf16:dtype=bfloat16`, `int4kv:kv_codec=int4`). The first one given is
+(`ref:dtype=float32`, `bf16:dtype=bfloat16`, `int4kv:kv_cache=int4`). The first one given is
 the reference the others are judged against (KL divergence, top-1 agreement). Every key and
 value is checked here, before any model is loaded, so a typo costs nothing.
 """
@@ -67,11 +67,11 @@ def _check_registries(spec: str, overrides: dict[str, Any]) -> None:
     """Names that live in registries (KV codecs, attention backends) are checked against them now,
     not after a model has loaded."""
     from bitfold.kvcache.codecs import KV_CODECS
-    from bitfold.layers.attention import ATTENTION_BACKENDS
+    from bitfold.attention import ATTENTION_BACKENDS
 
-    codec = overrides.get("kv_codec")
+    codec = overrides.get("kv_cache")
     if codec is not None and codec not in KV_CODECS:
-        raise BitfoldError(f"--config {spec!r}: unknown KV codec {codec!r}; known: {', '.join(KV_CODECS.names())}")
+        raise BitfoldError(f"--config {spec!r}: unknown KV cache {codec!r}; known: {', '.join(KV_CODECS.names())}")
     backend = overrides.get("attention_backend")
     if backend is not None and backend != "auto" and backend not in ATTENTION_BACKENDS:
         raise BitfoldError(f"--config {spec!r}: unknown attention backend {backend!r}; known: auto, "

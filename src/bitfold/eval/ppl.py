@@ -63,8 +63,7 @@ def step_logits(engine: LLMEngine, chunks: list[ScheduledChunk], all_tokens: boo
     if not all_tokens and decode and r.graphs is not None and r.graphs.fits(len(chunks)):
         with torch.inference_mode():
             ids, ctx = r.prepare(chunks)
-            m = ctx.attn
-            return r.graphs.run(ids, ctx.positions, m.slot_mapping, m.block_tables, m.context_lens)
+            return r.graphs.run(ids, ctx.positions, ctx.attn)
     return r.forward_logits(chunks, all_tokens=all_tokens)
 
 
@@ -93,7 +92,7 @@ class _Lane:
             if not kv.allocate_slots(r, n):
                 raise BitfoldError(f"config {self.name!r}: the KV cache ({self.engine.pool.num_blocks} blocks) cannot "
                                    f"hold {len(self.reqs)} windows; lower --batch or raise num_kv_blocks")
-            chunks.append(ScheduledChunk(r, start, n, list(kv.block_table(r))))
+            chunks.append(ScheduledChunk(r, start, n, list(kv.block_table(r)), seq_slot=kv.seq_slot(r)))
         t0 = time.perf_counter()
         logits = step_logits(self.engine, chunks, all_tokens)
         if logits.is_cuda:

@@ -85,7 +85,7 @@ def why_not(model, ctx) -> str | None:
         return "disabled (BITFOLD_CPU_FUSED_STEP=0)"
     if not ctx.attn.decode_only:
         return "not a decode-only step"
-    if not ctx.backend.fuses_kv_write or ctx.backend.name != "cpu":
+    if ctx.backend.name != "cpu" or not getattr(ctx.backend.ops, "fuses_kv_write", False):
         return f"attention backend {ctx.backend.name!r} is not the C++ CPU one"
     state = _state(model)
     if "why_not" not in state:

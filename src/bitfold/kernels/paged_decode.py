@@ -123,11 +123,13 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
 @jit
 def _decode_merge_kernel(out, part_m, part_l, part_acc, context_lens, window, num_splits,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr = 1):
+    # ALIGN: the split kernel started its span at the window's start rounded down to a multiple
+    # of ALIGN (compressed pages are walked whole); 1 = at the window's start.
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(context_lens + b)
-    span = seq_len - tl.maximum(seq_len - window, 0)
+    span = seq_len - tl.maximum(seq_len - window, 0) // ALIGN * ALIGN
     split_tokens = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N  # as the split kernel cut it
     used = tl.minimum(tl.cdiv(span, split_tokens), num_splits)  # splits this sequence filled
     s = tl.arange(0, BLOCK_S)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitfold.layers.attention import AttentionBackend, AttentionMetadata
+from bitfold.attention.base import AttentionBackend, AttentionMetadata
 from bitfold.registry import Registry
 
 

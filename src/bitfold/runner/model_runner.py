@@ -18,9 +18,9 @@ from bitfold.config import EngineConfig
 from bitfold.core.request import Request
 from bitfold.core.scheduler import ScheduledChunk, SchedulerOutput
 from bitfold.errors import BitfoldError
-from bitfold.kvcache.codecs import KV_CODECS
+from bitfold.kvcache.codecs import make_codec
 from bitfold.kvcache.spec import KVCacheSpec
-from bitfold.layers.attention import AttentionMetadata, select_backend
+from bitfold.attention import AttentionMetadata, select_backend
 from bitfold.layers.sampler import TokenLogprob, apply_penalties, assemble_logprobs, logprobs_on_device, sample_tokens
 from bitfold.loader.source import ModelSource
 from bitfold.models import MODELS
@@ -75,17 +75,21 @@ class ModelRunner:
         self.model.eval().requires_grad_(False)
 
         mc = self.model_config
-        if cfg.kv_codec not in KV_CODECS:
-            raise BitfoldError(f"unknown KV codec {cfg.kv_codec!r}; known: {', '.join(KV_CODECS.names())}")
-        codec = KV_CODECS.get(cfg.kv_codec)(dtype)
-        self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, codec)
-        self.backend = select_backend(cfg.attention_backend, device, codec)
+        self.block_size = bs = cfg.effective_block_size()
+        codec = make_codec(cfg.kv_cache, dtype, cfg.kv_residual, cfg.kv_rotate)
+        why = codec.validate(bs, mc.head_dim, max_model_len)
+        if why is not None:
+            raise BitfoldError(f"--kv-cache {cfg.kv_cache}: {why}")
+        # Per-sequence codec storage (KIVI's residual window): one slot per sequence that can run.
+        self.num_seq_slots = cfg.max_num_seqs if codec.needs_seq_slots(bs, mc.num_kv_heads, mc.head_dim) else 0
+        self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, bs, codec, self.num_seq_slots)
+        self.backend = select_backend(cfg.attention_backend, device, dtype, codec)
         self.max_model_len = max_model_len
         self.num_blocks = cfg.num_kv_blocks or self.kv_spec.num_blocks_for(self._kv_budget_bytes())
         if self.num_blocks < 1:
             raise BitfoldError("the KV-cache budget is smaller than one block; raise --kv-cache-memory-gb "
                                "or --gpu-memory-utilization")
-        self.kv_caches = [codec.allocate(self.num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, device)
+        self.kv_caches = [codec.allocate(self.num_blocks, bs, mc.num_kv_heads, mc.head_dim, device, self.num_seq_slots)
                           for _ in range(mc.num_layers)]
         self.generators: dict[str, torch.Generator] = {}
         # Filled by every `execute` for the requests that asked for logprobs (beside its return
@@ -95,14 +99,17 @@ class ModelRunner:
         # it: where a pending chunk's input token is.
         self._last_tokens: torch.Tensor | None = None
         self._last_rows: dict[Request, int] = {}
-        log.info("KV cache: %d blocks x %d tokens = %d tokens fit (%.2f GiB, %s codec, %s attention)",
-                 self.num_blocks, cfg.block_size, self.num_blocks * cfg.block_size,
-                 self.num_blocks * self.kv_spec.page_size_bytes / 2**30, codec.name, self.backend.name)
+        log.info("KV cache %s: %d blocks x %d tokens = %d tokens fit (%.2f GiB of pages%s, %.1f bits per element, "
+                 "%s attention)", codec.name, self.num_blocks, bs, self.num_blocks * bs,
+                 self.num_blocks * self.kv_spec.page_size_bytes / 2**30,
+                 f" + {self.kv_spec.fixed_bytes / 2**30:.2f} GiB for {self.num_seq_slots} sequences' "
+                 f"{codec.residual}-token residual windows" if self.num_seq_slots else "",
+                 codec.bits_per_element, self.backend.name)
         self.graphs = None
-        if device.type == "cuda" and not cfg.enforce_eager and self.backend.graph_safe:
+        if device.type == "cuda" and not cfg.enforce_eager and self.backend.is_graph_safe:
             sizes = default_batch_sizes(cfg.max_num_seqs)
             with torch.inference_mode():
-                self.graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, sizes, max_model_len, cfg.block_size)
+                self.graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, sizes, max_model_len, bs)
             log.info("captured CUDA graphs for decode batch sizes %s", sizes)
 
     def _kv_budget_bytes(self) -> int:
@@ -127,13 +134,13 @@ class ModelRunner:
         from bitfold.sampling import SamplingParams
 
         n = min(self.cfg.max_num_batched_tokens, self.max_model_len)
-        bs = self.cfg.block_size
+        bs = self.block_size
         nb = -(-n // bs)
         mc = self.model_config
-        scratch = [self.kv_spec.codec.allocate(nb, bs, mc.num_kv_heads, mc.head_dim, self.device)
+        scratch = [self.kv_spec.codec.allocate(nb, bs, mc.num_kv_heads, mc.head_dim, self.device, 1)
                    for _ in range(mc.num_layers)]
         req = Request("profile", [0] * n, SamplingParams(max_tokens=1))
-        chunk = ScheduledChunk(req, 0, n, list(range(nb)))
+        chunk = ScheduledChunk(req, 0, n, list(range(nb)), seq_slot=0 if self.num_seq_slots else -1)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)
         saved, self.kv_caches = getattr(self, "kv_caches", None), scratch
@@ -158,7 +165,7 @@ class ModelRunner:
         non-blocking host-to-device transfers (int64 ids/positions/slots, int32 lengths, the
         block tables): this runs every decode step, for up to max_num_seqs sequences. Pending
         chunks take their token from the previous step's sampled tokens, on the device."""
-        bs = self.cfg.block_size
+        bs = self.block_size
         ids, pos, slots, ctx_lens, cu, tables = [], [], [], [], [0], []
         pend_dst, pend_src = [], []
         max_blocks = max(len(c.block_table) for c in chunks)
@@ -179,14 +186,16 @@ class ModelRunner:
             tables.append(table + [0] * (max_blocks - len(table)))
         T, B, P = len(ids), len(chunks), len(pend_dst)
         vec64 = self.to_device(ids + pos + slots + pend_dst + pend_src, torch.int64)
-        small32 = self.to_device(ctx_lens + cu, torch.int32)
+        seq_slots = [c.seq_slot for c in chunks] if self.num_seq_slots else []
+        small32 = self.to_device(ctx_lens + cu + seq_slots, torch.int32)
         meta = AttentionMetadata(
             slot_mapping=vec64[2 * T : 3 * T],
             block_tables=self.to_device(tables, torch.int32),
             context_lens=small32[:B],
-            cu_seqlens_q=small32[B:],
+            cu_seqlens_q=small32[B : 2 * B + 1],
             max_q_len=max(c.num_tokens for c in chunks),
             max_context_len=max(ctx_lens),
+            seq_slots=small32[2 * B + 1 :] if self.num_seq_slots else None,
         )
         input_ids = vec64[:T]
         if P:
@@ -218,8 +227,7 @@ class ModelRunner:
         chunks = out.chunks
         if self.graphs is not None and all(c.num_tokens == 1 for c in chunks) and self.graphs.fits(len(chunks)):
             input_ids, ctx = self.prepare(chunks)
-            m = ctx.attn
-            logits = self.graphs.run(input_ids, ctx.positions, m.slot_mapping, m.block_tables, m.context_lens)
+            logits = self.graphs.run(input_ids, ctx.positions, ctx.attn)
         else:
             logits = self.forward_logits(chunks)
         rows = [i for i, c in enumerate(chunks) if c.samples]

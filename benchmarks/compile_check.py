@@ -1,0 +1,126 @@
+"""Compile every Triton kernel specialization a KV codec uses for a Hopper target (sm_90) on
+this machine, without a GPU: catches what Triton's interpreter accepts but its compiler does
+not (constexpr rules, dtype casts) before a GPU call is spent on it. Needs the ptxas that
+Triton's wheel ships. Prints registers, spills and shared memory per kernel.
+
+    python benchmarks/compile_check.py [--codecs int4,int2,...] [--head-dims 128] [--dtype bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from bitfold.kernels import quant_kv_attention as A, quant_kv_write as W  # noqa: E402
+from bitfold.kernels.paged_decode import _decode_merge_kernel  # noqa: E402
+from bitfold.kvcache.codecs import KV_CODECS, make_codec  # noqa: E402
+from bitfold.kvcache.codecs.quant import QuantCodec  # noqa: E402
+
+_T = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8", torch.int8: "i8"}
+
+
+def compile_kernel(kern, types: dict, consts: dict, num_warps: int = 4):
+    names = list(inspect.signature(kern.fn).parameters)
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
+    # As the JIT specializes at launch: every pointer 16-byte aligned (torch allocations are).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    src = ASTSource(kern, sig, {(names.index(k),): v for k, v in consts.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def resources(kernel) -> str:
+    """Registers / spills / shared memory of a compiled kernel, read from its cubin by the
+    cuobjdump that Triton's wheel ships."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    return f"{m.group(1)} regs, stack {m.group(2)}, local {m.group(4)}, smem {kernel.metadata.shared}" if m else "?"
+
+
+def side_types(lay, is_k, dt):
+    kind = lay.k_kind if is_k else lay.v_kind
+    return {0: dt, 1: "i8", 2: "u8", 3: "u8"}[kind]
+
+
+def check(lay, dt: str, qg: int) -> list[tuple[str, object]]:
+    p = lambda t: "*" + t  # noqa: E731
+    c = A._consts(lay, torch.empty(0, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dt]))
+    kc, vc = side_types(lay, True, dt), side_types(lay, False, dt)
+    common = dict(k_codes=p(kc), k_meta=p("fp16"), v_codes=p(vc), v_meta=p("fp16"), ring_k=p(dt), ring_v=p(dt),
+                  block_tables=p("i32"), context_lens=p("i32"), seq_slots=p("i32"), q=p(dt), out=p(dt),
+                  scale_log2="fp32", window="i32", bt_stride="i32")
+    out = []
+    dec = dict(common, part_m=p("fp32"), part_l=p("fp32"), part_acc=p("fp32"), num_splits="i32")
+    for single in (True, False):
+        out.append((f"decode single={single}", compile_kernel(A._quant_decode_kernel, dec, dict(
+            c, NUM_HEADS=qg * lay.num_kv_heads, QG=qg, QG_PAD=max(16, triton.next_power_of_2(qg)), SINGLE_SPLIT=single))))
+    pre = dict(common, cu_seqlens_q=p("i32"), num_seqs="i32", k_new=p(dt), v_new=p(dt))
+    out.append(("prefill", compile_kernel(A._quant_prefill_kernel, pre, dict(c, NUM_HEADS=qg * lay.num_kv_heads,
+                                                                             BLOCK_M=64), num_warps=8)))
+    wc = dict(KVH=lay.num_kv_heads, BS=lay.block_size, D=lay.head_dim)
+    if lay.ring:
+        seal = dict(k_new=p(dt), v_new=p(dt), k_codes=p(kc), k_meta=p("fp16"), v_codes=p(vc), v_meta=p("fp16"),
+                    ring_k=p(dt), ring_v=p(dt), block_tables=p("i32"), cu_seqlens_q=p("i32"), context_lens=p("i32"),
+                    seq_slots=p("i32"), bt_stride="i32")
+        for wr in (True, False):
+            out.append((f"seal ring={wr}", compile_kernel(W._seal_kernel, seal, dict(
+                wc, K_KIND=lay.k_kind, K_BITS=lay.k_bits, KP=lay.k_planes, V_KIND=lay.v_kind, V_BITS=lay.v_bits,
+                VP=lay.v_planes, VG=lay.v_group, RESID=lay.residual, CAP=lay.ring_cap, WRITE_RING=wr), num_warps=8)))
+        ring = dict(k_new=p(dt), v_new=p(dt), ring_k=p(dt), ring_v=p(dt), cu_seqlens_q=p("i32"), context_lens=p("i32"),
+                    seq_slots=p("i32"))
+        out.append(("ring write", compile_kernel(W._ring_write_kernel, ring, dict(wc, RESID=lay.residual,
+                                                                                  CAP=lay.ring_cap, BLOCK_T=16))))
+    else:
+        direct = dict(k_new=p(dt), v_new=p(dt), k_codes=p(kc), k_meta=p("fp16"), v_codes=p(vc), v_meta=p("fp16"),
+                      slot_mapping=p("i64"))
+        out.append(("direct write", compile_kernel(W._direct_write_kernel, direct, dict(
+            wc, K_KIND=lay.k_kind, V_KIND=lay.v_kind))))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--codecs", default=None, help="default: every compressed codec")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--dtype", default="bf16")
+    args = ap.parse_args()
+    names = args.codecs.split(",") if args.codecs else sorted(
+        {KV_CODECS.get(n).name for n in KV_CODECS.names() if issubclass(KV_CODECS.get(n), QuantCodec)})
+    bad = 0
+    for name in names:
+        for d in (int(x) for x in args.head_dims.split(",")):
+            codec = make_codec(name, torch.bfloat16)
+            lay = codec.layout(codec.default_block_size, 8, d)
+            t0 = time.time()
+            try:
+                res = check(lay, args.dtype, 4)
+                info = "; ".join(f"{n}: {resources(k)}" for n, k in res)
+                print(f"ok   {name:6s} d={d:3d} ({time.time() - t0:.1f}s) {info}", flush=True)
+            except Exception as e:  # noqa: BLE001 - report every failing specialization
+                bad += 1
+                msgs, cur = [], e
+                while cur is not None:
+                    msgs.append(f"{type(cur).__name__}: {str(cur).splitlines()[-1] if str(cur) else ''}")
+                    cur = cur.__cause__ or cur.__context__
+                print(f"FAIL {name:6s} d={d:3d}: " + " <- ".join(msgs), flush=True)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
