@@ -209,8 +209,11 @@ def test_backends_match_the_reference(name, d, gqa, residual):
     backends = _backends(codec)
     assert "torch" in backends and "triton" in backends, backends
     kvh = 2
-    steps = [[120, 40, 64], [100, 30, 60]] + [[1, 1, 1]] * 5 + [[39, 0, 6]]
-    lens = [sum(col) for col in zip(*steps)]  # 264, 75, 135: partial last pages
+    # 140, 43 and 82 tokens, pages of 64: partial last pages; with residual 16 sequence 0 seals
+    # its first page inside chunk 2 and sequence 2 in the first decode step (79 -> 80 tokens);
+    # with residual 0 pages seal inside both chunks; sequence 1 may live in its ring alone.
+    steps = [[70, 20, 40], [60, 20, 39]] + [[1, 1, 1]] * 3 + [[7, 0, 0]]
+    lens = [sum(col) for col in zip(*steps)]
     sc = Scenario(codec, backends, lens, kvh=kvh, d=d, heads=kvh * gqa, seed=sum(map(ord, name)) + d)
     lay = sc.stores["torch"].layout
     for ns in steps:
@@ -253,19 +256,20 @@ def test_reference_attention_equals_float64_attention_over_the_cache(name):
 @pytest.mark.parametrize("name,residual", [("int4", 16), ("int2", 0), ("k8v4", 64), ("int8", 0)])
 def test_outputs_do_not_depend_on_how_the_prompt_was_chunked(name, residual):
     """Every query reads what token-by-token decoding would have shown it (KIVI's semantics):
-    one 150-token chunk, three chunks, and 40 tokens then 110 one-token decode steps give the
-    same outputs for every position, on every backend."""
+    one 100-token chunk, three chunks, and 60 tokens then 40 one-token decode steps give the
+    same outputs for every position, on every backend (pages seal inside the chunks and
+    during the decode steps)."""
     need_triton()
     codec = make_codec(name, DTYPE, residual=residual)
     backends = _backends(codec)
     gen = torch.Generator().manual_seed(7)
-    n, kvh, d, heads = 150, 2, 64, 4
+    n, kvh, d, heads = 100, 2, 64, 4
     k = torch.randn(n, kvh, d, generator=gen) * 2
     k[:, :, 3] += 15
     v = torch.randn(n, kvh, d, generator=gen)
     q = torch.randn(n, heads, d, generator=gen)
     results = {}
-    for plan in ([150], [40, 70, 40], [40] + [1] * 110):
+    for plan in ([100], [30, 45, 25], [60] + [1] * 40):
         sc = Scenario(codec, backends, [n], kvh=kvh, d=d, heads=heads, seed=1)
         outs = {be: [] for be in backends}
         done = 0
@@ -284,6 +288,26 @@ def test_outputs_do_not_depend_on_how_the_prompt_was_chunked(name, residual):
         results[len(plan)] = {be: torch.cat(o) for be, o in outs.items()}
     tol = 3e-3 if DTYPE == torch.float32 else 3e-2
     for be in backends:
-        for plan_len in (3, 111):
+        for plan_len in (3, 41):
             torch.testing.assert_close(results[plan_len][be], results[1][be], atol=tol, rtol=tol,
                                        msg=lambda m: f"{be}, {plan_len} chunks vs one: {m}")
+
+
+@pytest.mark.parametrize("name", ["int4", "k8v4", "fp8"])
+def test_batched_gather_equals_one_sequence_at_a_time(name):
+    """The CPU decode path gathers the whole batch at once; it must read what the per-sequence
+    gather (the one the kernels are tested against) reads."""
+    from bitfold.kernels.quant_kv_attention import gather_batch_ref
+
+    codec = make_codec(name, torch.float32, residual=16)
+    sc = Scenario(codec, ["torch"], [200, 77, 140], kvh=2, d=64, heads=4, seed=5, dtype=torch.float32)
+    sc.step([150, 77, 64])
+    sc.step([50, 0, 76])
+    st = sc.stores["torch"]
+    lens = torch.tensor(sc.done, device=DEVICE)
+    k, v = gather_batch_ref(st.layout, st, sc.tables.to(DEVICE), sc.slots.to(DEVICE), lens)
+    for b, n in enumerate(sc.done):
+        k1, v1 = gather_kv_ref(st.layout, st, sc.tables[b].to(DEVICE), int(sc.slots[b]), n)
+        torch.testing.assert_close(k[b, :n], k1, atol=0, rtol=0)
+        torch.testing.assert_close(v[b, :n], v1, atol=0, rtol=0)
+        assert not k[b, n:].any() and not v[b, n:].any()

@@ -492,17 +492,67 @@ def _attend_ref(q, k, v, qpos, scale, sliding_window):
     return torch.einsum("kgml,lkd->mkgd", scores.softmax(-1), v).reshape(M, H, D)
 
 
+def gather_batch_ref(lay: QuantLayout, storage, block_tables: torch.Tensor, seq_slots: torch.Tensor | None,
+                     lens: torch.Tensor):
+    """`gather_kv_ref` for B sequences at once: K and V float32 `[B, max(lens), KVH, D]` (zeros
+    past each length): every needed page dequantized in one call, the rings gathered in one."""
+    BS, H, D = lay.block_size, lay.num_kv_heads, lay.head_dim
+    B, L = lens.shape[0], int(lens.max())
+    dev = block_tables.device
+    lens = lens.long()
+    sealed = (lens - lay.residual).clamp(min=0) // BS * BS if lay.ring else lens
+    npages = (sealed + BS - 1) // BS
+    j = torch.arange(int(npages.max()) if B else 0, device=dev)
+    need = j[None, :] < npages[:, None]  # [B, NP]
+    rows, cols = need.nonzero(as_tuple=True)
+    pages = block_tables.long()[rows, cols]
+    out = []
+    for is_k in (True, False):
+        codes, meta = (storage.k, storage.k_meta) if is_k else (storage.v, storage.v_meta)
+        x = torch.zeros(B, L + BS, H, D, dtype=torch.float32, device=dev)
+        if pages.numel():
+            deq = dequantize_pages_ref(lay, is_k, codes[pages], meta[pages] if meta.numel() else meta)  # [n, H, BS, D]
+            tok = cols[:, None] * BS + torch.arange(BS, device=dev)[None, :]  # [n, BS]
+            x[rows[:, None], tok] = deq.permute(0, 2, 1, 3)
+        if lay.ring:
+            ring = storage.ring_k if is_k else storage.ring_v
+            pos = sealed[:, None] + torch.arange(lay.ring_cap, device=dev)[None, :]  # [B, CAP]
+            ok = (pos < lens[:, None]) & (seq_slots.long()[:, None] >= 0)
+            b_idx, r_idx = ok.nonzero(as_tuple=True)
+            p = pos[b_idx, r_idx]
+            x[b_idx, p] = ring[seq_slots.long()[b_idx], p % lay.ring_cap].float()
+        out.append(x[:, :L])
+    return out[0], out[1]
+
+
 def quant_paged_decode_ref(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
                            sliding_window: int = 0, **_) -> torch.Tensor:
-    """Pure-PyTorch `quant_paged_decode` (float32 math); the CPU path for compressed pages."""
+    """Pure-PyTorch `quant_paged_decode` (float32 math); the CPU path for compressed pages. The
+    batch goes through in groups of at most ~64M cached elements (dequantized K and V are
+    materialized per group)."""
     _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
+    B, H, D = q.shape
     out = torch.empty_like(q)
-    slots = seq_slots.tolist() if seq_slots is not None else [-1] * q.shape[0]
-    for b, n in enumerate(context_lens.tolist()):
-        k, v = gather_kv_ref(lay, storage, block_tables[b], slots[b], n)
-        qpos = torch.tensor([n - 1], device=q.device)
-        out[b] = _attend_ref(q[b : b + 1], k, v, qpos, scale, sliding_window)[0].to(q.dtype)
+    if B == 0:
+        return out
+    lens = context_lens.long()
+    per_seq = max(1, int(lens.max()) * lay.num_kv_heads * D)
+    group = max(1, (64 << 20) // per_seq)
+    for g0 in range(0, B, group):
+        sl = slice(g0, min(B, g0 + group))
+        k, v = gather_batch_ref(lay, storage, block_tables[sl], seq_slots[sl] if seq_slots is not None else None,
+                                lens[sl])
+        n, L = k.shape[0], k.shape[1]
+        pos = torch.arange(L, device=q.device)
+        valid = pos[None, :] < lens[sl, None]
+        if sliding_window > 0:
+            valid &= pos[None, :] >= lens[sl, None] - sliding_window
+        qf = q[sl].float().view(n, lay.num_kv_heads, H // lay.num_kv_heads, D)
+        scores = torch.einsum("bkgd,blkd->bkgl", qf, k) * scale
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        o = torch.einsum("bkgl,blkd->bkgd", scores.softmax(-1), v)
+        out[sl] = o.reshape(n, H, D).to(q.dtype)
     return out
 
 
