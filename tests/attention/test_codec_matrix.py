@@ -293,13 +293,13 @@ def test_outputs_do_not_depend_on_how_the_prompt_was_chunked(name, residual):
                                        msg=lambda m: f"{be}, {plan_len} chunks vs one: {m}")
 
 
-@pytest.mark.parametrize("name", ["int4", "k8v4", "fp8"])
-def test_batched_gather_equals_one_sequence_at_a_time(name):
+@pytest.mark.parametrize("name,residual", [("int4", 16), ("k8v4", 16), ("fp8", 16), ("int8", 0)])
+def test_batched_gather_equals_one_sequence_at_a_time(name, residual):
     """The CPU decode path gathers the whole batch at once; it must read what the per-sequence
     gather (the one the kernels are tested against) reads."""
     from bitfold.kernels.quant_kv_attention import gather_batch_ref
 
-    codec = make_codec(name, torch.float32, residual=16)
+    codec = make_codec(name, torch.float32, residual=residual)  # int8 at 0: no ring, partly written pages
     sc = Scenario(codec, ["torch"], [200, 77, 140], kvh=2, d=64, heads=4, seed=5, dtype=torch.float32)
     sc.step([150, 77, 64])
     sc.step([50, 0, 76])

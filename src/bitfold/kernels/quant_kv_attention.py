@@ -514,6 +514,9 @@ def gather_batch_ref(lay: QuantLayout, storage, block_tables: torch.Tensor, seq_
             deq = dequantize_pages_ref(lay, is_k, codes[pages], meta[pages] if meta.numel() else meta)  # [n, H, BS, D]
             tok = cols[:, None] * BS + torch.arange(BS, device=dev)[None, :]  # [n, BS]
             x[rows[:, None], tok] = deq.permute(0, 2, 1, 3)
+            # a partly written last page holds anything past the sealed tokens (maybe NaN)
+            keep = torch.arange(L + BS, device=dev)[None, :] < sealed[:, None]
+            x = torch.where(keep[:, :, None, None], x, 0.0)
         if lay.ring:
             ring = storage.ring_k if is_k else storage.ring_v
             pos = sealed[:, None] + torch.arange(lay.ring_cap, device=dev)[None, :]  # [B, CAP]
