@@ -22,7 +22,8 @@ from bitfold.loader import open_model
 from bitfold.quantize import parse_size, quantize
 from bitfold.runner.model_runner import ModelRunner
 from bitfold.sampling import SamplingParams
-from bitfold.weights.lowbit import dequantize, lowbit_spec, pack_bitplanes, unpack_bitplanes
+from bitfold.weights.lowbit import dequantize, lowbit_spec
+from bitfold.weights.packed import pack_bitplanes, unpack_bitplanes
 from tests.helpers import rel_err
 
 TEXTS = ("Hello world! 1 2 3", "def f(x):\n    return x * 2  # 日本語 🦙", "<|im_start|>user\nhi<|im_end|>")
@@ -320,7 +321,7 @@ def test_smollm2_int4_g32_takes_the_q4_1_codes(smollm2_path, smollm2_int4_at_loa
     dense model (a misplaced row, e.g. of the un-permuted Q/K, would not)."""
     import gguf
 
-    from bitfold.loader.gguf_blocks import GGUFBlocks
+    from bitfold.weights.gguf_blocks import GGUFBlocks
     from bitfold.loader.gguf_reader import GGUFFile
 
     blocks = {n: w for n, w in open_model(smollm2_path).weights() if isinstance(w, GGUFBlocks)}

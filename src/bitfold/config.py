@@ -136,6 +136,8 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "do not capture CUDA graphs for decode (GPU only)")
     max_num_seqs: int = _opt(128, "most requests decoded together in one step")
     max_num_batched_tokens: int = _opt(1024, "token budget per step; longer prompts are prefilled in chunks")
+    cpu_fused_step: bool = _opt(True, "run a CPU decode step of a low-bit model as one C++ call over every layer "
+                                "(off: one call per operation, its reference)")
     async_scheduling: str = _opt("auto", "launch step N+1 before reading step N's tokens, hiding host work "
                                  "behind the GPU (auto = on for CUDA)", choices=["auto", "on", "off"])
 

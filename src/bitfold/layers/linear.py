@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitfold.loader.packed import PackedWeight
+from bitfold.weights.packed import PackedWeight
 from bitfold.weights import WEIGHT_FORMATS, WeightFormat
 
 

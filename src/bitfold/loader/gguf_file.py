@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp's format) through the `gguf` package: metadata -> ModelConfig,
 tensors dequantized to float at load and renamed to HF names. 2-D tensors of the block types
-that line up with a low-bit format (Q4_0/Q4_1/Q4_K/Q2_K, see gguf_blocks.py) are yielded still
+that line up with a low-bit format (Q4_0/Q4_1/Q4_K/Q2_K, see weights/gguf_blocks.py) are yielded still
 packed, as GGUFBlocks, so that a layer of exactly that format takes their codes; any other layer
 dequantizes them just the same.
 
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, UnsupportedFormatError
-from bitfold.loader.gguf_blocks import BLOCK_TYPES, GGUFBlocks
+from bitfold.weights.gguf_blocks import BLOCK_TYPES, GGUFBlocks
 from bitfold.loader.gguf_reader import GGUFFile
 from bitfold.loader.source import ModelSource
 

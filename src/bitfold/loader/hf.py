@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, UnsupportedFormatError
-from bitfold.loader.packed import BitfoldCodes
+from bitfold.weights.packed import BitfoldCodes
 from bitfold.loader.source import ModelSource
 from bitfold.weights import WEIGHT_FORMATS
 from bitfold.weights.lowbit import lowbit_spec

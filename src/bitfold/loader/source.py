@@ -1,6 +1,6 @@
 """A model source: its normalized config, a stream of (HF name, weight) pairs and its tokenizer,
 whatever the file format. Loaders for each format return one. A weight is a float tensor or a
-`PackedWeight` (still quantized: see loader/packed.py)."""
+`PackedWeight` (still quantized: see weights/packed.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ import torch
 from bitfold.config import ModelConfig
 
 if TYPE_CHECKING:
-    from bitfold.loader.packed import PackedWeight
+    from bitfold.weights.packed import PackedWeight
 
 
 @dataclass

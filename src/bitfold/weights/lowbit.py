@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -294,29 +293,3 @@ def lowbit_spec(name: str) -> LowBitSpec | None:
     """The spec of a registered low-bit format name (aliases too), or None for other formats."""
     cls = WEIGHT_FORMATS.get(name)
     return getattr(cls, "spec", None)
-
-
-# ---- checkpoint layout (bitfold quantize) ------------------------------------------------------
-
-def pack_bitplanes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes as bit planes, the checkpoint layout of `bitfold quantize`.
-
-    q: uint8 [N, K] codes < 2^bits, K a multiple of 8 -> uint8 [bits, N, K // 8]: plane p holds
-    bit p of every code; code k of a row is bit k % 8 of byte k // 8 (little-endian bit order,
-    numpy's `packbits(bitorder="little")`).
-    """
-    N, K = q.shape
-    if K % 8:
-        raise ValueError(f"{K} codes per row do not fill whole bytes")
-    qn = q.to(torch.uint8).contiguous().numpy()
-    # numpy's packbits is one C loop; the same in uint8 torch ops is ~20x slower on the CPU
-    return torch.from_numpy(np.stack([np.packbits((qn >> p) & 1, axis=1, bitorder="little") for p in range(bits)]))
-
-
-def unpack_bitplanes(planes: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_bitplanes`: uint8 [bits, N, K // 8] -> codes uint8 [N, K]."""
-    pn = planes.contiguous().numpy()
-    q = np.zeros((pn.shape[1], pn.shape[2] * 8), dtype=np.uint8)
-    for p in range(pn.shape[0]):
-        q |= np.unpackbits(pn[p], axis=1, bitorder="little") << np.uint8(p)
-    return torch.from_numpy(q)

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from bitfold.loader.packed import Codes, PackedWeight
 from bitfold.weights.lowbit import LowBitSpec
+from bitfold.weights.packed import Codes, PackedWeight
 
 
 def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:

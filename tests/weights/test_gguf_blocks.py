@@ -14,7 +14,7 @@ gguf = pytest.importorskip("gguf")
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from bitfold.loader.gguf_blocks import CONVERSIONS, convert  # noqa: E402
+from bitfold.weights.gguf_blocks import CONVERSIONS, convert  # noqa: E402
 from bitfold.loader.gguf_reader import GGUFFile  # noqa: E402
 from bitfold.weights.lowbit import LowBitSpec, dequantize  # noqa: E402
 from tests.loader.test_gguf_types import build_model, craft_k_quant  # noqa: E402
