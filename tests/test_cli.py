@@ -196,20 +196,20 @@ def test_process_chat_on_the_tiny_model(tiny_chat_dir):
     assert "Traceback" not in p.stderr
 
 
-def test_process_generate_on_the_default_model(smollm2_llm):
+def test_process_generate_on_the_default_model(smollm2_default):
     prompt = "The capital of France is"
     p = run_process(["generate", prompt, "--max-tokens", "8", "--device", "cpu", "--kv-cache-memory-gb", "0.25"])
     assert p.returncode == 0, p.stderr
-    ref = smollm2_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0]
+    ref = smollm2_default.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0]
     assert p.stdout == prompt + ref.text + "\n"
     assert "Paris" in p.stdout
 
 
-def test_process_generate_chat_on_the_default_model(smollm2_llm):
+def test_process_generate_chat_on_the_default_model(smollm2_default):
     question = "What is the capital of France?"
     p = run_process(["generate", question, "--chat", "--max-tokens", "8", "--device", "cpu",
                      "--kv-cache-memory-gb", "0.25"])
     assert p.returncode == 0, p.stderr
-    ref = smollm2_llm.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=8))[0]
+    ref = smollm2_default.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=8))[0]
     assert p.stdout == ref.text + "\n"
     assert "Paris" in p.stdout

@@ -13,7 +13,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "In 1492, Colu
 
 @pytest.fixture(scope="module")
 def cpu_llm(smollm2_path):
-    return LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.5)
+    """The CPU reference: the GGUF dequantized at load, float32."""
+    return LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.5, weights="dense")
 
 
 def _greedy(llm, n=32):

@@ -199,7 +199,7 @@ def test_cli_quantize(capsys, tiny_model_dir, tmp_path):
     assert "ternary-g64" in text and "22 tensors in 3 layers" in text and "bits/weight" in text
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     for argv, needle in (
-        (["--format", "int5", "--out", str(tmp_path / "x")], "not a low-bit format"),
+        (["--format", "int7", "--out", str(tmp_path / "x")], "not a low-bit format"),
         (["--format", "dense", "--out", str(tmp_path / "x")], "not a low-bit format"),
         (["--format", "int2", "--out", str(out)], "not an empty folder"),
         (["--format", "int2", "--out", str(tmp_path / "x"), "--max-shard-size", "big"], "max-shard-size"),
@@ -325,7 +325,7 @@ def test_smollm2_int4_g32_takes_the_q4_1_codes(smollm2_path, smollm2_int4_at_loa
     from bitfold.loader.gguf_reader import GGUFFile
 
     blocks = {n: w for n, w in open_model(smollm2_path).weights() if isinstance(w, GGUFBlocks)}
-    assert len(blocks) == 210 and {w.qtype.name for w in blocks.values()} == {"Q4_1"}
+    assert len(blocks) == 211 and {w.qtype.name for w in blocks.values()} == {"Q4_1", "Q8_0"}  # + the embedding
     down = GGUFFile(smollm2_path).tensors[2]
     assert down.name == "blk.0.ffn_down.weight"
     ref = gguf.quants.dequantize(down.data.view(np.ndarray), down.tensor_type)

@@ -128,7 +128,7 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise BitfoldError(f"{out}: already exists and is not an empty folder; choose a new --out")
     source = open_model(model)
-    if source.weight_format is not None:
+    if source.weight_format is not None and source.format != "gguf":  # GGUF blocks convert (or round) per tensor
         raise BitfoldError(f"{source.path}: already quantized as {source.weight_format}; quantize its original")
 
     model_cls = MODELS.get(source.config.architecture)

@@ -23,3 +23,4 @@ class ModelSource:
     load_tokenizer: Callable[[], "object"]
     max_context: int  # the checkpoint's trained context length
     weight_format: str | None = None  # the registered format the checkpoint is stored in (None: float)
+    stored_formats: tuple[str, ...] = ()  # low-bit formats its stored codes are (see resolve_weight_format)

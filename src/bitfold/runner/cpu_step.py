@@ -62,6 +62,9 @@ def why_not_model(model) -> str | None:
         for name, lin in lins:
             if not isinstance(lin.fmt, LowBitFormat):
                 return f"layer {i} {name}: weight format {lin.fmt.name!r} is not a low-bit LUT format"
+            spec = lin.fmt.spec
+            if spec.bits > 4 or spec.group == 0:  # the C++ step runs one LUT pass over groups
+                return f"layer {i} {name}: {spec.name} is not a one-pass grouped LUT format"
             if lin.lut_packed.device.type != "cpu" or not _f32_cpu(lin.bias):
                 return f"layer {i} {name}: not on the CPU in float32"
         pads = tuple(lin.in_padded for _, lin in lins)

@@ -70,7 +70,7 @@ class ModelRunner:
         model_cls = MODELS.get(source.config.architecture)
         self.model_config = replace(source.config, **model_cls.config_overrides)
         with torch.device(device):
-            fmt = resolve_weight_format(cfg.weights, getattr(source, "weight_format", None), device.type)
+            fmt = resolve_weight_format(cfg.weights, source.weight_format, device.type, source.stored_formats)
             self.model = model_cls(self.model_config, dtype, max_positions=max_model_len, fmt=fmt)
         self.model.load_weights(source.weights(), source.path)
         self.model.eval().requires_grad_(False)

@@ -1,23 +1,43 @@
-"""GGUF block types that line up with bitfold's low-bit formats: their codes are taken as they
-are (no dequantize + round to nearest) when a layer asks for exactly that format.
+"""GGUF block types as data (ggml's type-traits table): how each block decodes into codes and
+scales, and which bitfold low-bit format its codes are.
 
-    Q4_0 -> int4-g32   scale d, min -8d                          exact
-    Q4_1 -> int4-g32   scale d, min m                            exact
-    Q4_K -> int4-g32   scale d*sc, min -dmin*m (products in fp16) exact up to fp16 rounding
-    Q2_K -> int2-g16   scale d*sc, min -dmin*m (products in fp16) exact up to fp16 rounding
+Every type decodes (`BlockType.decode`, torch ops, so it runs on the device the bytes are on)
+into a `BlockCodes`: codes q uint8 and, per group of `group` weights,
 
-Byte layouts (ggml-common.h; fp16 little-endian; the tests check every one against the `gguf`
-package's dequantizers):
-    Q4_0  18 B / 32 weights: d, qs[16]; weight j = qs[j] & 15, weight 16+j = qs[j] >> 4; w = d*(q-8)
-    Q4_1  20 B / 32 weights: d, m, qs[16] as Q4_0; w = d*q + m
-    Q4_K 144 B / 256 weights: d, dmin, scales[12] (8 six-bit scales sc and mins m, packed), qs[128];
-          sub-block 2c (32 weights) is the low nibbles of qs[32c:32c+32], 2c+1 the high ones;
-          w = d*sc*q - dmin*m
-    Q2_K  84 B / 256 weights: scales[16] (sc low nibble, m high nibble, per 16 weights), qs[64],
-          d, dmin; weight 128h + 32s + j = (qs[32h+j] >> 2s) & 3; w = d*sc*q - dmin*m
+    w = s * (q - zero) + m,   s = d (one fp16 per group)           Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
+                              s = d * sub (fp16 per 256, integer    Q2_K Q3_K Q4_K Q5_K Q6_K
+                                  sub-scale per group)
+                              m = min (Q4_1, Q5_1) or -(dmin * sub_min) (Q2_K, Q4_K, Q5_K) or 0
+
+in float32 and in the order the `gguf` package computes it, so `BlockCodes.dequantize` equals
+gguf's decoding bit for bit (tests/weights/test_gguf_blocks.py checks every type).
+
+Byte layouts (ggml-common.h; fp16 little-endian):
+    Q4_0  18 B / 32: d, qs[16]; weight j = qs[j] & 15, 16+j = qs[j] >> 4; w = d*(q-8)
+    Q4_1  20 B / 32: d, m, qs[16] as Q4_0; w = d*q + m
+    Q5_0  22 B / 32: d, qh[4] (bit j of the LE uint32 = bit 4 of weight j), qs[16]; w = d*(q-16)
+    Q5_1  24 B / 32: d, m, qh[4], qs[16]; w = d*q + m
+    Q8_0  34 B / 32: d, qs[32] int8; w = d*qs (q = qs + 128, zero 128)
+    Q2_K  84 B / 256: scales[16] (sc | m << 4 per 16), qs[64], d, dmin; weight 128h + 32s + j =
+          (qs[32h+j] >> 2s) & 3; w = d*sc*q - dmin*m
+    Q3_K 110 B / 256: hmask[32], qs[64], scales[12] (16 six-bit scales - 32), d; low 2 bits as
+          Q2_K's, bit 2 of weight 32s + j = (hmask[j] >> s) & 1; w = d*sc*(q-4)
+    Q4_K 144 B / 256: d, dmin, scales[12] (8 six-bit sc and m), qs[128]; sub-block 2c is the low
+          nibbles of qs[32c:32c+32], 2c+1 the high ones; w = d*sc*q - dmin*m
+    Q5_K 176 B / 256: d, dmin, scales[12], qh[32], qs[128]; low nibbles as Q4_K, bit 4 of
+          sub-block c's weight j = (qh[j] >> c) & 1
+    Q6_K 210 B / 256: ql[128], qh[64], scales[16] int8, d; w = d*sc*(q-32) per 16 weights
+
+As low-bit codes (`GGUFBlocks.codes`, what the CPU's LUT layers take): scale = fp16(s), min =
+fp16(m - zero * scale). Exact for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (zero * d is exact in fp16); the
+K-quants round the products d*sc and dmin*m to fp16 (half an ulp each). Codes of fewer bits or
+of a group that the asked group divides are the same numbers in the wider spec (Q4_K into
+int6-g16: same codes, each scale repeated), so a merged layer of mixed types stays lossless.
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -28,89 +48,221 @@ from bitfold.weights.lowbit import LowBitSpec
 from bitfold.weights.packed import Codes, PackedWeight
 
 
-def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
-    """The fp16 at byte `offset` of every block, as float32 [n]."""
-    return np.ascontiguousarray(blocks[:, offset:offset + 2]).view(np.float16)[:, 0].astype(np.float32)
+@dataclass
+class BlockCodes:
+    """Decoded blocks of one type, rows of `n` blocks flattened: q uint8 [n, block]; d float32
+    [n, groups] (no sub-scales) or [n, 1]; sub int32 [n, groups] or None; m float32 [n, groups]
+    or None; dmin float32 [n, 1] and sub_min int32 [n, groups] or None."""
+
+    q: torch.Tensor
+    group: int
+    zero: int
+    d: torch.Tensor
+    sub: torch.Tensor | None = None
+    m: torch.Tensor | None = None
+    dmin: torch.Tensor | None = None
+    sub_min: torch.Tensor | None = None
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-group float32 (s [n, groups], m [n, groups] or None), as gguf computes them."""
+        s = self.d if self.sub is None else self.d * self.sub.float()
+        if self.m is not None:
+            return s, self.m
+        if self.sub_min is not None:
+            return s, -(self.dmin * self.sub_min.float())
+        return s, None
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [n, block]: s * (q - zero) + m per group."""
+        n, block = self.q.shape
+        s, m = self.scales()
+        q = self.q.view(n, -1, self.group).float()
+        w = s[..., None] * (q - self.zero if self.zero else q)
+        return (w if m is None else w + m[..., None]).reshape(n, block)
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """[n, 16] bytes -> [n, 32] codes: low nibbles first, then high (Q4_0/Q4_1's order)."""
-    return np.concatenate([qs & 15, qs >> 4], axis=1)
+def _f16(b: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 at byte `offset` of every block, as float32 [n, 1]."""
+    return b[:, offset:offset + 2].contiguous().view(torch.float16).float()
 
 
-def q4_0(blocks: np.ndarray):
-    d = _f16(blocks, 0)
-    return _nibbles(blocks[:, 2:18]), d[:, None], -8 * d[:, None]  # x8 is exact in fp16
+def _shifts(*values: int, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8, device=device)
 
 
-def q4_1(blocks: np.ndarray):
-    return _nibbles(blocks[:, 4:20]), _f16(blocks, 0)[:, None], _f16(blocks, 2)[:, None]
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 16] bytes -> [n, 32] codes: low nibbles first, then high (Q4_0..Q5_1's order)."""
+    return torch.cat([qs & 15, qs >> 4], dim=1)
 
 
-def q4_k(blocks: np.ndarray):
-    n = len(blocks)
-    d, dmin, s = _f16(blocks, 0), _f16(blocks, 2), blocks[:, 4:16].astype(np.uint8)
-    sc = np.empty((n, 8), np.uint8)
-    m = np.empty((n, 8), np.uint8)
-    sc[:, :4], m[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
-    sc[:, 4:] = (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)
-    m[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
-    qs = blocks[:, 16:144].reshape(n, 4, 32)
-    q = np.stack([qs & 15, qs >> 4], axis=2).reshape(n, 256)  # [chunk, low/high, 32]
-    return q, d[:, None] * sc, -(dmin[:, None] * m)
+def _bits32(qh: torch.Tensor) -> torch.Tensor:
+    """[n, 4] bytes of a little-endian uint32 -> its 32 bits [n, 32] (bit j = weight j)."""
+    return ((qh[:, :, None] >> _shifts(*range(8), device=qh.device)) & 1).reshape(len(qh), 32)
 
 
-def q2_k(blocks: np.ndarray):
-    n = len(blocks)
-    scales, qs = blocks[:, 0:16], blocks[:, 16:80].reshape(n, 2, 1, 32)
-    d, dmin = _f16(blocks, 80), _f16(blocks, 82)
-    q = ((qs >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3).reshape(n, 256)  # [half, shift, 32]
-    return q, d[:, None] * (scales & 15), -(dmin[:, None] * (scales >> 4))
+def _q4_0(b):
+    return BlockCodes(_nibbles(b[:, 2:18]), 32, 8, _f16(b, 0))
 
 
-# (GGUF type, low-bit spec) -> a function of blocks uint8 [n, type_size] giving (codes [n, block],
-# scale and min [n, groups per block]) in float32.
-CONVERSIONS: dict[tuple[Q, LowBitSpec], Callable] = {
-    (Q.Q4_0, LowBitSpec(4, 32)): q4_0, (Q.Q4_1, LowBitSpec(4, 32)): q4_1,
-    (Q.Q4_K, LowBitSpec(4, 32)): q4_k, (Q.Q2_K, LowBitSpec(2, 16)): q2_k,
-}
-BLOCK_TYPES = frozenset(t for t, _ in CONVERSIONS)
+def _q4_1(b):
+    return BlockCodes(_nibbles(b[:, 4:20]), 32, 0, _f16(b, 0), m=_f16(b, 2))
 
 
-def convert(raw: np.ndarray, qtype: Q, spec: LowBitSpec) -> Codes | None:
+def _q5_0(b):
+    return BlockCodes(_nibbles(b[:, 6:22]) | (_bits32(b[:, 2:6]) << 4), 32, 16, _f16(b, 0))
+
+
+def _q5_1(b):
+    return BlockCodes(_nibbles(b[:, 8:24]) | (_bits32(b[:, 4:8]) << 4), 32, 0, _f16(b, 0), m=_f16(b, 2))
+
+
+def _q8_0(b):
+    return BlockCodes(b[:, 2:34] ^ 0x80, 32, 128, _f16(b, 0))  # int8 x -> x + 128 as a byte
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes -> (sc, m) six-bit values int32 [n, 8]."""
+    s = s.to(torch.int32)
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], dim=1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], dim=1)
+    return sc, mn
+
+
+def _q2_k(b):
+    n, dev = len(b), b.device
+    scales, qs = b[:, 0:16], b[:, 16:80].reshape(n, 2, 1, 32)
+    q = ((qs >> _shifts(0, 2, 4, 6, device=dev)[:, None]) & 3).reshape(n, 256)  # [half, shift, 32]
+    return BlockCodes(q, 16, 0, _f16(b, 80), sub=(scales & 15).to(torch.int32), dmin=_f16(b, 82),
+                      sub_min=(scales >> 4).to(torch.int32))
+
+
+def _q3_k(b):
+    n, dev = len(b), b.device
+    hmask, qs, sc12 = b[:, 0:32], b[:, 32:96].reshape(n, 2, 1, 32), b[:, 96:108]
+    low = ((qs >> _shifts(0, 2, 4, 6, device=dev)[:, None]) & 3).reshape(n, 256)
+    high = ((hmask.reshape(n, 1, 32) >> _shifts(*range(8), device=dev)[:, None]) & 1).reshape(n, 256)
+    lsc = (sc12[:, None, 0:8] >> _shifts(0, 4, device=dev)[:, None]).reshape(n, 16)
+    hsc = (sc12[:, None, 8:12] >> _shifts(0, 2, 4, 6, device=dev)[:, None]).reshape(n, 16)
+    sub = ((lsc & 15) | ((hsc & 3) << 4)).to(torch.int32) - 32
+    return BlockCodes(low | (high << 2), 16, 4, _f16(b, 108), sub=sub)
+
+
+def _q4_k(b):
+    n, dev = len(b), b.device
+    sc, mn = _k_scales(b[:, 4:16])
+    qs = b[:, 16:144].reshape(n, 4, 1, 32)
+    q = ((qs >> _shifts(0, 4, device=dev)[:, None]) & 15).reshape(n, 256)  # [chunk, low/high, 32]
+    return BlockCodes(q, 32, 0, _f16(b, 0), sub=sc, dmin=_f16(b, 2), sub_min=mn)
+
+
+def _q5_k(b):
+    n, dev = len(b), b.device
+    sc, mn = _k_scales(b[:, 4:16])
+    qh, qs = b[:, 16:48], b[:, 48:176].reshape(n, 4, 1, 32)
+    low = ((qs >> _shifts(0, 4, device=dev)[:, None]) & 15).reshape(n, 256)
+    high = ((qh.reshape(n, 1, 32) >> _shifts(*range(8), device=dev)[:, None]) & 1).reshape(n, 256)
+    return BlockCodes(low | (high << 4), 32, 0, _f16(b, 0), sub=sc, dmin=_f16(b, 2), sub_min=mn)
+
+
+def _q6_k(b):
+    n, dev = len(b), b.device
+    ql = ((b[:, 0:128].reshape(n, 2, 1, 64) >> _shifts(0, 4, device=dev)[:, None]) & 15).reshape(n, 256)
+    qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, device=dev)[:, None]) & 3).reshape(n, 256)
+    sub = b[:, 192:208].contiguous().view(torch.int8).to(torch.int32)
+    return BlockCodes(ql | (qh << 4), 16, 32, _f16(b, 208), sub=sub)
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """One GGUF block type: weights and bytes per block, its decoder, and the low-bit spec its
+    codes are (`exact`: without rounding any scale to fp16)."""
+
+    qtype: Q
+    decode: Callable[[torch.Tensor], BlockCodes]
+    spec: LowBitSpec
+    exact: bool
+
+    @property
+    def block(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][0]
+
+    @property
+    def type_size(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][1]
+
+
+BLOCK_TYPES: dict[Q, BlockType] = {bt.qtype: bt for bt in (
+    BlockType(Q.Q4_0, _q4_0, LowBitSpec(4, 32), True),
+    BlockType(Q.Q4_1, _q4_1, LowBitSpec(4, 32), True),
+    BlockType(Q.Q5_0, _q5_0, LowBitSpec(5, 32), True),
+    BlockType(Q.Q5_1, _q5_1, LowBitSpec(5, 32), True),
+    BlockType(Q.Q8_0, _q8_0, LowBitSpec(8, 32), True),
+    BlockType(Q.Q2_K, _q2_k, LowBitSpec(2, 16), False),
+    BlockType(Q.Q3_K, _q3_k, LowBitSpec(3, 16), False),
+    BlockType(Q.Q4_K, _q4_k, LowBitSpec(4, 32), False),
+    BlockType(Q.Q5_K, _q5_k, LowBitSpec(5, 32), False),
+    BlockType(Q.Q6_K, _q6_k, LowBitSpec(6, 16), False),
+)}
+
+
+def fits(stored: LowBitSpec, spec: LowBitSpec) -> bool:
+    """Whether codes of `stored` are, unchanged, codes of `spec`: no fewer bits, a group that
+    divides the stored one, and a plain asymmetric grid (scale and min per group)."""
+    return (not spec.ternary and not spec.symmetric and spec.group > 0 and spec.bits >= stored.bits
+            and stored.group % spec.group == 0)
+
+
+def decode(raw: torch.Tensor, qtype: Q) -> BlockCodes:
+    """raw uint8 [rows, bytes per row] of `qtype` blocks -> BlockCodes of rows x blocks."""
+    bt = BLOCK_TYPES[qtype]
+    return bt.decode(raw.contiguous().view(-1, bt.type_size))
+
+
+def convert(raw: torch.Tensor, qtype: Q, spec: LowBitSpec) -> Codes | None:
     """raw uint8 [rows, bytes per row] of `qtype` blocks -> `spec` codes (q uint8 [rows, cols],
-    scale and min fp16 [rows, cols / group]), or None when the pair does not convert or a
-    scale or min overflows fp16."""
-    fn = CONVERSIONS.get((qtype, spec))
-    if fn is None:
+    scale and min fp16 [rows, cols / group]), or None when the type's codes do not fit `spec`
+    or a scale or min overflows fp16."""
+    bt = BLOCK_TYPES.get(qtype)
+    if bt is None or not fits(bt.spec, spec):
         return None
-    block, size = GGML_QUANT_SIZES[qtype]
     rows = raw.shape[0]
-    q, scale, mins = fn(np.ascontiguousarray(raw).reshape(-1, size))
-    with np.errstate(over="ignore"):  # checked just below
-        scale16, mins16 = scale.astype(np.float16), mins.astype(np.float16)
-    if not (np.isfinite(scale16) | ~np.isfinite(scale)).all() or not (np.isfinite(mins16) | ~np.isfinite(mins)).all():
+    bc = decode(raw, qtype)
+    s, m = bc.scales()
+    s16 = s.half()
+    m32 = (torch.zeros_like(s) if m is None else m.half().float()) - bc.zero * s16.float()
+    m16 = m32.half()
+    if not (torch.isfinite(s16) | ~torch.isfinite(s)).all() or not (torch.isfinite(m16) | ~torch.isfinite(m32)).all():
         return None
-    cols = raw.shape[1] // size * block
-    return (torch.from_numpy(np.ascontiguousarray(q, dtype=np.uint8).reshape(rows, cols)),
-            torch.from_numpy(scale16.reshape(rows, -1)), torch.from_numpy(mins16.reshape(rows, -1)))
+    rep = bt.spec.group // spec.group  # a narrower asked group: each scale repeated
+    s16, m16 = s16.reshape(rows, -1), m16.reshape(rows, -1)
+    if rep > 1:
+        s16, m16 = s16.repeat_interleave(rep, dim=1), m16.repeat_interleave(rep, dim=1)
+    return bc.q.reshape(rows, -1), s16, m16
 
 
 class GGUFBlocks(PackedWeight):
-    """One 2-D GGUF tensor of a convertible block type, rows in HF order (un-permuted)."""
+    """One 2-D GGUF tensor of a block type, rows in HF order (un-permuted): raw uint8 [rows,
+    bytes per row]."""
 
-    def __init__(self, raw: np.ndarray, qtype: Q, origin: str):
-        block, size = GGML_QUANT_SIZES[qtype]
-        self.raw, self.qtype, self.origin = raw, qtype, origin
-        self.shape = (raw.shape[0], raw.shape[1] // size * block)
+    def __init__(self, raw: np.ndarray | torch.Tensor, qtype: Q, origin: str):
+        bt = BLOCK_TYPES[qtype]
+        if not isinstance(raw, torch.Tensor):
+            with warnings.catch_warnings():  # a read-only memory map: nothing here ever writes to it
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.from_numpy(np.ascontiguousarray(raw))
+        self.raw = raw
+        self.qtype, self.origin = qtype, origin
+        self.shape = (self.raw.shape[0], self.raw.shape[1] // bt.type_size * bt.block)
+
+    @property
+    def block_type(self) -> BlockType:
+        return BLOCK_TYPES[self.qtype]
 
     def codes(self, spec: LowBitSpec) -> Codes | None:
         return convert(self.raw, self.qtype, spec)
 
     def dequantize(self, cols: int) -> torch.Tensor:
-        from gguf import quants
-
         if cols != self.shape[1]:
             raise ValueError(f"holds {self.shape[1]} columns, expected {cols}")
-        w = quants.dequantize(self.raw, self.qtype).reshape(self.shape)
-        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        return decode(self.raw, self.qtype).dequantize().reshape(self.shape)

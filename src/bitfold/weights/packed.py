@@ -57,12 +57,11 @@ class BitfoldCodes(PackedWeight):
         return q, self.scales, self.mins
 
     def dequantize(self, cols: int) -> torch.Tensor:
-        g = self.spec.group
-        if -(-cols // g) * g != self.shape[1]:
+        if self.spec.padded(cols) != self.shape[1]:
             raise ValueError(f"stored with {self.shape[1]} columns, but {cols} inputs pad to "
-                             f"{-(-cols // g) * g} in groups of {g}")
+                             f"{self.spec.padded(cols)} for {self.spec.name}")
         q = unpack_bitplanes(self.planes)
-        return dequantize(q, self.scales, self.mins, g)[:, :cols]
+        return dequantize(q, self.scales, self.mins, self.spec.group_size(self.shape[1]))[:, :cols]
 
 
 def as_float(weight: torch.Tensor | PackedWeight, cols: int) -> torch.Tensor:
