@@ -29,16 +29,17 @@ from tests.helpers import rel_err
 TEXTS = ("Hello world! 1 2 3", "def f(x):\n    return x * 2  # 日本語 🦙", "<|im_start|>user\nhi<|im_end|>")
 
 
-def runner(path, weights: str = "auto", max_len: int = 64) -> ModelRunner:
+def runner(path, weights: str = "auto", max_len: int = 64, device: str = "cpu") -> ModelRunner:
     src = open_model(str(path))
-    cfg = EngineConfig(model=str(path), device="cpu", block_size=4, num_kv_blocks=max_len // 4, weights=weights)
-    return ModelRunner(src, cfg, torch.device("cpu"), torch.float32, max_model_len=max_len)
+    cfg = EngineConfig(model=str(path), device=device, block_size=4, num_kv_blocks=max_len // 4, weights=weights,
+                       enforce_eager=True)
+    return ModelRunner(src, cfg, torch.device(device), torch.float32, max_model_len=max_len)
 
 
 def logits(r: ModelRunner, ids: list[int]) -> torch.Tensor:
     req = Request("q", list(ids), SamplingParams(max_tokens=1))
     table = list(range(-(-len(ids) // r.cfg.block_size)))
-    return r.forward_logits([ScheduledChunk(req, 0, len(ids), table)], all_tokens=True)
+    return r.forward_logits([ScheduledChunk(req, 0, len(ids), table)], all_tokens=True).cpu()
 
 
 def linears(r: ModelRunner) -> dict[str, Linear]:

@@ -110,6 +110,8 @@ def test_resolve_weight_format(monkeypatch):
     assert resolve_weight_format("int2", "gguf", "cpu", gguf) == "int2"
     assert resolve_weight_format("int4-g128", "gguf", "cpu", gguf) == "int4-g128"
     assert resolve_weight_format("int2", "int2-g32", "cpu", ("int2-g32", "int4-g32")) == "int2-g32"
+    assert resolve_weight_format("int4", None, "cuda") == "int4"  # the Triton kernels
+    monkeypatch.setattr(WEIGHT_FORMATS.get("int4"), "devices", ("cpu",))
     with pytest.raises(BitfoldError, match="runs on cpu only"):
         resolve_weight_format("int4", None, "cuda")
     with pytest.raises(BitfoldError, match="unknown weight format"):

@@ -17,6 +17,12 @@ from bitfold.registry import Registry
 class WeightFormat(ABC):
     name: str
 
+    @staticmethod
+    def gpu_storage(device: torch.device) -> bool:
+        """Whether a layer on `device` keeps a GPU layout read by Triton kernels (tests run those
+        layouts on the CPU through Triton's interpreter by patching this)."""
+        return device.type == "cuda"
+
     @abstractmethod
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         """Register the layer's parameters/buffers (shape [out_features, in_features] logically)."""

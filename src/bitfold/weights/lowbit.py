@@ -1,5 +1,6 @@
-"""Group-wise low-bit weights: 1-4 bits multiplied by lookup tables on the CPU (T-MAC, arXiv
-2407.00088), 5, 6 and 8 bits as several such lookups.
+"""Group-wise low-bit weights: on the CPU 1-4 bits multiplied by lookup tables (T-MAC, arXiv
+2407.00088), 5, 6 and 8 bits as several such lookups; on a GPU every width through the Triton
+dequantize-and-multiply kernels of kernels/qmatmul.py (codes in 4/2/1-bit planes).
 
 w[n, k] ~= scale[n, g] * q[n, k] + min[n, g], q in [0, 2^bits), g = k // group; scale and min
 are fp16. Registered names: int1..int6, int8 and ternary, each with -g16/-g32/-g64/-g128 (the
@@ -13,6 +14,9 @@ checkpoints, converted GGUF blocks), and once every row is in the codes are pack
 kernel's bit-plane layout (`bitfold.kernels.lut_gemm.pack_lut`). Only the packed form is kept.
 The LUT kernel reads 1-4 bit planes; wider codes are split into 4-bit slices, q = sum_c 16^c
 q_c, each a LUT pass with scale 16^c * scale (exact in fp16) and the min on the first pass only.
+On a GPU the codes are packed once into `kernels.qmatmul`'s planes (`QLayout`: the spec's planes,
+group, zero point 2^(bits-1) and no stored min for symmetric specs), kept with the fp16 scales
+and mins as the layer's buffers `q_plane0` (`q_plane1`), `q_scales` (`q_mins`).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bitfold.kernels import lut_gemm as lut
+from bitfold.kernels import qmatmul as qm
 from bitfold.weights.base import WEIGHT_FORMATS, WeightFormat
 
 log = logging.getLogger("bitfold")
@@ -58,7 +63,8 @@ class LowBitSpec:
         return 1 << (self.bits - 1) if self.symmetric else 0
 
     def padded(self, cols: int) -> int:
-        """Inputs padded to whole groups (zeros) and to a multiple of 32, as the layer stores them."""
+        """Inputs padded to whole groups (zeros) and to a multiple of 32 (the GPU layout's 1-bit
+        plane word, so both devices store the same codes), as the layer stores them."""
         unit = max(self.group, CHANNEL_PAD)
         return -(-cols // unit) * unit
 
@@ -212,25 +218,42 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group: 
     return (q.float().view(N, K // group, group) * scale.float()[..., None] + mins.float()[..., None]).view(N, K)
 
 
+def gpu_layout(spec: LowBitSpec) -> qm.QLayout:
+    """The GPU kernels' layout of a spec's codes."""
+    return qm.QLayout(qm.PLANES[spec.bits], spec.group, spec.zero, "none" if spec.symmetric else "fp16")
+
+
 class LowBitFormat(WeightFormat):
     """A registered low-bit format; subclasses fix `spec` (see `_register`).
 
     CPU storage (after every row is in): `lut_packed` / `lut_scales` / `lut_mins` are the first
     LUT pass (`pack_lut` of the codes' low 4 bits), and for codes wider than 4 bits
     `lut_packed_hi` / `lut_scales_hi` / `lut_mins_hi` the second (the high bits, scale x16, no min).
+    GPU storage: `q_plane0` (and `q_plane1`), `q_scales` (and `q_mins` unless symmetric), the
+    `QWeight` of `gpu_layout(spec)`.
     """
 
     spec: LowBitSpec
-    devices = ("cpu",)
+    devices = ("cpu", "cuda")
 
     def create_weights(self, layer, in_features, out_features, dtype):
         layer.in_padded = self.spec.padded(in_features)  # K padded to whole groups (zeros)
         layer.lowbit_spec = self.spec
+        self._device = torch.empty(0).device  # the model is built under its device's context
+        self._gpu = self.gpu_storage(self._device)
         self._group = self.spec.group_size(layer.in_padded)
         self._staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rows_in = torch.zeros(out_features, dtype=torch.bool)
         self._out = out_features
         self._kernel = None  # the ctypes function, resolved at first use
+        self._qw: qm.QWeight | None = None
+        if self._gpu:
+            for i in range(len(gpu_layout(self.spec).planes)):
+                layer.register_buffer(f"q_plane{i}", torch.empty(0, dtype=torch.int32))
+            layer.register_buffer("q_scales", torch.empty(0, dtype=torch.float16))
+            if not self.spec.symmetric:
+                layer.register_buffer("q_mins", torch.empty(0, dtype=torch.float16))
+            return
         for suffix in [""] + (["_hi"] if self.spec.bits > LUT_BITS else []):
             layer.register_buffer("lut_packed" + suffix, torch.empty(0, dtype=torch.uint8))
             layer.register_buffer("lut_scales" + suffix, torch.empty(0, dtype=torch.float16))
@@ -238,7 +261,8 @@ class LowBitFormat(WeightFormat):
 
     def load(self, layer, weight, row_offset):
         self._check_rows(layer, weight.shape, row_offset)
-        w = F.pad(weight.float(), (0, layer.in_padded - weight.shape[1]))
+        # quantized where the layer lives: a GPU rounds an 8B model's weights in seconds
+        w = F.pad(weight.to(self._device if self._gpu else "cpu", torch.float32), (0, layer.in_padded - weight.shape[1]))
         self.load_codes(layer, *quantize_rtn(w, self.spec), row_offset)
 
     def load_codes(self, layer, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, row_offset: int) -> None:
@@ -253,9 +277,10 @@ class LowBitFormat(WeightFormat):
         if row_offset + rows > self._out:
             raise ValueError(f"rows [{row_offset}, {row_offset + rows}) exceed the layer's {self._out}")
         if self._staged is None:
-            self._staged = (torch.zeros(self._out, layer.in_padded, dtype=torch.uint8),
-                            torch.zeros(self._out, groups, dtype=torch.float16),
-                            torch.zeros(self._out, groups, dtype=torch.float16))
+            dev = self._device if self._gpu else "cpu"
+            self._staged = (torch.zeros(self._out, layer.in_padded, dtype=torch.uint8, device=dev),
+                            torch.zeros(self._out, groups, dtype=torch.float16, device=dev),
+                            torch.zeros(self._out, groups, dtype=torch.float16, device=dev))
         sq, ss, sm = self._staged
         sq[row_offset : row_offset + rows] = q
         ss[row_offset : row_offset + rows] = scale.half()
@@ -268,6 +293,13 @@ class LowBitFormat(WeightFormat):
         q, s, m = self._staged
         self._staged = None
         bits, g = self.spec.bits, self._group
+        if self._gpu:
+            for i, plane in enumerate(qm.pack_codes(q, gpu_layout(self.spec).planes)):
+                setattr(layer, f"q_plane{i}", plane)
+            layer.q_scales = s.contiguous()
+            if not self.spec.symmetric:
+                layer.q_mins = m.contiguous()
+            return
         layer.lut_packed, layer.lut_scales, layer.lut_mins = lut.pack_lut(q & 15, s, m, min(bits, LUT_BITS), g)
         if bits > LUT_BITS:  # the high bits: q = lo + 16 * hi, so scale x16 (exact) and no min
             s_hi = s * 16
@@ -287,6 +319,14 @@ class LowBitFormat(WeightFormat):
             missing = int((~self._rows_in).sum())
             raise ValueError(f"{missing} of {self._out} rows of a {self.spec.name} layer were never loaded")
 
+    def qweight(self, layer) -> qm.QWeight:
+        """The GPU layer's weight for kernels/qmatmul.py (rebuilt if its buffers were replaced)."""
+        if self._qw is None or self._qw.scales is not layer.q_scales:
+            planes = [getattr(layer, f"q_plane{i}") for i in range(len(gpu_layout(self.spec).planes))]
+            self._qw = qm.QWeight(gpu_layout(self.spec), self._out, layer.in_features, planes, layer.q_scales,
+                                  None if self.spec.symmetric else layer.q_mins)
+        return self._qw
+
     def _passes(self, layer):
         """(packed, scales, mins, bits) of each LUT pass."""
         out = [(layer.lut_packed, layer.lut_scales, layer.lut_mins, min(self.spec.bits, LUT_BITS))]
@@ -295,7 +335,14 @@ class LowBitFormat(WeightFormat):
         return out
 
     def codes(self, layer):
-        """(q uint8 [out, in_padded], scale fp16, min fp16) of the packed weight (for saving)."""
+        """(q uint8 [out, in_padded], scale fp16, min fp16) of the packed weight, on the CPU (for
+        saving and tests)."""
+        if self._gpu:
+            qw = self.qweight(layer)
+            q = qm.unpack_codes(qw.planes, qw.layout.planes, qw.kp)
+            s = qw.scales
+            m = (-self.spec.zero * s.float()).half() if self.spec.symmetric else qw.mins
+            return q.cpu(), s.cpu(), m.cpu()
         q, s, m = None, None, None
         for i, (packed, scales, mins, bits) in enumerate(self._passes(layer)):
             qi, si, mi = lut.unpack_lut(packed, scales, mins, self._out, bits, self._group)
@@ -304,6 +351,11 @@ class LowBitFormat(WeightFormat):
 
     def apply(self, layer, x):
         shape = x.shape
+        if self._gpu:
+            x2 = x.reshape(-1, shape[-1])
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return qm.qmatmul(x2, self.qweight(layer)).view(*shape[:-1], self._out)
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
