@@ -10,14 +10,22 @@ weights, then
   GPU or through Triton's interpreter here) against the float64 product with the dequantized
   weights plus bias, for 1 row (GEMV), 3 rows (GEMV with several rows) and 20 rows (GEMM).
 
-New registered formats join the table by themselves (`FORMATS` reads the registry)."""
+The GGUF block types are the table's other rows (`gguf` format layers of one shard): on the CPU
+they become the LUT format their codes fit, on a GPU they stay in their native layout; the
+weights must be the `gguf` package's decoding (exactly, but for fp16-rounded K-quant scales on
+the CPU and float32 rounding on the GPU) and the matmul as above.
+
+New registered formats and block types join the table by themselves (`FORMATS` and
+`BLOCK_TYPES` are read from the registries)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bitfold.kernels import cpu_lib
+from bitfold.kernels import qmatmul as qm
 from bitfold.layers.linear import Linear
 from bitfold.weights import WEIGHT_FORMATS
 from bitfold.weights.base import WeightFormat
@@ -35,6 +43,14 @@ BOUND = {8: 0.01, 6: 0.03, 5: 0.06, 4: 0.12, 3: 0.22, 2: 0.5, 1: 0.75, "ternary"
 # LUT kernels quantize activations to int8 tables (T-MAC); the GPU kernels compute in float32
 # (float32 activations keep ieee products in tl.dot).
 TOL = {"cpu": 2.5e-2, "gpu": 2e-5}
+
+
+def _block_types():
+    try:
+        from bitfold.weights.gguf_blocks import BLOCK_TYPES
+    except ImportError:  # no gguf package: no GGUF rows
+        return []
+    return list(BLOCK_TYPES)
 
 
 def _device(device: str, monkeypatch) -> torch.device:
@@ -85,6 +101,47 @@ def test_format_on_device(fmt, device, monkeypatch):
         assert y.shape == (M, sum(SHARDS.values())) and y.dtype == torch.float32
         err = float((y.double().cpu() - ref).norm() / ref.norm())
         assert err < TOL[device], (fmt, device, M, err)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype_name", [t.name for t in _block_types()])
+def test_gguf_blocks_on_device(qtype_name, device, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    from bitfold.weights.gguf_blocks import BLOCK_TYPES, GGUFBlocks
+    from tests.weights.test_gguf_blocks import random_blocks
+
+    dev = _device(device, monkeypatch)
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    bt = BLOCK_TYPES[qtype]
+    rng = np.random.default_rng(300 + int(qtype))
+    raw = random_blocks(qtype, 72, 2 if bt.block == 256 else 9, rng)  # 72 rows, K = 256 or 288
+    rows, k = raw.shape[0], raw.shape[1] // bt.type_size * bt.block
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(rows, k)).double()
+    with torch.device(dev):
+        lin = Linear(k, {"w": rows}, bias=False, fmt="gguf", dtype=torch.float32)
+    lin.load_shard("w", GGUFBlocks(raw, qtype, qtype_name), False)
+    lin.fmt.process_after_loading(lin)
+    if device == "cpu":  # the LUT format the codes fit, holding gguf's decoding
+        assert lin.fmt.spec == bt.spec
+        q, s, m = lin.fmt.codes(lin)
+        got = dequantize(q, s, m, bt.spec.group).double()
+        if bt.exact:
+            assert torch.equal(got, ref)
+        else:  # fp16 scales: half an ulp of each scale and min
+            assert float((got - ref).abs().max()) <= 2.0**-11 * float(ref.abs().max()) * 4
+    else:  # native: the file's bytes (K-quants: + unpacked sub-scales), decoding to float32 rounding
+        assert lin.fmt.name == "gguf" and [r[3] for r in lin.fmt._runs] == [qtype_name]
+        qw = lin.fmt._runs[0][2]
+        extra = 4 if qtype_name in ("Q3_K", "Q4_K", "Q5_K") else 0
+        assert qw.nbytes == raw.nbytes + extra * raw.size // bt.type_size
+        got = qm.dequantize_ref(qw).double().cpu()
+        torch.testing.assert_close(got, ref, rtol=2e-7, atol=1e-9)
+    g = torch.Generator().manual_seed(int(qtype))
+    for M in (1, 3, 20):
+        x = torch.randn(M, k, generator=g).to(dev)
+        want = x.double().cpu() @ got.T
+        err = float((lin(x).double().cpu() - want).norm() / want.norm())
+        assert err < TOL[device], (qtype_name, device, M, err)
 
 
 @pytest.mark.parametrize("fmt", ["int4-g32", "int3-g64", "int8"])

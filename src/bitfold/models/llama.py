@@ -13,6 +13,7 @@ from torch import nn
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError
 from bitfold.kernels.ops import silu_and_mul_op
+from bitfold.layers.embedding import Embedding
 from bitfold.layers.linear import Linear
 from bitfold.layers.norm import RMSNorm
 from bitfold.layers.rotary import apply_rotary, cos_sin_cache
@@ -100,7 +101,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, fmt: str = "dense"):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, fmt)
         self.layers = nn.ModuleList(DecoderLayer(cfg, fmt, dtype) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         # A quantized model quantizes its output projection too (for a memory-bound decode it is
@@ -146,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
                     if self.tied_quantized_head:
                         self.lm_head.load_shard("lm_head", tensor, False)
                 elif name == "model.embed_tokens.weight" and self.tied_quantized_head and "lm_head.weight" in seen:
-                    _copy(self.embed.weight, tensor)  # the head came as codes already
+                    self.embed.load(tensor, keep_quantized=False)  # the head came as codes already
                 else:
                     self._load_one(name, tensor)
             except (ValueError, RuntimeError) as e:
@@ -160,6 +161,8 @@ class LlamaForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.fmt.process_after_loading(m)
+        if self.tied_quantized_head:
+            self.embed.tie(self.lm_head)  # one copy of the tied blocks where the head's format can share it
 
     def linear_for(self, name: str) -> tuple[Linear, str] | None:
         """The Linear and shard a checkpoint weight loads into; None for embeddings, norms and
@@ -201,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
         if name == "model.embed_tokens.weight":
             if self.tied_quantized_head:
                 self.lm_head.load_shard("lm_head", tensor, False)
-            return _copy(self.embed.weight, tensor)
+            return self.embed.load(tensor, keep_quantized=not self.tied_quantized_head)
         if name == "model.norm.weight":
             return _copy(self.norm.weight, tensor)
         if name == "lm_head.weight":

@@ -28,6 +28,12 @@ Byte layouts (ggml-common.h; fp16 little-endian):
           sub-block c's weight j = (qh[j] >> c) & 1
     Q6_K 210 B / 256: ql[128], qh[64], scales[16] int8, d; w = d*sc*(q-32) per 16 weights
 
+On a GPU (`native`) every type keeps its own codes and scales in a `kernels.qmatmul.QLayout`
+that the fused Triton kernels read: the same bytes per weight as the file for Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0, Q2_K and Q6_K; Q4_K/Q5_K keep their 6-bit sub-scales and mins as a byte each
+(+4 B per 256 weights: +2.8% / +2.3%) and Q3_K its 6-bit scales (+4 B: +3.6%), so the kernels
+need no 12-byte unpacking. Lossless: the kernels compute w = d*sub*(q - zero) + m in float32.
+
 As low-bit codes (`GGUFBlocks.codes`, what the CPU's LUT layers take): scale = fp16(s), min =
 fp16(m - zero * scale). Exact for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (zero * d is exact in fp16); the
 K-quants round the products d*sc and dmin*m to fp16 (half an ulp each). Codes of fewer bits or
@@ -44,6 +50,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
+from bitfold.kernels import qmatmul as qm
 from bitfold.weights.lowbit import LowBitSpec
 from bitfold.weights.packed import Codes, PackedWeight
 
@@ -175,13 +182,14 @@ def _q6_k(b):
 
 @dataclass(frozen=True)
 class BlockType:
-    """One GGUF block type: weights and bytes per block, its decoder, and the low-bit spec its
-    codes are (`exact`: without rounding any scale to fp16)."""
+    """One GGUF block type: weights and bytes per block, its decoder, the low-bit spec its codes
+    are (`exact`: without rounding any scale to fp16) and its GPU layout."""
 
     qtype: Q
     decode: Callable[[torch.Tensor], BlockCodes]
     spec: LowBitSpec
     exact: bool
+    layout: qm.QLayout
 
     @property
     def block(self) -> int:
@@ -193,16 +201,16 @@ class BlockType:
 
 
 BLOCK_TYPES: dict[Q, BlockType] = {bt.qtype: bt for bt in (
-    BlockType(Q.Q4_0, _q4_0, LowBitSpec(4, 32), True),
-    BlockType(Q.Q4_1, _q4_1, LowBitSpec(4, 32), True),
-    BlockType(Q.Q5_0, _q5_0, LowBitSpec(5, 32), True),
-    BlockType(Q.Q5_1, _q5_1, LowBitSpec(5, 32), True),
-    BlockType(Q.Q8_0, _q8_0, LowBitSpec(8, 32), True),
-    BlockType(Q.Q2_K, _q2_k, LowBitSpec(2, 16), False),
-    BlockType(Q.Q3_K, _q3_k, LowBitSpec(3, 16), False),
-    BlockType(Q.Q4_K, _q4_k, LowBitSpec(4, 32), False),
-    BlockType(Q.Q5_K, _q5_k, LowBitSpec(5, 32), False),
-    BlockType(Q.Q6_K, _q6_k, LowBitSpec(6, 16), False),
+    BlockType(Q.Q4_0, _q4_0, LowBitSpec(4, 32), True, qm.QLayout((4,), 32, 8, "none")),
+    BlockType(Q.Q4_1, _q4_1, LowBitSpec(4, 32), True, qm.QLayout((4,), 32, 0, "fp16")),
+    BlockType(Q.Q5_0, _q5_0, LowBitSpec(5, 32), True, qm.QLayout((4, 1), 32, 16, "none")),
+    BlockType(Q.Q5_1, _q5_1, LowBitSpec(5, 32), True, qm.QLayout((4, 1), 32, 0, "fp16")),
+    BlockType(Q.Q8_0, _q8_0, LowBitSpec(8, 32), True, qm.QLayout((8,), 32, 128, "none")),
+    BlockType(Q.Q2_K, _q2_k, LowBitSpec(2, 16), False, qm.QLayout((2,), 16, 0, "nibble", 256)),
+    BlockType(Q.Q3_K, _q3_k, LowBitSpec(3, 16), False, qm.QLayout((2, 1), 16, 4, "none", 256)),
+    BlockType(Q.Q4_K, _q4_k, LowBitSpec(4, 32), False, qm.QLayout((4,), 32, 0, "sub", 256)),
+    BlockType(Q.Q5_K, _q5_k, LowBitSpec(5, 32), False, qm.QLayout((4, 1), 32, 0, "sub", 256)),
+    BlockType(Q.Q6_K, _q6_k, LowBitSpec(6, 16), False, qm.QLayout((4, 2), 16, 32, "none", 256)),
 )}
 
 
@@ -217,6 +225,28 @@ def decode(raw: torch.Tensor, qtype: Q) -> BlockCodes:
     """raw uint8 [rows, bytes per row] of `qtype` blocks -> BlockCodes of rows x blocks."""
     bt = BLOCK_TYPES[qtype]
     return bt.decode(raw.contiguous().view(-1, bt.type_size))
+
+
+def native(raw: torch.Tensor, qtype: Q) -> qm.QWeight:
+    """raw uint8 [rows, bytes per row] of `qtype` blocks -> the QWeight of the type's GPU layout
+    (on raw's device; lossless)."""
+    bt = BLOCK_TYPES[qtype]
+    lay = bt.layout
+    rows, k = raw.shape[0], raw.shape[1] // bt.type_size * bt.block
+    bc = decode(raw, qtype)
+    planes = qm.pack_codes(bc.q.reshape(rows, k), lay.planes)
+    per_row = lambda t, dtype: t.reshape(rows, -1).to(dtype).contiguous()  # noqa: E731
+    scales = per_row(bc.d, torch.float16)  # decoded from fp16: exact
+    if not lay.super_block:
+        return qm.QWeight(lay, rows, k, planes, scales, per_row(bc.m, torch.float16) if bc.m is not None else None)
+    if lay.min_kind == "nibble":  # Q2_K: the file's scale bytes as they are
+        sub = per_row(bc.sub | (bc.sub_min << 4), torch.uint8)
+        return qm.QWeight(lay, rows, k, planes, scales, per_row(bc.dmin, torch.float16), sub)
+    sub = per_row(bc.sub, torch.int8)
+    if lay.min_kind == "sub":
+        return qm.QWeight(lay, rows, k, planes, scales, per_row(bc.dmin, torch.float16), sub,
+                          per_row(bc.sub_min, torch.uint8))
+    return qm.QWeight(lay, rows, k, planes, scales, None, sub)
 
 
 def convert(raw: torch.Tensor, qtype: Q, spec: LowBitSpec) -> Codes | None:
