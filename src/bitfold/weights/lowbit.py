@@ -83,6 +83,7 @@ STRETCH = (-1.0, -0.5, 0.0, 0.5, 1.0)
 OFFSET = (-0.25, 0.0, 0.25)
 REFINE = 2
 CHUNK = 1 << 18  # weights per search chunk: its temporaries (~1 MiB each) stay in cache
+CHUNK_GPU = 1 << 26  # on a GPU: fewer, larger launches (temporaries of 256 MB)
 
 
 def quantize_rtn(w: torch.Tensor, spec: LowBitSpec, rounding: str = "search"):
@@ -123,7 +124,7 @@ def quantize_rtn(w: torch.Tensor, spec: LowBitSpec, rounding: str = "search"):
         q = torch.empty(flat.shape, dtype=torch.uint8, device=w.device)
         s = torch.empty(flat.shape[0], dtype=torch.float16, device=w.device)
         m = torch.empty_like(s)
-        step = max(1, CHUNK // group)
+        step = max(1, (CHUNK if w.device.type == "cpu" else CHUNK_GPU) // group)
         for a in range(0, flat.shape[0], step):
             s[a : a + step], m[a : a + step], q[a : a + step] = _quantize_groups(flat[a : a + step], 2**spec.bits - 1,
                                                                                  rounding)
