@@ -26,8 +26,9 @@ $(VENV)/.test-installed: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/bitfold generate "$(PROMPT)" --max-tokens 32
 
+# Everything, slow end-to-end checks included; the 10 slowest tests are listed at the end.
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 bench-cpu: $(VENV)/.installed
 	$(PY) benchmarks/cpu_decode.py

@@ -70,7 +70,7 @@ def check(lay, dt: str, qg: int) -> list[tuple[str, object]]:
     for single in (True, False):
         out.append((f"decode single={single}", compile_kernel(A._quant_decode_kernel, dec, dict(
             c, NUM_HEADS=qg * lay.num_kv_heads, QG=qg, QG_PAD=max(16, triton.next_power_of_2(qg)), SINGLE_SPLIT=single))))
-    pre = dict(common, cu_seqlens_q=p("i32"), num_seqs="i32")
+    pre = dict(common, cu_seqlens_q=p("i32"), num_seqs="i32", k_new=p(dt), v_new=p(dt))
     out.append(("prefill", compile_kernel(A._quant_prefill_kernel, pre, dict(c, NUM_HEADS=qg * lay.num_kv_heads,
                                                                              BLOCK_M=64), num_warps=8)))
     wc = dict(KVH=lay.num_kv_heads, BS=lay.block_size, D=lay.head_dim)

@@ -100,3 +100,27 @@ def gpt2_bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+class fail_after:
+    """`with fail_after(s):` raises TimeoutError in the main thread after `s` seconds (SIGALRM),
+    so code that could hang (a loop waiting for an output that never comes) fails instead."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def expire(signum, frame):
+            raise TimeoutError(f"still running after {self.seconds}s")
+
+        self.previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(self.seconds)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)

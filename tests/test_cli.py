@@ -196,6 +196,7 @@ def test_process_chat_on_the_tiny_model(tiny_chat_dir):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_process_generate_on_the_default_model(smollm2_default):
     prompt = "The capital of France is"
     p = run_process(["generate", prompt, "--max-tokens", "8", "--device", "cpu", "--kv-cache-memory-gb", "0.25"])
@@ -205,6 +206,7 @@ def test_process_generate_on_the_default_model(smollm2_default):
     assert "Paris" in p.stdout
 
 
+@pytest.mark.slow
 def test_process_generate_chat_on_the_default_model(smollm2_default):
     question = "What is the capital of France?"
     p = run_process(["generate", question, "--chat", "--max-tokens", "8", "--device", "cpu",
@@ -213,3 +215,111 @@ def test_process_generate_chat_on_the_default_model(smollm2_default):
     ref = smollm2_default.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=8))[0]
     assert p.stdout == ref.text + "\n"
     assert "Paris" in p.stdout
+
+
+# ---- text that is not UTF-8 ------------------------------------------------------------------------
+
+
+def test_prompt_that_is_not_utf8_is_one_error_line(tiny_model_dir):
+    """Bytes that are not UTF-8 (latin-1 'é', a stray 0xff), from argv and from stdin: refused before
+    the model loads, naming the first bad byte and where it is."""
+    bad = b"caf\xe9 \xff"
+    for argv, stdin in [([bad], None), (["-"], bad)]:
+        p = subprocess.run([sys.executable, "-m", "bitfold.cli", "generate", *argv, *tiny_args(tiny_model_dir)],
+                           input=stdin, capture_output=True, timeout=120)
+        out, err = p.stdout.decode(), p.stderr.decode()
+        line = assert_one_error_line(p.returncode, out, err, "not valid UTF-8", "0xE9", "byte 3")
+        assert "Traceback" not in line
+
+
+def test_chat_line_that_is_not_utf8_is_one_bad_turn(capsys, monkeypatch, tiny_chat_dir):
+    """A line that is not UTF-8 in `bitfold chat` fails that turn only, as a too-long one does."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n" + PROMPT.encode() + b"\n/exit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rc = main(["chat", *tiny_args(tiny_chat_dir, "--max-tokens", "3", "--temperature", "0")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    errors = [line for line in err.splitlines() if line.startswith("bitfold: error:")]
+    assert len(errors) == 1 and "not valid UTF-8" in errors[0] and "0xE9" in errors[0], err
+    assert out.count("> ") == 3  # the bad line, PROMPT, /exit
+
+
+# ---- help and flags ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "quantize", "eval ppl"])
+def test_help_shows_every_default_and_every_flag_has_help(capsys, command):
+    """Each flag with a value says what it does and its default (argparse prints neither unless asked)."""
+    import argparse
+
+    from bitfold.cli import build_parser
+
+    parser = build_parser()
+    for word in command.split():
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented, undocumented
+    rc, out, err = run_main(capsys, [*command.split(), "--help"])
+    assert rc == 0
+    if command in ("generate", "chat", "serve"):
+        flat = " ".join(out.split())
+        assert "(default: 1024)" in flat and "--max-num-seqs MAX_NUM_SEQS" in flat
+        assert "most requests decoded together in one step (default: 128)" in flat
+        assert "(default: None)" not in flat
+
+
+def test_verbose_before_or_after_the_subcommand():
+    from bitfold.cli import build_parser
+
+    for argv in (["-v", "generate", PROMPT], ["generate", PROMPT, "-v"], ["generate", "--verbose", PROMPT],
+                 ["serve", "-v"], ["eval", "ppl", "-v"], ["-v", "eval", "ppl"],
+                 ["quantize", "--format", "int4", "--out", "x", "-v"]):
+        assert build_parser().parse_args(argv).verbose is True, argv
+    for argv in (["generate", PROMPT], ["serve"], ["eval", "ppl"]):
+        assert build_parser().parse_args(argv).verbose is False, argv
+
+
+def test_bad_weights_lists_each_format_once(capsys):
+    rc, out, err = run_main(capsys, ["generate", PROMPT, "--weights", "int5"])
+    line = assert_one_error_line(rc, out, err, "int5", "int4", "dense")
+    assert line.count("auto") == 1, line
+
+
+def test_unknown_architecture_is_named_before_missing_fields(capsys, tmp_path):
+    """A config.json of another family (GPT-2 spells its fields n_embd, n_head...) names the
+    architecture, not the first Llama field it lacks."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 768,
+                                                      "n_head": 12, "n_layer": 12, "vocab_size": 50257}))
+    rc, out, err = run_main(capsys, ["generate", PROMPT, "--model", str(tmp_path)])
+    assert_one_error_line(rc, out, err, "GPT2LMHeadModel", "not supported", "LlamaForCausalLM")
+
+
+# ---- weights that rounding breaks ------------------------------------------------------------------
+
+
+def test_rounding_to_two_bits_or_fewer_warns(caplog, tiny_model_dir, tmp_path):
+    """--weights int2 (int1, ternary) rounds every layer to nearest without calibration, which
+    breaks ordinary models: one warning before loading, naming what works instead. int3/int4 and a
+    checkpoint already stored in the format load silently."""
+    import logging
+
+    from bitfold import LLM
+    from bitfold.quantize import quantize
+
+    def warnings_for(**kw) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bitfold"):
+            LLM(str(kw.pop("model", tiny_model_dir)), device="cpu", num_kv_blocks=8, **kw)
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    for weights in ("int2", "int1-g32", "ternary"):
+        (msg,) = warnings_for(weights=weights)
+        assert f"--weights {weights}:" in msg and "int4" in msg and "calibrated" in msg and "\n" not in msg, msg
+    assert warnings_for(weights="int4") == [] and warnings_for(weights="int3") == []
+    folder = tmp_path / "int2"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bitfold"):
+        quantize(str(tiny_model_dir), "int2", str(folder))
+    assert any("--format int2:" in r.getMessage() for r in caplog.records)
+    assert warnings_for(model=folder) == [] and warnings_for(model=folder, weights="int2-g64") == []

@@ -13,6 +13,7 @@ from bitfold import LLM, SamplingParams
 from bitfold.errors import (BitfoldError, InvalidRequestError, InvalidSamplingParamsError, ModelLoadError,
                             PromptTooLongError, UnsupportedArchitectureError, UnsupportedFormatError)
 from bitfold.loader import open_model
+from tests.helpers import fail_after
 
 
 def check_message(err: BaseException, *needles: str) -> str:
@@ -332,11 +333,19 @@ def test_invalid_sampling_params(name, value):
     check_message(e.value, name)
 
 
-def test_valid_sampling_edges_are_accepted():
+def test_valid_sampling_edges_are_accepted(tiny_llm):
+    """Each edge value is kept as given (stop strings normalized to a list) and a request with it runs."""
     for kw in [dict(temperature=0), dict(temperature=1e-6), dict(top_p=1.0), dict(top_p=1e-9), dict(top_k=-1),
                dict(top_k=0), dict(max_tokens=1), dict(seed=0), dict(seed=-1), dict(seed=2**64 - 1),
                dict(stop="x"), dict(stop=("a", "b")), dict(stop=None), dict(stop_token_ids=[0, 5])]:
-        SamplingParams(**kw)
+        sp = SamplingParams(**kw)
+        (name, value), = kw.items()
+        want = {"x": ["x"], ("a", "b"): ["a", "b"], None: []}.get(value, value) if name == "stop" else value
+        assert getattr(sp, name) == want and type(getattr(sp, name)) is type(want), (kw, getattr(sp, name))
+        sp.max_tokens, sp.ignore_eos = 2, True
+        out = tiny_llm.generate([[5, 6, 7]], sp)[0]
+        assert out.finished and 1 <= len(out.token_ids) <= 2 and all(0 <= t < 320 for t in out.token_ids), kw
+    assert_pool_whole(tiny_llm)
 
 
 def test_params_made_invalid_after_construction_are_caught(tiny_llm):
@@ -450,4 +459,78 @@ def test_cancelled_or_failing_consumers_leave_the_pool_whole(tiny_llm):
     assert tiny_llm.engine.pool.num_free < tiny_llm.engine.pool.num_blocks
     a.close()
     b.close()
+    assert_pool_whole(tiny_llm)
+
+
+# ---- prompts that are not text -----------------------------------------------------------------
+
+
+def test_prompt_of_bytes_or_lone_surrogates_is_a_typed_error(tiny_llm):
+    """Python strings may hold lone surrogates, which are not Unicode text (UTF-8 cannot encode
+    them); bytes are not a prompt at all. Both are InvalidRequestError naming what and where,
+    through generate, stream and chat, and nothing is queued."""
+    sp = SamplingParams(temperature=0, max_tokens=2)
+    for prompt, needles in [(b"\xff", ["bytes", "decode"]), ("1 \ud800 2", ["U+D800", "character 2"]),
+                            ("1 2 \udcff", ["U+DCFF", "character 4"]), ([5, "6"], ["'6'"]), (3.5, ["float"])]:
+        with pytest.raises(InvalidRequestError) as e:
+            tiny_llm.generate(prompt, sp)
+        check_message(e.value, *needles)
+        with pytest.raises(InvalidRequestError):
+            tiny_llm.generate([[5, 6, 7], prompt], sp)  # a bad prompt among good ones: nothing stays queued
+        assert_pool_whole(tiny_llm)
+        with pytest.raises(InvalidRequestError):
+            next(tiny_llm.stream(prompt, sp))
+        assert_pool_whole(tiny_llm)
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_llm.chat([{"role": "system", "content": "1"}, {"role": "user", "content": "2\ud83d"}], sp)
+    check_message(e.value, "messages[1]", "U+D83D")
+    assert_pool_whole(tiny_llm)
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_llm.tokenizer.encode("\udc80")
+    check_message(e.value, "U+DC80")
+
+
+def test_logprobs_beyond_the_limit_is_refused(tiny_llm):
+    from bitfold.engine import MAX_LOGPROBS
+
+    with pytest.raises(InvalidSamplingParamsError) as e:
+        tiny_llm.generate([[5, 6]], SamplingParams(max_tokens=1, logprobs=MAX_LOGPROBS + 1))
+    check_message(e.value, "logprobs", str(MAX_LOGPROBS))
+    assert_pool_whole(tiny_llm)
+    out = tiny_llm.generate([[5, 6]], SamplingParams(max_tokens=1, logprobs=MAX_LOGPROBS))[0]
+    assert len(out.logprobs[0].top) == MAX_LOGPROBS
+
+
+def test_a_stream_left_open_is_cancelled_by_the_next_generate(tiny_llm):
+    """A named stream abandoned after `break` would keep decoding inside later generate() calls:
+    generate() cancels it (freeing its blocks), and reading it again says so."""
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    it = tiny_llm.stream([5, 6, 7], sp)
+    for _ in it:
+        break
+    out = tiny_llm.generate([[8, 9]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3
+    assert_pool_whole(tiny_llm)
+    with pytest.raises(InvalidRequestError) as e:
+        next(it)
+    check_message(e.value, "cancelled", "close()")
+    assert_pool_whole(tiny_llm)
+
+
+def test_interleaved_streams_lose_no_text(tiny_llm):
+    """Two streams read in turns each get all their text (the engine steps both in one batch)."""
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7], [40, 41]]
+    want = [o.text for o in tiny_llm.generate(prompts, sp)]
+    streams, got = [tiny_llm.stream(p, sp) for p in prompts], [[], []]
+    live = [0, 1]
+    with fail_after(60):  # a stream whose last output went to the other one would wait forever
+        while live:
+            for i in list(live):
+                piece = next(streams[i], None)
+                if piece is None:
+                    live.remove(i)
+                else:
+                    got[i].append(piece)
+    assert ["".join(g) for g in got] == want and all(want)
     assert_pool_whole(tiny_llm)

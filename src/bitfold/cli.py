@@ -18,9 +18,25 @@ EXIT_BAD_INPUT = 2
 SUBCOMMAND_MODULES = ("bitfold.server.cli", "bitfold.eval.cli", "bitfold.quantize")
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each flag's default, unless it has none (None, False) or already says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in text and not isinstance(action, argparse.BooleanOptionalAction)):
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are bad input too: one `bitfold: error: ...` line and status 2, not
-    argparse's usage block (`--help` still shows it)."""
+    argparse's usage block (`--help` still shows it). Every subcommand's parser is one too
+    (argparse builds them with the parent's class), so all show their defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_BAD_INPUT, f"bitfold: error: {message} (see '{self.prog} --help')\n")
@@ -30,8 +46,9 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
     g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the most likely tokens whose probabilities sum to p (1 = all)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     g.add_argument("--seed", dest="sample_seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
@@ -72,7 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # that package is not part of this build
         mod.register(sub)
+    _verbose_everywhere(parser)
     return parser
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`-v` after the subcommand too (`bitfold generate "hi" -v`, `bitfold eval ppl -v`). SUPPRESS
+    leaves the top-level value alone when a subcommand's parser does not see the flag."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "-v" not in sub._option_string_actions:
+                    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="log engine details (KV capacity, ...)")
+                _verbose_everywhere(sub)
 
 
 def _load(args):
@@ -88,9 +118,35 @@ def _load(args):
     return llm, status
 
 
+def _utf8(text: str, what: str) -> str:
+    """`text` as Python read it from argv or stdin, where bytes that are not UTF-8 become lone
+    surrogates (`surrogateescape`); a BitfoldError naming the first bad byte if there is one.
+    Such text is refused rather than decoded with replacement characters: the model would
+    silently see different text than the user meant (see the README)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the bytes as they came
+    except UnicodeEncodeError:  # a surrogate no decoder made (only possible in-process)
+        raw = text.encode("utf-8", "surrogatepass")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"{what} is not valid UTF-8: byte 0x{raw[e.start]:02X} at byte {e.start} "
+                                  f"({e.reason}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _read_stdin() -> str:
+    buffer = getattr(sys.stdin, "buffer", None)
+    return buffer.read().decode("utf-8", "surrogateescape") if buffer is not None else sys.stdin.read()
+
+
 def cmd_generate(args) -> None:
     params = _params(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _utf8(_read_stdin() if args.prompt == "-" else args.prompt, "the prompt")
     llm, status = _load(args)
     t0 = time.perf_counter()
     if args.chat:
@@ -118,12 +174,20 @@ def cmd_chat(args) -> None:
     print(status, file=sys.stderr)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("[bitfold] chat: type a message; /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is then one bad turn, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> ")
         except EOFError:
             print()
             return
+        try:
+            line = _utf8(line, "the message")
+        except InvalidRequestError as e:
+            sys.stdout.flush()
+            print(f"bitfold: error: {e}", file=sys.stderr)
+            continue
         if line.strip() in ("/exit", "/quit"):
             return
         if line.strip() == "/reset":

@@ -141,6 +141,8 @@ class EngineConfig:
                                 "(off: one call per operation, its reference)")
     async_scheduling: str = _opt("auto", "launch step N+1 before reading step N's tokens, hiding host work "
                                  "behind the GPU (auto = on for CUDA)", choices=["auto", "on", "off"])
+    num_threads: int | None = _opt(None, "CPU threads for loading and compute (default: the cores other processes "
+                                   "leave free at load, at most torch's count)")
 
     def validate(self) -> None:
         def bad(name, expected):
@@ -165,7 +167,7 @@ class EngineConfig:
         from bitfold.weights import WEIGHT_FORMATS
 
         if self.weights != "auto" and self.weights not in WEIGHT_FORMATS:
-            bad("weights", "auto or one of " + ", ".join(WEIGHT_FORMATS.names()))
+            bad("weights", "one of " + ", ".join(WEIGHT_FORMATS.names()))  # "auto" is registered too
         from bitfold.kvcache.codecs import KV_CODECS
 
         if self.kv_cache not in KV_CODECS:

@@ -25,14 +25,20 @@ from bitfold.core.kv_manager import KVManager, blocks_for
 from bitfold.core.request import Request
 from bitfold.core.scheduler import Scheduler
 from bitfold.detokenizer import IncrementalDetokenizer
-from bitfold.errors import BitfoldError, InvalidRequestError, PromptTooLongError
+from bitfold.errors import BitfoldError, InvalidRequestError, InvalidSamplingParamsError, PromptTooLongError
 from bitfold.layers.sampler import TokenLogprob
 from bitfold.loader import open_model
+from bitfold.loader.tokenizer import check_text
 from bitfold.loader.source import ModelSource
 from bitfold.runner.model_runner import ModelRunner, StepHandle
 from bitfold.sampling import SamplingParams
+from bitfold.threads import configure_threads
 
 log = logging.getLogger("bitfold")
+
+# Most top log-probabilities a request may ask for per token: OpenAI's top_logprobs limit and
+# vLLM's default max_logprobs. Each costs a top-k over the vocabulary at every step.
+MAX_LOGPROBS = 20
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,6 +82,23 @@ def _holdback(text: str, stops: list[str]) -> int:
     return best
 
 
+def warn_if_rounding_breaks(weights: str, stored: str | None, flag: str = "--weights") -> None:
+    """Warn before bitfold itself rounds weights to 2 bits or fewer: data-free round-to-nearest
+    at those widths breaks ordinary models (Qwen2.5-Coder-1.5B int2-g64: perplexity 9.8 -> 419,
+    README "CPU and low-bit"). A checkpoint already stored in the format is not rounded again."""
+    from bitfold.weights.lowbit import lowbit_spec
+
+    spec = lowbit_spec(weights)
+    if spec is None or spec.bits > 2 or (stored is not None and lowbit_spec(stored) == spec):
+        return
+    log.warning("%s %s: bitfold rounds every linear layer to nearest at %s bits without calibration, "
+                "which breaks most models (Qwen2.5-1.5B int2: perplexity 9.8 -> 419). Use int3 or int4 "
+                "(int4: +2.6%% perplexity), or a checkpoint trained or calibrated for %s bits (quantization-"
+                "aware training such as EfficientQAT / BitDistiller%s).", flag, weights,
+                "1.58" if spec.ternary else spec.bits, "1.58" if spec.ternary else spec.bits,
+                ", or BitNet b1.58 models for ternary" if spec.ternary else "")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,6 +121,10 @@ class LLMEngine:
         self.model_path = source.path
         self.tokenizer = source.load_tokenizer() if source.load_tokenizer else None
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":  # before loading: quantizing at load is where busy cores hurt most
+            configure_threads(config.num_threads)
+        if config.weights != "auto":
+            warn_if_rounding_breaks(config.weights, source.weight_format)
         self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if config.max_model_len is not None and config.max_model_len > source.max_context:
             raise BitfoldError(f"max_model_len={config.max_model_len} exceeds the model's context "
@@ -120,12 +147,20 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
+        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+            raise InvalidSamplingParamsError(f"invalid sampling parameter logprobs={params.logprobs!r}: expected "
+                                             f"at most {MAX_LOGPROBS} top log-probabilities per token")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: pass prompts as token ids")
+            check_text(prompt, "the prompt")
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        else:
+        elif isinstance(prompt, (list, tuple)):
             text, ids = None, list(prompt)
+        else:
+            hint = " (decode bytes first, e.g. data.decode('utf-8'))" if isinstance(prompt, (bytes, bytearray)) else ""
+            raise InvalidRequestError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}"
+                                      + hint)
         vocab = self.runner.model_config.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:  # for text, a tokenizer that does not match the model

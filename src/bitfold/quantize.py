@@ -32,9 +32,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from bitfold.errors import BitfoldError, ModelLoadError
+from bitfold.progress import progress
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -110,8 +110,10 @@ def parse_size(text: str) -> int:
 def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 10**9,
              dense_dtype: str = "auto") -> QuantizeSummary:
     """Quantize `model` (HF folder, .gguf, None = the default model) into folder `out`."""
+    from bitfold.engine import warn_if_rounding_breaks
     from bitfold.loader import open_model
     from bitfold.models import MODELS
+    from bitfold.threads import configure_threads
     from bitfold.weights import WEIGHT_FORMATS
     from bitfold.weights.lowbit import ROUNDINGS, lowbit_spec
 
@@ -138,6 +140,8 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
+    warn_if_rounding_breaks(fmt, None, flag="--format")
+    configure_threads()  # rounding is parallel torch code: as many threads as there are free cores
     tmp = tempfile.mkdtemp(prefix=".bitfold-quantize-", dir=parent)
     try:
         _write_tokenizer(source, tmp)
@@ -243,7 +247,7 @@ def _write_weights(source, skeleton, fmt: str, folder: str, max_shard_bytes: int
         stats["converted"] += converted
         bar.update(1)
 
-    with tqdm(total=len(todo), unit="tensor", desc=f"quantizing to {fmt}", disable=None, leave=False) as bar:
+    with progress(len(todo), f"quantizing to {fmt}", unit="tensor", unit_scale=False) as bar:
         for name, weight in source.weights():
             target = skeleton.linear_for(name)
             if target is not None:

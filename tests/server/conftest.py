@@ -95,12 +95,12 @@ def error_of(r) -> dict:
 
 
 def sse_events(text: str) -> list:
-    """The JSON payloads of an SSE body, and "[DONE]"."""
+    """The JSON payloads of an SSE body, and "[DONE]" (comments, e.g. keep-alives, skipped)."""
     import json
 
     out = []
     for block in text.split("\n\n"):
-        if block.strip():
+        if block.strip() and not block.startswith(":"):
             m = re.fullmatch(r"data: (.*)", block.strip(), re.S)
             assert m, f"not an SSE data line: {block!r}"
             out.append(m.group(1) if m.group(1) == "[DONE]" else json.loads(m.group(1)))

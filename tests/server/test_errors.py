@@ -173,9 +173,10 @@ def test_503_after_a_failed_load(tmp_path):
         raise ModelLoadError(f"{tmp_path}/nope.gguf: no such file")
 
     with LiveServer(create_app(load, model_name="x"), wait_ready=False) as s:
-        time.sleep(0.1)
+        assert s.engine.loaded.wait(30)
         for r in [httpx.get(s.url + "/health"), post(s, "/v1/completions", OK)]:
-            assert r.status_code == 503 and "failed to load" in error_of(r)["message"] and "no such file" in r.text
+            assert r.status_code == 503 and "failed to load" in error_of(r)["message"] and "ModelLoadError" in r.text
+            assert str(tmp_path) not in r.text  # the reason is in the server's log; clients see no server paths
 
 
 def test_429_when_the_queue_is_full(tiny_model_dir):
@@ -205,3 +206,68 @@ def test_429_when_the_queue_is_full(tiny_model_dir):
         m = s.metrics()
         assert m['bitfold_requests_finished_total{finish_reason="abort"}'] == 2
         assert m['bitfold_http_requests_total{code="429",endpoint="/v1/completions"}'] == 2
+
+
+SURROGATE_BODIES = [  # JSON that parses, with a lone surrogate escape where text is expected: (path, body, param)
+    ("/v1/completions", '{"model": "tiny", "prompt": "1 \\ud800", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ["\\udfff"], "max_tokens": 2}', "prompt.0"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "1", "stop": ["\\ud83d"], "max_tokens": 2}', "stop.0"),
+    ("/v1/completions", '{"model": "\\ud800", "prompt": "1", "max_tokens": 2}', "model"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "1\\ud800"}]}',
+     "messages.0.content"),
+    ("/v1/chat/completions",
+     '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages.0.content.0.text"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", SURROGATE_BODIES)
+def test_lone_surrogates_are_400(tiny_server, path, body, param):
+    """Lone surrogates are valid JSON escapes but not Unicode text: 400 naming the parameter, not a 500."""
+    r = post(tiny_server, path, body.encode())
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["param"] == param and err["code"] == "invalid_value" and "surrogate" in err["message"], err
+
+
+def test_error_bodies_always_encode(tiny_server):
+    """A 404 that names a model the client sent (or a path) is valid UTF-8 JSON whatever the name holds."""
+    r = httpx.get(tiny_server.url + "/v1/models/%ED%A0%80x%FF")
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    r = post(tiny_server, "/v1/completions", {**OK, "model": "caf\u00e9 \U0001f999"})
+    assert r.status_code == 404 and "caf\u00e9 \U0001f999" in error_of(r)["message"]
+
+
+def test_nan_and_infinite_floats_are_reported_as_such(tiny_server):
+    for value in ("NaN", "Infinity", "-Infinity"):
+        for name in ("temperature", "top_p", "presence_penalty"):
+            r = post(tiny_server, "/v1/completions", f'{{"model": "tiny", "prompt": "1", "{name}": {value}}}'.encode())
+            err = error_of(r)
+            assert r.status_code == 400 and err["param"] == name and "finite number" in err["message"], err
+
+
+def test_405_names_the_allowed_methods(tiny_server):
+    r = httpx.get(tiny_server.url + "/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    r = httpx.post(tiny_server.url + "/health")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+
+
+def test_models_show_names_not_server_paths(tiny_model_dir, tiny_server):
+    for r in (httpx.get(tiny_server.url + "/v1/models"), httpx.get(tiny_server.url + "/v1/models/tiny")):
+        assert r.status_code == 200
+        assert str(tiny_model_dir) not in r.text and "/" not in json.dumps(r.json()), r.text
+
+
+def test_openapi_declares_the_errors_bitfold_sends():
+    """Every /v1 POST declares 400/401/404/413/429/503 in OpenAI's error shape, and no 422
+    (bitfold never sends one: validation errors are 400)."""
+    schema = create_app(lambda: None).openapi()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert {"200", "400", "401", "404", "413", "429", "503"} <= set(responses), responses
+        assert "422" not in responses
+        ref = responses["400"]["content"]["application/json"]["schema"]["$ref"]
+        shape = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        assert set(shape["properties"]) == {"error"}
+    assert "422" not in json.dumps(schema)

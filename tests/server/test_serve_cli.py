@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from bitfold.cli import main
 
@@ -46,7 +47,10 @@ def test_help_and_missing_extras(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # what `import uvicorn` does when it is not installed
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
-    assert err == "bitfold: error: bitfold serve needs its extras: pip install 'bitfold[serve]'\n"
+    assert err.startswith("bitfold: error: bitfold serve needs its extras (fastapi, uvicorn): ")
+    assert err.count("\n") == 1
+    pip = os.path.join(os.path.dirname(sys.executable), "pip")
+    assert f"{pip} install" in err and "[serve]" in err, err  # the pip of the Python that runs bitfold
 
 
 def test_generate_does_not_import_the_server_stack():
@@ -56,6 +60,7 @@ def test_generate_does_not_import_the_server_stack():
     assert out.split() == ["False", "False"]
 
 
+@pytest.mark.slow
 def test_sigterm_is_graceful(smollm2_path):
     proc = spawn("--port", "0", "--model", smollm2_path, "--kv-cache-memory-gb", "0.2", "--device", "cpu",
                  "--shutdown-timeout", "5", "--served-model-name", "smol")
@@ -85,16 +90,16 @@ def test_sigterm_is_graceful(smollm2_path):
         for t in threads:
             t.start()
         assert all(e.wait(60) for e in started)
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in threads:
-            t.join(30)
-        rc = proc.wait(30)
+            t.join(60)
+        rc = proc.wait(60)
         lines += proc.stderr.readlines()
         assert rc == 0, "".join(lines)
-        assert time.monotonic() - t0 < 20
         short = [json.loads(e) for e in results["short"][:-1]]
         assert results["short"][-1] == "[DONE]" and short[-1]["choices"][0]["finish_reason"] == "length"
+        # The long one (2000 tokens) was ended at --shutdown-timeout, not waited for: cut short with
+        # the shutdown error, and [DONE].
         long = results["long"]
         assert long[-1] == "[DONE]" and json.loads(long[-2])["error"]["message"] == "the server is shutting down"
         assert "server stopped" in lines[-1] and not any("Traceback" in line for line in lines), "".join(lines)

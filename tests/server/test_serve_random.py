@@ -10,8 +10,11 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from tests.server.test_serve_cli import read_until
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "serve_random.py")
 
@@ -33,8 +36,9 @@ def test_random_model_serves_every_token_as_text(smollm2_path):
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
         assert chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}
-        # a random model samples dummies most of the time (62% of the vocabulary): they are text too
-        assert len(texts) == 12 and all(texts) and "<|dummy_" in "".join(texts), texts
+        # a random model samples dummies most of the time (62% of the vocabulary): they are text too.
+        # (Tokens that arrive while the client is still reading go out as one chunk: up to 12 chunks.)
+        assert 1 <= len(texts) <= 12 and all(texts) and "<|dummy_" in "".join(texts), texts
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, "".join(lines + proc.stderr.readlines())
     finally:

@@ -18,16 +18,12 @@ _NO_WINDOW = 1 << 30  # "no sliding window" as a window longer than any context:
 
 
 @jit
-def _prefill_kernel(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
-                    scale_log2, window, bt_stride, num_seqs,
-                    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    # The grid is sized from shapes alone (T // BLOCK_M + B query tiles), so launching needs
-    # no device sync: sequence b owns tiles [cu[b] // BLOCK_M + b, cu[b+1] // BLOCK_M + b + 1),
-    # at least cdiv(q_len_b, BLOCK_M) of them. Binary-search the sequence owning this tile.
-    tile_id = tl.program_id(0)
-    h = tl.program_id(1)
+def tile_of_sequence(cu_seqlens_q, num_seqs, tile_id, BLOCK_M: tl.constexpr):
+    """(sequence b, its first query row q_start, its q_len, the tile's first row m0 within it)
+    for query tile `tile_id` of a grid sized from shapes alone (T // BLOCK_M + B tiles), so
+    launching needs no device sync: sequence b owns tiles [cu[b] // BLOCK_M + b,
+    cu[b+1] // BLOCK_M + b + 1), at least cdiv(q_len_b, BLOCK_M) of them; binary search. A
+    spare tile of its sequence has m0 >= q_len."""
     lo = 0
     hi = num_seqs
     while lo < hi:
@@ -40,6 +36,17 @@ def _prefill_kernel(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
     q_start = tl.load(cu_seqlens_q + b)
     q_len = tl.load(cu_seqlens_q + b + 1) - q_start
     m0 = (tile_id - (q_start // BLOCK_M + b)) * BLOCK_M
+    return b, q_start, q_len, m0
+
+
+@jit
+def _prefill_kernel(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+                    scale_log2, window, bt_stride, num_seqs,
+                    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    h = tl.program_id(1)
+    b, q_start, q_len, m0 = tile_of_sequence(cu_seqlens_q, num_seqs, tl.program_id(0), BLOCK_M)
     if m0 >= q_len:
         return  # spare tile of this sequence
 

@@ -24,19 +24,29 @@ import math
 
 import torch
 
-from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, jit, next_pow2, num_sms, require, require_launchable, tl
+from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, interpreting, jit, next_pow2, num_sms, require,
+                                     require_launchable, tl)
 from bitfold.kernels.paged_decode import _decode_merge_kernel, split_plan
+from bitfold.kernels.paged_prefill import tile_of_sequence
 from bitfold.kernels.quant_kv_write import KIND_GROUP, QuantLayout, dequantize_pages_ref
 
 _NO_WINDOW = 1 << 30
 
 
 @jit
-def _magic16(b, shift, BITS: tl.constexpr):
-    """Unsigned codes at bit `shift` of bytes `b` -> float16 1024 + code, exactly: the code goes
-    into the mantissa of 1024.0 (bits 0x6400), two integer ops and no int-to-float conversion.
-    Callers subtract 1024 x (the sum of the other dot operand) once per row."""
-    return (((b.to(tl.int16) >> shift.to(tl.int16)) & ((1 << BITS) - 1)) | 0x6400).to(tl.float16, bitcast=True)
+def _magic(b, shift, BITS: tl.constexpr, BF16: tl.constexpr):
+    """Unsigned BITS-bit codes at bit `shift` of bytes `b` -> MAGIC + code, exactly: the code goes
+    into the mantissa of 128.0 (bfloat16 bits 0x4300) or 1024.0 (float16 0x6400), two integer
+    ops and no int-to-float conversion. Callers subtract MAGIC x (the sum of the other dot
+    operand) once per row. bfloat16 on a GPU (the other operand, q x scale or p x scale, keeps
+    its range: p x scale can be ~1e-7 at long flat contexts, a float16 subnormal); float16 under
+    Triton's interpreter, whose bfloat16 tl.dot is broken (triton-lang/triton#11584)."""
+    x = ((b.to(tl.int16) >> shift.to(tl.int16)) & ((1 << BITS) - 1))
+    if BF16:
+        out = (x | 0x4300).to(tl.bfloat16, bitcast=True)
+    else:
+        out = (x | 0x6400).to(tl.float16, bitcast=True)
+    return out
 
 
 @jit
@@ -48,58 +58,59 @@ def _magic16_i8(b):
 @jit
 def _pv_group(p, qd, ph, t, ok, g: tl.constexpr, v_codes, v_meta,
               V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-              VG: tl.constexpr, DOT_PREC: tl.constexpr):
+              VG: tl.constexpr, DOT_PREC: tl.constexpr, BF16: tl.constexpr):
     """p [M, BS] (probabilities of the page's tokens) times the page's V channels
     [g * VG, (g + 1) * VG): float32 [M, VG]."""
     NG: tl.constexpr = D // VG
+    MAGIC: tl.constexpr = 128.0 if BF16 else 1024.0
+    MT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     c = g * VG + tl.arange(0, VG)
     if V_KIND == 3:  # per token and channel group: the group scale folds into p, the zero into a bias
         vb = tl.load(v_codes + ph * (BS // VP * D) + ((t // VP)[:, None] * D + c[None, :]))  # uint8 [BS, VG]
-        vc = _magic16(vb, ((t % VP) * V_BITS)[:, None], V_BITS)
+        vc = _magic(vb, ((t % VP) * V_BITS)[:, None], V_BITS, BF16)
         vmeta = v_meta + ph * (BS * 2 * NG) + g
         vs = tl.load(vmeta + t * (2 * NG)).to(tl.float32)
         vz = tl.load(vmeta + t * (2 * NG) + NG).to(tl.float32)
-        pg = (p * vs[None, :]).to(tl.float16)
-        bias = tl.sum(p * vz[None, :], axis=1) - 1024.0 * tl.sum(pg.to(tl.float32), axis=1)
-        return tl.dot(pg, vc) + bias[:, None]
+        pg = (p * vs[None, :]).to(MT)
+        bias = tl.sum(p * vz[None, :], axis=1) - MAGIC * tl.sum(pg.to(tl.float32), axis=1)
+        out = tl.dot(pg, vc) + bias[:, None]
     elif V_KIND == 0:
         v = tl.load(v_codes + ph * (BS * D) + (t[:, None] * D + c[None, :]), mask=ok[:, None], other=0.0)
-        return tl.dot(p.to(qd.dtype), v.to(qd.dtype), input_precision=DOT_PREC)
+        out = tl.dot(p.to(qd.dtype), v.to(qd.dtype), input_precision=DOT_PREC)
     else:
         vt = tl.load(v_codes + ph * (BS * D) + (t[:, None] * D + c[None, :]), mask=ok[:, None], other=0)
         vsc = tl.load(v_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
-        ps = (p * vsc[None, :]).to(tl.float16)
+        # x 256 keeps small p out of float16 subnormals; undone in float32
+        ps = (p * (vsc * 256.0)[None, :]).to(tl.float16)
         if V_KIND == 1:
-            return tl.dot(ps, _magic16_i8(vt)) - 1152.0 * tl.sum(ps.to(tl.float32), axis=1)[:, None]
+            out = tl.dot(ps, _magic16_i8(vt)) - 1152.0 * tl.sum(ps.to(tl.float32), axis=1)[:, None]
         else:
-            return tl.dot(ps, vt.to(tl.float8e4nv, bitcast=True).to(tl.float16))
+            out = tl.dot(ps, vt.to(tl.float8e4nv, bitcast=True).to(tl.float16))
+        out = out * (1.0 / 256.0)
+    return out
 
 
 @jit
-def _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, kv_len, qpos, window, kh,
-                 k_codes, k_meta, v_codes, v_meta, scale_log2,
-                 K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
-                 V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr,
-                 KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One sealed page (first position p0) for query rows [M, D] at positions qpos [M]: qf
-    (float32), qd (compute dtype), qh (float16). Integer codes go to the tensor cores as float16
-    1024 + code (`_magic16`); fp8 converts to float16 in hardware. The output accumulates in
-    acc0 (channels [0, VG)) and, when D = 2 VG, acc1 ([VG, 2 VG)): every tile stays 2-D, so no
-    batched dot or 3-D broadcast needs a trip through shared memory."""
-    NG: tl.constexpr = D // VG
+def _page_scores(qf, qd, qh, page, p0, kv_len, kh, k_codes, k_meta,
+                 K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr, KVH: tl.constexpr, BS: tl.constexpr,
+                 D: tl.constexpr, DOT_PREC: tl.constexpr, BF16: tl.constexpr):
+    """q . k of query rows [M, D] (qf float32, qd compute dtype, qh float16) and the BS tokens of
+    a sealed page: float32 [M, BS], unscaled. Integer codes go to the tensor cores as exact
+    MAGIC + code (`_magic`; int8: float16 1152 + code); fp8 converts to float16 in hardware."""
+    MAGIC: tl.constexpr = 128.0 if BF16 else 1024.0
+    MT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     d = tl.arange(0, D)
     t = tl.arange(0, BS)  # token of the page; it sits in byte row t // P at bits (t % P) * BITS
-    pos = p0 + t
-    ok = pos < kv_len  # a page of a no-ring codec may be partly written
+    ok = p0 + t < kv_len  # a page of a no-ring codec may be partly written
     ph = page * KVH + kh
     if K_KIND == 3:  # KIVI keys: the page's per-channel scale folds into q, its zero into a row bias
         kmeta = k_meta + ph * (2 * D)  # page bases: one scalar add per element below, offsets loop-invariant
         ks = tl.load(kmeta + d).to(tl.float32)
         kz = tl.load(kmeta + D + d).to(tl.float32)
-        qk = (qf * ks[None, :]).to(tl.float16)
-        kbias = tl.sum(qf * kz[None, :], axis=1) - 1024.0 * tl.sum(qk.to(tl.float32), axis=1)
+        qk = (qf * ks[None, :]).to(MT)
+        kbias = tl.sum(qf * kz[None, :], axis=1) - MAGIC * tl.sum(qk.to(tl.float32), axis=1)
         kb = tl.load(k_codes + ph * (BS // KP * D) + ((t // KP)[None, :] * D + d[:, None]))  # uint8 [D, BS]
-        kc = _magic16(kb, ((t % KP) * K_BITS)[None, :], K_BITS)
+        kc = _magic(kb, ((t % KP) * K_BITS)[None, :], K_BITS, BF16)
         s = tl.dot(qk, kc) + kbias[:, None]
     elif K_KIND == 0:
         kt = tl.load(k_codes + ph * (BS * D) + (t[None, :] * D + d[:, None]), mask=ok[None, :], other=0.0)
@@ -111,18 +122,45 @@ def _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, kv_len, qpos, windo
             s = (tl.dot(qh, _magic16_i8(kt)) - 1152.0 * tl.sum(qh.to(tl.float32), axis=1)[:, None]) * ksc[None, :]
         else:
             s = tl.dot(qh, kt.to(tl.float8e4nv, bitcast=True).to(tl.float16)) * ksc[None, :]
+    return s
+
+
+@jit
+def _softmax_step(s, qpos, pos, ok, window, scale_log2, m_i, l_i):
+    """Online-softmax update for scores s [M, N] of keys at positions pos [N] (ok: they exist)
+    and queries at qpos [M]: returns (p, alpha, m_new, l_new)."""
     allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
     s = tl.where(allowed, s * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: no NaN
     alpha = tl.exp2(m_i - m_base)
     p = tl.exp2(s - m_base[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@jit
+def _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, kv_len, qpos, window, kh,
+                 k_codes, k_meta, v_codes, v_meta, scale_log2,
+                 K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
+                 V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr,
+                 KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BF16: tl.constexpr):
+    """One sealed page (first position p0) for query rows [M, D] at positions qpos [M]. A page is
+    one [D, BS] K tile and [BS, D] V tile in token order. The output accumulates in acc0
+    (channels [0, VG)) and, when D = 2 VG, acc1 ([VG, 2 VG)): every tile stays 2-D, so no
+    batched dot or 3-D broadcast needs a trip through shared memory."""
+    NG: tl.constexpr = D // VG
+    t = tl.arange(0, BS)
+    pos = p0 + t
+    ok = pos < kv_len
+    ph = page * KVH + kh
+    s = _page_scores(qf, qd, qh, page, p0, kv_len, kh, k_codes, k_meta, K_KIND, K_BITS, KP, KVH, BS, D, DOT_PREC, BF16)
+    p, alpha, m_new, l_i = _softmax_step(s, qpos, pos, ok, window, scale_log2, m_i, l_i)
     acc0 = acc0 * alpha[:, None] + _pv_group(p, qd, ph, t, ok, 0, v_codes, v_meta, V_KIND, V_BITS, VP, BS, D, VG,
-                                               DOT_PREC)
+                                               DOT_PREC, BF16)
     if NG == 2:
         acc1 = acc1 * alpha[:, None] + _pv_group(p, qd, ph, t, ok, 1, v_codes, v_meta, V_KIND, V_BITS, VP, BS, D, VG,
-                                                   DOT_PREC)
+                                                   DOT_PREC, BF16)
     return m_new, l_i, acc0, acc1
 
 
@@ -161,7 +199,8 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
                          V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr,
                          NUM_HEADS: tl.constexpr, KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
                          VG: tl.constexpr, RING: tl.constexpr, RESID: tl.constexpr, CAP: tl.constexpr,
-                         QG: tl.constexpr, QG_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+                         QG: tl.constexpr, QG_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                         BF16: tl.constexpr):
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -193,7 +232,7 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
         page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
         m_i, l_i, acc0, acc1 = _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, seq_len, qpos, window, kh,
                                      k_codes, k_meta, v_codes, v_meta, scale_log2,
-                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, KVH, BS, D, VG, DOT_PREC)
+                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, KVH, BS, D, VG, DOT_PREC, BF16)
     if RING:
         seq_slot = tl.load(seq_slots + b)
         r_lo = tl.maximum(lo, n_sealed)
@@ -221,33 +260,25 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
 
 
 @jit
-def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, block_tables, cu_seqlens_q,
-                          context_lens, seq_slots, out, scale_log2, window, bt_stride, num_seqs,
+def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, k_new, v_new, block_tables,
+                          cu_seqlens_q, context_lens, seq_slots, out, scale_log2, window, bt_stride, num_seqs,
                           K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
                           V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr,
                           NUM_HEADS: tl.constexpr, KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
                           VG: tl.constexpr, RING: tl.constexpr, RESID: tl.constexpr, CAP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
-    # Tile -> sequence exactly as kernels/paged_prefill.py: grid T // BLOCK_M + B, binary search.
-    tile_id = tl.program_id(0)
+                          BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, BF16: tl.constexpr):
+    """Each query row t sees exactly what decoding token by token would have shown it: keys
+    before n_sealed(t + 1) from their (sealed) pages, the rest exact, from the ring (positions
+    cached before this step: the ring is written after this kernel) or from this step's new
+    rows. So a sequence's outputs do not depend on how its prompt was chunked or batched."""
     h = tl.program_id(1)
-    lo_s = 0
-    hi_s = num_seqs
-    while lo_s < hi_s:
-        mid = (lo_s + hi_s) // 2
-        if tl.load(cu_seqlens_q + mid) // BLOCK_M + mid <= tile_id:
-            lo_s = mid + 1
-        else:
-            hi_s = mid
-    b = lo_s - 1
-    q_start = tl.load(cu_seqlens_q + b)
-    q_len = tl.load(cu_seqlens_q + b + 1) - q_start
-    m0 = (tile_id - (q_start // BLOCK_M + b)) * BLOCK_M
+    b, q_start, q_len, m0 = tile_of_sequence(cu_seqlens_q, num_seqs, tl.program_id(0), BLOCK_M)
     if m0 >= q_len:
         return
     seq_len = tl.load(context_lens + b)
+    len_old = seq_len - q_len
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    qpos = seq_len - q_len + offs_m
+    qpos = len_old + offs_m
     d = tl.arange(0, D)
     q_mask = (offs_m[:, None] < q_len) & (d[None, :] < D)
     q_off = ((q_start + offs_m[:, None]).to(tl.int64) * NUM_HEADS + h) * D + d[None, :]
@@ -255,33 +286,71 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, b
     qf = qd.to(tl.float32)
     qh = qd.to(tl.float16)
     kh = h // (NUM_HEADS // KVH)
-    kv_hi = seq_len - q_len + tl.minimum(m0 + BLOCK_M, q_len)
-    kv_lo = tl.maximum(seq_len - q_len + m0 - window + 1, 0) // BS * BS
+    kv_hi = len_old + tl.minimum(m0 + BLOCK_M, q_len)
+    kv_lo = tl.maximum(len_old + m0 - window + 1, 0) // BS * BS
+    NG: tl.constexpr = D // VG
+    t = tl.arange(0, BS)
+    c = tl.arange(0, VG)
     if RING:
-        n_sealed = tl.maximum(seq_len - RESID, 0) // BS * BS
+        seq_slot = tl.load(seq_slots + b).to(tl.int64)
+        ns_rows = tl.maximum(qpos + 1 - RESID, 0) // BS * BS  # [M] what decode at each row had sealed
+        ns_first = tl.maximum(len_old + m0 + 1 - RESID, 0) // BS * BS
+        ns_last = tl.maximum(kv_hi - RESID, 0) // BS * BS  # of the tile's last real row
+        ns_old = tl.maximum(len_old - RESID, 0) // BS * BS  # ring slots below this are stale
     else:
-        n_sealed = seq_len
+        ns_rows = qpos + 1
+        ns_first = kv_hi  # every key of a no-ring codec is read from its page
+        ns_last = kv_hi
+        ns_old = 0
+        seq_slot = 0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    NG: tl.constexpr = D // VG
     acc0 = tl.zeros([BLOCK_M, VG], tl.float32)
     acc1 = tl.zeros([BLOCK_M, VG], tl.float32)
-    for p0 in range(kv_lo, tl.minimum(kv_hi, n_sealed), BS):
-        page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
-        m_i, l_i, acc0, acc1 = _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, seq_len, qpos, window, kh,
-                                     k_codes, k_meta, v_codes, v_meta, scale_log2,
-                                     K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, KVH, BS, D, VG, DOT_PREC)
-    if RING:
-        seq_slot = tl.load(seq_slots + b)
-        r_lo = tl.maximum(kv_lo, n_sealed)
-        if seq_slot < 0:
-            r_lo = kv_hi
-        for r0 in range(r_lo, kv_hi, BS):
-            m_i, l_i, acc0, acc1 = _attend_ring(qd, m_i, l_i, acc0, acc1, r0, kv_hi, qpos, window, kh, seq_slot,
-                                                ring_k, ring_v,
-                                         scale_log2, KVH, D, VG, CAP, BS, DOT_PREC)
+    for p0 in range(kv_lo, kv_hi, BS):
+        pos = p0 + t
+        ok = pos < kv_hi
+        any_q = p0 < ns_last  # some row reads this page quantized (then it is sealed)
+        any_x = ns_first <= p0  # some row reads it exact
+        rows_q = ns_rows > p0  # [M]
+        page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)  # allocated: p0 < seq_len
+        # exact K/V of the page's positions: the ring below len_old (still this step's old
+        # contents), this step's rows from len_old on
+        from_ring = (pos >= ns_old) & (pos < len_old)
+        from_new = (pos >= len_old) & ok
+        roff = ((seq_slot * CAP + pos % CAP) * KVH + kh) * D
+        noff = ((q_start + pos - len_old).to(tl.int64) * KVH + kh) * D
+        s = tl.zeros([BLOCK_M, BS], tl.float32)
+        if any_q:
+            s_q = _page_scores(qf, qd, qh, page, p0, seq_len, kh, k_codes, k_meta, K_KIND, K_BITS, KP, KVH, BS, D,
+                               DOT_PREC, BF16)
+            s = tl.where(rows_q[:, None], s_q, s)
+        if any_x:
+            kx = (tl.load(ring_k + roff[None, :] + d[:, None], mask=from_ring[None, :], other=0.0)
+                  + tl.load(k_new + noff[None, :] + d[:, None], mask=from_new[None, :], other=0.0))
+            s_x = tl.dot(qd, kx.to(qd.dtype), input_precision=DOT_PREC)
+            s = tl.where(rows_q[:, None], s, s_x)
+        p, alpha, m_i, l_i = _softmax_step(s, qpos, pos, ok, window, scale_log2, m_i, l_i)
+        acc0 = acc0 * alpha[:, None]
+        acc1 = acc1 * alpha[:, None]
+        if any_q:
+            pq = tl.where(rows_q[:, None], p, 0.0)
+            ph = page * KVH + kh
+            acc0 += _pv_group(pq, qd, ph, t, pos < seq_len, 0, v_codes, v_meta, V_KIND, V_BITS, VP, BS, D, VG,
+                              DOT_PREC, BF16)
+            if NG == 2:
+                acc1 += _pv_group(pq, qd, ph, t, pos < seq_len, 1, v_codes, v_meta, V_KIND, V_BITS, VP, BS, D, VG,
+                                  DOT_PREC, BF16)
+        if any_x:
+            px = tl.where(rows_q[:, None], 0.0, p).to(qd.dtype)
+            vx0 = (tl.load(ring_v + roff[:, None] + c[None, :], mask=from_ring[:, None], other=0.0)
+                   + tl.load(v_new + noff[:, None] + c[None, :], mask=from_new[:, None], other=0.0))
+            acc0 += tl.dot(px, vx0.to(qd.dtype), input_precision=DOT_PREC)
+            if NG == 2:
+                vx1 = (tl.load(ring_v + roff[:, None] + VG + c[None, :], mask=from_ring[:, None], other=0.0)
+                       + tl.load(v_new + noff[:, None] + VG + c[None, :], mask=from_new[:, None], other=0.0))
+                acc1 += tl.dot(px, vx1.to(qd.dtype), input_precision=DOT_PREC)
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
-    c = tl.arange(0, VG)
     o_off = ((q_start + offs_m[:, None]).to(tl.int64) * NUM_HEADS + h) * D + c[None, :]
     o_mask = (offs_m[:, None] < q_len) & (c[None, :] < VG)
     tl.store(out + o_off, (acc0 * inv[:, None]).to(out.dtype.element_ty), mask=o_mask)
@@ -294,7 +363,7 @@ def _consts(lay: QuantLayout, q: torch.Tensor) -> dict:
                 VP=lay.v_planes, P=lay.planes, KVH=lay.num_kv_heads, BS=lay.block_size, D=lay.head_dim,
                 VG=lay.v_group if lay.v_kind == KIND_GROUP else lay.head_dim, RING=lay.ring, RESID=lay.residual, CAP=max(lay.ring_cap, 1),
                 # fp32: 3xTF32 keeps ~fp32 accuracy on tensor cores
-                DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32")
+                DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32", BF16=not interpreting())
 
 
 def _check(lay: QuantLayout, q, storage, block_tables, context_lens, seq_slots, sliding_window):
@@ -314,7 +383,7 @@ def _check(lay: QuantLayout, q, storage, block_tables, context_lens, seq_slots, 
 def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
                        context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
                        sliding_window: int = 0, *, max_context_len: int | None = None, num_splits: int | None = None,
-                       min_split_tokens: int = 256, waves: int = 4, num_warps: int = 4,
+                       min_split_tokens: int = 256, waves: int = 8, num_warps: int = 4,
                        num_stages: int = 2) -> torch.Tensor:
     """Attention of each sequence's newest token over its compressed paged context (new K/V
     already written by `write_quant_kv`).
@@ -360,14 +429,19 @@ def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables:
     return out
 
 
-def quant_paged_prefill(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
-                        cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor | None,
-                        scale: float, sliding_window: int = 0, *, block_m: int = 64, num_warps: int = 8,
-                        num_stages: int = 2) -> torch.Tensor:
-    """Causal attention of the packed new tokens (q: `[T, num_heads, head_dim]`, offsets
-    cu_seqlens_q int32 `[B+1]`) over their sequences' compressed pages and rings, new K/V
-    already written. Returns `[T, num_heads, head_dim]` in q's dtype."""
+def quant_paged_prefill(lay: QuantLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, storage,
+                        block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                        seq_slots: torch.Tensor | None, scale: float, sliding_window: int = 0, *, block_m: int = 32,
+                        num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+    """Causal attention of the packed new tokens (q: `[T, num_heads, head_dim]`, their k, v:
+    `[T, KVH, D]`, offsets cu_seqlens_q int32 `[B+1]`) over their sequences' compressed pages,
+    rings and the new rows, as decoding would have seen it: query t reads positions below
+    n_sealed(t + 1) from their pages (this step's pages sealed by `write_quant_kv(...,
+    phase="seal")` first) and the rest exact (the ring, written only after this call, and the new
+    rows). Returns `[T, num_heads, head_dim]` in q's dtype."""
     _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
+    require(k.shape == v.shape == (q.shape[0], lay.num_kv_heads, lay.head_dim) and k.is_contiguous()
+            and v.is_contiguous(), f"k, v must be contiguous [T, {lay.num_kv_heads}, {lay.head_dim}]")
     T, H, D = q.shape
     B = context_lens.shape[0]
     out = torch.empty_like(q)
@@ -377,7 +451,7 @@ def quant_paged_prefill(lay: QuantLayout, q: torch.Tensor, storage, block_tables
     require(block_m >= 16 and block_m & (block_m - 1) == 0, f"block_m must be a power of two >= 16, got {block_m}")
     slots = seq_slots if seq_slots is not None else context_lens
     _quant_prefill_kernel[(T // block_m + B, H)](
-        q, storage.k, storage.k_meta, storage.v, storage.v_meta, storage.ring_k, storage.ring_v, block_tables,
+        q, storage.k, storage.k_meta, storage.v, storage.v_meta, storage.ring_k, storage.ring_v, k, v, block_tables,
         cu_seqlens_q, context_lens, slots, out, float(scale) * math.log2(math.e),
         sliding_window if sliding_window > 0 else _NO_WINDOW, block_tables.stride(0), B,
         NUM_HEADS=H, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages, **_consts(lay, q))
@@ -432,19 +506,49 @@ def quant_paged_decode_ref(lay: QuantLayout, q: torch.Tensor, storage, block_tab
     return out
 
 
-def quant_paged_prefill_ref(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
-                            cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, seq_slots: torch.Tensor | None,
-                            scale: float, sliding_window: int = 0, **_) -> torch.Tensor:
-    """Pure-PyTorch `quant_paged_prefill` (float32 math)."""
+def quant_paged_prefill_ref(lay: QuantLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, storage,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                            seq_slots: torch.Tensor | None, scale: float, sliding_window: int = 0, **_) -> torch.Tensor:
+    """Pure-PyTorch `quant_paged_prefill` (float32 math): query t of a sequence reads positions
+    below n_sealed(t + 1) dequantized from their pages and the rest exact (ring before this
+    step's ring write, new rows)."""
     _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     slots = seq_slots.tolist() if seq_slots is not None else [-1] * len(cu)
+    BS, H, D = lay.block_size, lay.num_kv_heads, lay.head_dim
     for b, n in enumerate(context_lens.tolist()):
         s, e = cu[b], cu[b + 1]
         if e == s:
             continue
-        k, v = gather_kv_ref(lay, storage, block_tables[b], slots[b], n)
-        qpos = n - (e - s) + torch.arange(e - s, device=q.device)
-        out[s:e] = _attend_ref(q[s:e], k, v, qpos, scale, sliding_window).to(q.dtype)
+        len_old = n - (e - s)
+        sealed = lay.n_sealed(n)
+        pages = block_tables[b][: cdiv(sealed, BS)].long()
+        quant, exact = [], []
+        for is_k, new in ((True, k), (False, v)):
+            codes, meta = (storage.k, storage.k_meta) if is_k else (storage.v, storage.v_meta)
+            deq = dequantize_pages_ref(lay, is_k, codes[pages], meta[pages] if meta.numel() else meta)
+            quant.append(deq.permute(0, 2, 1, 3).reshape(-1, H, D)[:sealed])
+            x = torch.zeros(n, H, D, dtype=torch.float32, device=q.device)
+            if lay.ring:
+                lo = lay.n_sealed(len_old)  # ring slots below this are stale
+                pos = torch.arange(lo, len_old, device=q.device)
+                x[lo:len_old] = (storage.ring_k if is_k else storage.ring_v)[slots[b], pos % lay.ring_cap].float()
+            x[len_old:] = new[s:e].float()
+            exact.append(x)
+        qpos = len_old + torch.arange(e - s, device=q.device)
+        ns = torch.tensor([lay.n_sealed(int(t) + 1) for t in qpos], device=q.device)  # per query row
+        use_q = torch.arange(n, device=q.device)[None, :] < ns[:, None]  # [rows, keys]
+        qf = q[s:e].float().view(e - s, H, -1, D)
+        kq = torch.cat([quant[0], torch.zeros(n - sealed, H, D, device=q.device)])
+        vq = torch.cat([quant[1], torch.zeros(n - sealed, H, D, device=q.device)])
+        sq = torch.einsum("mkgd,lkd->kgml", qf, kq)
+        sx = torch.einsum("mkgd,lkd->kgml", qf, exact[0])
+        scores = torch.where(use_q, sq, sx) * scale
+        dist = qpos[:, None] - torch.arange(n, device=q.device)[None, :]
+        allowed = (dist >= 0) & ((dist < sliding_window) if sliding_window > 0 else True)
+        prob = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        o = (torch.einsum("kgml,lkd->mkgd", prob * use_q, vq)
+             + torch.einsum("kgml,lkd->mkgd", prob * ~use_q, exact[1]))
+        out[s:e] = o.reshape(e - s, -1, D).to(q.dtype)
     return out

@@ -336,12 +336,14 @@ def _check(lay: QuantLayout, storage, k, v, meta):
                 "this codec keeps a residual window: the step needs int32 seq_slots")
 
 
-def write_quant_kv(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tensor, meta, *,
+def write_quant_kv(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tensor, meta, *, phase: str = "all",
                    max_seal_pages: int | None = None) -> None:
     """Store the step's new K/V (k, v: `[T, KVH, D]`, rotary applied) into `storage` (a
     `QuantKV`): seal the pages this step completes, then ring-write the rest (see the module
-    docstring). `meta` is the step's AttentionMetadata; `max_seal_pages` an upper bound of the
-    pages any one sequence seals this step (default: from meta's host-side lengths)."""
+    docstring). `phase`: "all", or "seal" then (after prefill attention has read the ring's old
+    contents) "ring". `meta` is the step's AttentionMetadata; `max_seal_pages` an upper bound of
+    the pages any one sequence seals this step (default: from meta's host-side lengths)."""
+    require(phase in ("all", "seal", "ring"), f"phase must be all, seal or ring, got {phase!r}")
     _check(lay, storage, k, v, meta)
     T = k.shape[0]
     if T == 0:
@@ -349,6 +351,8 @@ def write_quant_kv(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tensor, 
     require_launchable(k, storage.k)
     H, D, BS = lay.num_kv_heads, lay.head_dim, lay.block_size
     if not lay.ring:
+        if phase == "ring":
+            return
         _direct_write_kernel[(T, H)](k, v, storage.k, storage.k_meta, storage.v, storage.v_meta, meta.slot_mapping,
                                      K_KIND=lay.k_kind, V_KIND=lay.v_kind, KVH=H, BS=BS, D=D, num_warps=1)
         return
@@ -357,12 +361,13 @@ def write_quant_kv(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tensor, 
     if max_seal_pages is None:
         max_seal_pages = 1 if decode else cdiv(meta.max_q_len, BS) + 1
     common = dict(KVH=H, BS=BS, D=D, RESID=lay.residual, CAP=lay.ring_cap)
-    _seal_kernel[(B, H, max_seal_pages)](
-        k, v, storage.k, storage.k_meta, storage.v, storage.v_meta, storage.ring_k, storage.ring_v,
-        meta.block_tables, meta.cu_seqlens_q, meta.context_lens, meta.seq_slots, meta.block_tables.stride(0),
-        K_KIND=lay.k_kind, K_BITS=lay.k_bits, KP=lay.k_planes, V_KIND=lay.v_kind, V_BITS=lay.v_bits,
-        VP=lay.v_planes, VG=lay.v_group, WRITE_RING=decode, num_warps=8, **common)
-    if not decode:
+    if phase != "ring":
+        _seal_kernel[(B, H, max_seal_pages)](
+            k, v, storage.k, storage.k_meta, storage.v, storage.v_meta, storage.ring_k, storage.ring_v,
+            meta.block_tables, meta.cu_seqlens_q, meta.context_lens, meta.seq_slots, meta.block_tables.stride(0),
+            K_KIND=lay.k_kind, K_BITS=lay.k_bits, KP=lay.k_planes, V_KIND=lay.v_kind, V_BITS=lay.v_bits,
+            VP=lay.v_planes, VG=lay.v_group, WRITE_RING=decode and phase == "all", num_warps=8, **common)
+    if phase != "seal" and not (decode and phase == "all"):
         block_t = 16
         _ring_write_kernel[(B, H, cdiv(meta.max_q_len, block_t))](
             k, v, storage.ring_k, storage.ring_v, meta.cu_seqlens_q, meta.context_lens, meta.seq_slots,
@@ -444,13 +449,17 @@ def _store_pages_ref(lay: QuantLayout, storage, pages: torch.Tensor, xk: torch.T
             dst_meta[pages] = meta
 
 
-def write_quant_kv_ref(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tensor, meta) -> None:
+def write_quant_kv_ref(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tensor, meta, *,
+                       phase: str = "all", **_) -> None:
     """Pure-PyTorch `write_quant_kv`: same arguments, same effect on `storage`."""
+    require(phase in ("all", "seal", "ring"), f"phase must be all, seal or ring, got {phase!r}")
     _check(lay, storage, k, v, meta)
     if k.shape[0] == 0:
         return
     H, D, BS = lay.num_kv_heads, lay.head_dim, lay.block_size
     if not lay.ring:
+        if phase == "ring":
+            return
         keep = meta.slot_mapping >= 0
         slots = meta.slot_mapping[keep]
         pages, offs = slots // BS, slots % BS
@@ -470,7 +479,7 @@ def write_quant_kv_ref(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tens
         len_old = len_new - q_len
         n_old, n_new = lay.n_sealed(len_old), lay.n_sealed(len_new)
         ring_k, ring_v = storage.ring_k[slots[b]], storage.ring_v[slots[b]]  # [cap, H, D]
-        for page_start in range(n_old, n_new, BS):
+        for page_start in range(n_old, n_new, BS) if phase != "ring" else ():
             pos = torch.arange(page_start, page_start + BS, device=k.device)
             old = pos < len_old
             src_new = (row0 + pos - len_old).clamp(min=0)
@@ -479,6 +488,8 @@ def write_quant_kv_ref(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tens
             page = int(meta.block_tables[b, page_start // BS])
             _store_pages_ref(lay, storage, torch.tensor([page], device=k.device),
                              xk.permute(1, 0, 2)[None], xv.permute(1, 0, 2)[None])
+        if phase == "seal":
+            continue
         pos = torch.arange(max(len_old, n_new), len_new, device=k.device)
         ring_k[pos % cap] = k[row0 + pos - len_old]
         ring_v[pos % cap] = v[row0 + pos - len_old]

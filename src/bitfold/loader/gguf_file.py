@@ -15,13 +15,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, UnsupportedFormatError
-from bitfold.weights.gguf_blocks import BLOCK_TYPES, GGUFBlocks
 from bitfold.loader.gguf_reader import GGUFFile
 from bitfold.loader.source import ModelSource
+from bitfold.progress import progress
+from bitfold.weights.gguf_blocks import BLOCK_TYPES, GGUFBlocks
 
 # Types the gguf package dequantizes and we have checked against real files.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -149,8 +149,7 @@ def _iter_tensors(reader, path: str, cfg: ModelConfig, permuted_qk: bool) -> Ite
     from gguf import quants
 
     tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
-    with tqdm(total=sum(int(t.n_bytes) for t in tensors), unit="B", unit_scale=True, desc="loading GGUF",
-              disable=None, leave=False) as bar:
+    with progress(sum(int(t.n_bytes) for t in tensors), "loading GGUF") as bar:
         for t in tensors:
             name = hf_name(t.name)
             if name is None:

@@ -13,14 +13,14 @@ import os
 from typing import Iterator
 
 import torch
-from tqdm import tqdm
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, UnsupportedFormatError
-from bitfold.weights.packed import BitfoldCodes
 from bitfold.loader.source import ModelSource
+from bitfold.progress import progress
 from bitfold.weights import WEIGHT_FORMATS
 from bitfold.weights.lowbit import lowbit_spec
+from bitfold.weights.packed import BitfoldCodes
 
 CODE_PARTS = ("qweight", "scales", "mins")
 
@@ -121,7 +121,7 @@ def _iter_safetensors(paths: list[str], quant: BitfoldQuantization | None = None
 
     total = sum(os.path.getsize(p) for p in paths)
     pending: dict[str, dict[str, tuple[torch.Tensor, str]]] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=None, leave=False) as bar:
+    with progress(total, "loading weights") as bar:
         for p in paths:
             try:
                 with safe_open(p, framework="pt") as f:
@@ -162,8 +162,10 @@ def load_hf_folder(folder: str) -> ModelSource:
     if not os.path.exists(cfg_path):
         raise ModelLoadError(f"{folder}: no config.json (expected a Hugging Face model folder or a .gguf file)")
     raw = _read_json(cfg_path)
+    archs = raw.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        _check_architecture(archs[0], cfg_path)  # before the fields: another family names them differently
     config = ModelConfig.from_hf(raw, cfg_path)
-    _check_architecture(config.architecture, cfg_path)
     quant = BitfoldQuantization(raw["quantization_config"], cfg_path) if "quantization_config" in raw else None
     paths = safetensors_files(folder)
     return ModelSource(

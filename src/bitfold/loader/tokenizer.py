@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +19,7 @@ import gguf
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from bitfold.errors import BitfoldError, ModelLoadError, UnsupportedFormatError
+from bitfold.errors import BitfoldError, InvalidRequestError, ModelLoadError, PromptTooLongError, UnsupportedFormatError
 from bitfold.loader.chat_template import render_chat_template
 from bitfold.loader.gguf_reader import GGUFFile
 
@@ -72,6 +73,22 @@ _PRE_SPLITS: dict[str, tuple[str, ...]] = {
 # and adds BOS when the file does not say.
 _LLAMA3_PRES = frozenset({"llama-bpe", "llama3", "llama-v3"})
 _SUPPORTED_MODELS = "'gpt2' (byte-level BPE) or 'llama' (SentencePiece BPE)"
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CUT_SLACK = 4  # tokens one cut between two pieces of a text can add to their count (Tokenizer.encode_within)
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """Raise InvalidRequestError when `text` holds a lone surrogate (U+D800-U+DFFF).
+
+    A Python str (or a JSON "\\ud800" escape) can hold one, but it is not Unicode text: UTF-8
+    cannot encode it and the tokenizer library refuses it. bitfold rejects it rather than
+    replacing it, so a client learns its text was damaged instead of the model seeing U+FFFD.
+    """
+    m = _SURROGATE.search(text)
+    if m is not None:
+        raise InvalidRequestError(f"{what} contains a lone surrogate (U+{ord(m.group()):04X} at character "
+                                  f"{m.start()}), which is not valid Unicode text; send UTF-8 text")
 
 
 class Tokenizer:
@@ -268,13 +285,51 @@ class Tokenizer:
         """Token ids of `text`. Special-token text in it (e.g. `<|im_start|>`) becomes its single id,
         which rendered chat templates rely on. BOS is added once: a template that already wrote it
         does not get a second one."""
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"the text to encode must be a str, got {type(text).__name__}")
+        check_text(text)
         ids = self._backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens:
-            if self.add_bos and ids[:1] != [self.bos_token_id]:
-                ids.insert(0, self.bos_token_id)
-            if self.add_eos and self.eos_token_id is not None and ids[-1:] != [self.eos_token_id]:
-                ids.append(self.eos_token_id)
+        return self._add_special(ids) if add_special_tokens else ids
+
+    def _add_special(self, ids: list[int]) -> list[int]:
+        if self.add_bos and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        if self.add_eos and self.eos_token_id is not None and ids[-1:] != [self.eos_token_id]:
+            ids.append(self.eos_token_id)
         return ids
+
+    def encode_within(self, text: str, limit: int, add_special_tokens: bool = True, piece_chars: int = 1 << 16,
+                      ) -> list[int]:
+        """`encode(text)`, or PromptTooLongError as soon as `text` certainly has more than `limit`
+        tokens. A long text (over two pieces of `piece_chars`) is first counted piece by piece
+        (each cut after a space), stopping once the count passes the limit, so an oversized prompt
+        costs about `limit` tokens of work, not its whole length (a text that fits is tokenized
+        twice, at most its own length again). A cut changes the count by a few tokens at most
+        (a word split, a prefix space), so `_CUT_SLACK` per cut is taken off before comparing.
+
+        For the server's worker threads: this calls the tokenizer's batch API, which releases the
+        GIL (the plain call does not, and would stall every other thread for a long text)."""
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"the text to encode must be a str, got {type(text).__name__}")
+        check_text(text)
+        if len(text) > 2 * piece_chars:
+            count, start, cuts = 0, 0, 0
+            while start < len(text):
+                end = min(len(text), start + piece_chars)
+                if end < len(text):
+                    space = text.rfind(" ", start + piece_chars // 2, end)
+                    end = space + 1 if space >= 0 else end
+                count += len(self._encode_nogil(text[start:end]))
+                if count - _CUT_SLACK * cuts > limit:
+                    raise PromptTooLongError(f"the text has more than {count - _CUT_SLACK * cuts} tokens (counted "
+                                             f"in its first {end} of {len(text)} characters); at most {limit} fit")
+                start, cuts = end, cuts + 1
+        ids = self._encode_nogil(text)
+        return self._add_special(ids) if add_special_tokens else ids
+
+    def _encode_nogil(self, text: str) -> list[int]:
+        batch = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)  # fast: tokenizers >= 0.21
+        return batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -290,6 +345,10 @@ class Tokenizer:
         if self.chat_template is None:
             raise BitfoldError(f"{self._source} has no chat template; format the prompt yourself and use "
                                "`generate` instead of chat")
+        for i, message in enumerate(messages if isinstance(messages, list) else ()):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                check_text(content, f"messages[{i}]['content']")
         return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 

@@ -79,7 +79,8 @@ class RequestStream:
 
 class AsyncEngine:
     """`load` builds the engine (in the engine thread, so the server can listen meanwhile).
-    `max_queue` bounds the requests waiting for admission; one more is refused with 429."""
+    `max_queue` bounds the requests that wait for a slot in the running batch (those a full
+    batch keeps out, see `queued`); one more is refused with 429."""
 
     def __init__(self, load: Callable[[], LLMEngine], *, max_queue: int = 1024, metrics: Metrics | None = None):
         self._load = load
@@ -92,6 +93,7 @@ class AsyncEngine:
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # event-loop side
         self._active: set[str] = set()  # engine-thread side: requests the engine holds
+        self._added: dict[str, float] = {}  # engine-thread side: not yet admitted -> when added (perf_counter)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -122,8 +124,9 @@ class AsyncEngine:
     def check_ready(self) -> LLMEngine:
         if self._stopping:
             raise EngineUnavailableError("the server is shutting down")
-        if self.load_error is not None:
-            raise EngineUnavailableError(f"the model failed to load: {self.load_error}")
+        if self.load_error is not None:  # why (file paths...) is for the server's log, not for clients
+            raise EngineUnavailableError(f"the model failed to load ({type(self.load_error).__name__}; the server's "
+                                         "log says why)")
         if self.engine is None:
             raise EngineUnavailableError("the model is still loading; retry in a moment")
         return self.engine
@@ -221,15 +224,17 @@ class AsyncEngine:
                 if cmd[1] in self._active:
                     engine.abort_request(cmd[1])
                     self._active.discard(cmd[1])
+                    self._added.pop(cmd[1], None)
                 continue
             _, rid, ids, params, accepted = cmd
             error = None
             try:
-                if len(engine.scheduler.waiting) >= self.max_queue:
-                    raise QueueFullError(f"the server's waiting queue is full ({self.max_queue} requests); "
-                                         "retry later")
+                if queued(engine) >= self.max_queue:
+                    raise QueueFullError(f"the server's waiting queue is full ({self.max_queue} requests wait for "
+                                         f"a slot in the running batch of {engine.config.max_num_seqs}); retry later")
                 engine.add_request(ids, params, request_id=rid)
                 self._active.add(rid)
+                self._added[rid] = time.perf_counter()
             except Exception as e:  # BitfoldError for bad input; anything else is reported the same way
                 error = e
             self._call_soon(_resolve, accepted, error)
@@ -239,16 +244,32 @@ class AsyncEngine:
         for rid in list(self._active):
             engine.abort_request(rid)
         failed, self._active = list(self._active), set()
+        self._added.clear()
         if failed:
             self._call_soon(self._deliver_error, failed, error)
 
     def _publish(self, engine: LLMEngine, steps: int) -> None:
         s = engine.scheduler
-        self.stats = EngineStats(running=len(s.running), waiting=len(s.waiting), kv_blocks_total=engine.pool.num_blocks,
-                                 kv_blocks_free=engine.pool.num_free, block_size=engine.config.block_size,
-                                 num_preemptions=s.num_preemptions, steps=steps)
+        positions = {r.request_id: i for i, r in enumerate(s.waiting, 1)} if s.waiting else {}
+        if self._added:  # requests that joined the batch since the last step: their time in the queue
+            now = time.perf_counter()
+            admitted = [rid for rid in self._added if rid not in positions]
+            waits = [now - self._added.pop(rid) for rid in admitted if rid in self._active]
+            for rid in admitted:
+                self._added.pop(rid, None)
+            if waits:
+                self._call_soon(self._observe_queue_times, waits)
+        oldest = min(self._added.values(), default=None)
+        self.stats = EngineStats(running=len(s.running), waiting=len(s.waiting), queued=queued(engine),
+                                 oldest_waiting_since=oldest, positions=positions,
+                                 kv_blocks_total=engine.pool.num_blocks, kv_blocks_free=engine.pool.num_free,
+                                 block_size=engine.config.block_size, num_preemptions=s.num_preemptions, steps=steps)
 
     # -- back on the event loop -------------------------------------------------------------------
+    def _observe_queue_times(self, waits: list[float]) -> None:
+        for w in waits:
+            self.metrics.queue_time.observe(w)
+
     def _deliver(self, outputs: list[RequestOutput], t: float) -> None:
         m = self.metrics
         for out in outputs:
@@ -277,6 +298,14 @@ class AsyncEngine:
                 stream.finished = True
                 self.metrics.requests_finished.inc(finish_reason="error")
                 stream._queue.put_nowait(error)
+
+
+def queued(engine: LLMEngine) -> int:
+    """Requests that wait beyond the batch slots still free. A burst that arrives between two
+    steps sits in the scheduler's waiting list until the next step admits it; only what cannot
+    join the running batch (max_num_seqs) is really queued."""
+    s = engine.scheduler
+    return max(0, len(s.waiting) - max(0, engine.config.max_num_seqs - len(s.running)))
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

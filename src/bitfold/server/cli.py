@@ -21,7 +21,26 @@ from typing import Callable
 from bitfold.config import EngineConfig, add_dataclass_args, dataclass_from_args
 from bitfold.errors import BitfoldError
 
-EXTRAS_HINT = "bitfold serve needs its extras: pip install 'bitfold[serve]'"
+# Defaults shared with `create_app` (server/app.py imports fastapi; this module must not).
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a 128K-token prompt is ~0.5-1.5 MB of JSON
+DEFAULT_KEEPALIVE_S = 5.0
+
+
+
+def extras_hint() -> str:
+    """The command that installs the serve extras into the environment bitfold runs from: that
+    Python's own pip (a bare `pip` may be another environment's), and the source checkout when
+    bitfold is installed from one (`pip install -e`)."""
+    import os
+
+    pip = os.path.join(os.path.dirname(sys.executable), "pip")
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))  # src/bitfold/server/../../..
+    if os.path.isfile(os.path.join(root, "pyproject.toml")):
+        where = "." if os.path.abspath(os.getcwd()) == root else root
+        target = f"-e '{where}[serve]'"
+    else:
+        target = "'bitfold[serve]'"
+    return f"bitfold serve needs its extras (fastapi, uvicorn): {pip} install {target}"
 
 
 def register(subparsers) -> None:
@@ -33,7 +52,13 @@ def register(subparsers) -> None:
     g.add_argument("--served-model-name", default=None,
                    help="the name clients pass as `model` (default: the model file or folder's name)")
     g.add_argument("--max-queue", type=int, default=1024,
-                   help="most requests waiting for admission; one more is refused with 429")
+                   help="most requests waiting for a slot in the running batch (--max-num-seqs); one more is "
+                        "refused with 429")
+    g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="largest request body; a larger one is refused with 413 before it is read")
+    g.add_argument("--sse-keepalive", type=float, default=DEFAULT_KEEPALIVE_S, metavar="SECONDS",
+                   help="a stream that has nothing to send for this long (e.g. queued behind a full batch) "
+                        "gets an SSE comment with its place in the queue")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM before they are cancelled")
     add_dataclass_args(p, EngineConfig)
@@ -55,20 +80,25 @@ def cmd_serve(args: argparse.Namespace, build_engine: Callable[[EngineConfig], o
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise BitfoldError(EXTRAS_HINT) from e
+        raise BitfoldError(extras_hint()) from e
     from bitfold.engine import LLMEngine
     from bitfold.server.app import ServerState, create_app
     from bitfold.server.async_engine import AsyncEngine
 
     if args.max_queue < 1:
         raise BitfoldError(f"invalid --max-queue {args.max_queue}: expected an integer >= 1")
+    if args.max_request_bytes < 1024:
+        raise BitfoldError(f"invalid --max-request-bytes {args.max_request_bytes}: expected at least 1024")
+    if not args.sse_keepalive > 0:
+        raise BitfoldError(f"invalid --sse-keepalive {args.sse_keepalive}: expected a number of seconds > 0")
     if not 0 <= args.port < 65536:
         raise BitfoldError(f"invalid --port {args.port}: expected 0..65535")
     config = dataclass_from_args(EngineConfig, args)
     config.validate()
     build_engine = build_engine or LLMEngine
     engine = AsyncEngine(lambda: build_engine(config), max_queue=args.max_queue)
-    app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key)
+    app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key,
+                     max_request_bytes=args.max_request_bytes, keepalive_s=args.sse_keepalive)
     # uvicorn cancels what still runs after its grace period, mid-response; we end those
     # requests ourselves at --shutdown-timeout so every response closes properly, and keep
     # uvicorn's cancel as a backstop a little later.

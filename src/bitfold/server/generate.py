@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from bitfold.server.async_engine import RequestStream
+from bitfold.errors import PromptTooLongError
+from bitfold.server.async_engine import AsyncEngine, RequestStream
 from bitfold.server.http_errors import APIError, api_error
 from bitfold.server.protocol import ChatCompletionRequest, CompletionRequest
 from bitfold.server.responses import DONE, Shape, TokenText, chat_logprobs, completion_logprobs, sse, usage
@@ -50,15 +51,13 @@ class SSEResponse(StreamingResponse):
             self._on_close()
 
 
-def _prompt_ids(state: ServerState, body, chat: bool) -> list[int]:
-    tok = state.engine.check_ready().tokenizer
-    if chat or isinstance(body.prompt, str):
-        if tok is None:
-            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+def _prompt_ids(tok, body, chat: bool, limit: int) -> list[int]:
+    """The prompt's token ids, or PromptTooLongError once it certainly has more than `limit`.
+    Runs in a worker thread: rendering and tokenizing a long prompt takes seconds."""
     if chat:
         text = tok.apply_chat_template([m.as_template_message() for m in body.messages], add_generation_prompt=True)
-        return tok.encode(text, add_special_tokens=False)  # the template wrote the special tokens
-    return tok.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        return tok.encode_within(text, limit, add_special_tokens=False)  # the template wrote the special tokens
+    return tok.encode_within(body.prompt, limit) if isinstance(body.prompt, str) else list(body.prompt)
 
 
 async def generate(state: ServerState, body: CompletionRequest | ChatCompletionRequest, request: Request,
@@ -66,12 +65,21 @@ async def generate(state: ServerState, body: CompletionRequest | ChatCompletionR
     eng = state.engine.check_ready()
     body.check()
     state.check_model(body.model)
-    ids = _prompt_ids(state, body, chat)
     param = "messages" if chat else "prompt"
+    max_tokens = body.requested_max_tokens if chat else body.max_tokens
+    if (chat or isinstance(body.prompt, str)) and eng.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+    try:
+        ids = await asyncio.get_running_loop().run_in_executor(
+            state.tokenize_pool, _prompt_ids, eng.tokenizer, body, chat, max(0, eng.max_model_len - (max_tokens or 1)))
+    except PromptTooLongError as e:
+        raise APIError(400, f"This model's maximum context length is {eng.max_model_len} tokens and {max_tokens or 1} "
+                            f"are asked for the completion; the {param} is longer than the rest ({e}). Please reduce "
+                            f"the length of the {param} or completion.", param=param,
+                       code="context_length_exceeded") from None
     if not ids:
         raise APIError(400, f"the {param} is empty (it encodes to no tokens)", param=param)
     limit = min(eng.max_model_len, eng.pool.num_blocks * eng.config.block_size)  # context, and what the KV cache holds
-    max_tokens = body.requested_max_tokens if chat else body.max_tokens
     if max_tokens is None:
         max_tokens = max(limit - len(ids), 1) if chat else DEFAULT_COMPLETION_MAX_TOKENS
     if len(ids) + max_tokens > eng.max_model_len:
@@ -86,7 +94,8 @@ async def generate(state: ServerState, body: CompletionRequest | ChatCompletionR
     shape = Shape(rid, int(time.time()), body.model, chat, body.include_usage)
     token_text = TokenText(eng.tokenizer) if logprobs is not None else None
     if body.stream:
-        return SSEResponse(_events(stream, shape, token_text), on_close=lambda: state.engine.abort(rid))
+        return SSEResponse(_events(stream, shape, token_text, state.keepalive_s, state.engine),
+                           on_close=lambda: state.engine.abort(rid))
     try:
         final = await _final_or_disconnect(stream, request)
     finally:
@@ -114,13 +123,50 @@ async def _final_or_disconnect(stream: RequestStream, request: Request):
         task.cancel()
 
 
-async def _events(stream: RequestStream, shape: Shape, token_text: TokenText | None) -> AsyncIterator[str]:
-    """The SSE body: outputs that queued up while the client read are sent as one chunk."""
+def _keepalive(engine: AsyncEngine, request_id: str, since: float) -> str:
+    """An SSE comment (clients ignore it; it keeps proxies and read timeouts from closing the
+    stream) that says where the request stands."""
+    stats = engine.stats
+    position = stats.positions.get(request_id)
+    waited = time.perf_counter() - since
+    if position is not None:
+        return f": queued, position {position} of {stats.waiting} waiting, {waited:.0f}s so far\n\n"
+    return f": running, no new text for {waited:.0f}s\n\n"
+
+
+async def _outputs(stream: RequestStream, keepalive_s: float, engine: AsyncEngine) -> AsyncIterator[object]:
+    """The stream's outputs, and a keep-alive comment (a str) whenever `keepalive_s` pass without one."""
+    since = time.perf_counter()
+    nxt = asyncio.ensure_future(stream.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt}, timeout=keepalive_s)
+            if not done:
+                yield _keepalive(engine, stream.request_id, since)
+                continue
+            try:
+                out = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield out
+            since = time.perf_counter()
+            nxt = asyncio.ensure_future(stream.__anext__())
+    finally:
+        nxt.cancel()
+
+
+async def _events(stream: RequestStream, shape: Shape, token_text: TokenText | None, keepalive_s: float,
+                  engine: AsyncEngine) -> AsyncIterator[str]:
+    """The SSE body: outputs that queued up while the client read are sent as one chunk; while
+    nothing comes (queued behind a full batch, a long prefill), a comment every `keepalive_s`."""
     sent_logprobs, offset = 0, 0
     if shape.chat:
         yield sse(shape.chunk(None, role=True))
     try:
-        async for first in stream:
+        async for first in _outputs(stream, keepalive_s, engine):
+            if isinstance(first, str):
+                yield first
+                continue
             outs = [first, *stream.drain()]
             last = outs[-1]
             text = "".join(o.delta for o in outs)

@@ -3,6 +3,7 @@ status for each exception a request can raise (typed bitfold errors are the clie
 a full queue 429; a model not ready 503; anything else is a bug: a logged 500)."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
@@ -34,7 +35,10 @@ def validation_error(errors: list[dict]) -> APIError:
     """A 400 from pydantic's (or FastAPI's) error list: the first error names the parameter."""
     if not errors:
         return APIError(400, "invalid request body")
-    e = errors[0]
+    # A value in a union (`stop`: a string or a list of them) fails once per member; the member
+    # whose own check failed (a ValueError: a lone surrogate, an empty stop string) says why,
+    # where the others only say "not a list" / "not a string".
+    e = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     # pydantic puts the union member it tried into the location (`stop.str`, `prompt.list[int]`,
     # `messages.0.content.TextPart`): the parameter is the path without them.
     loc = [str(p) for p in e.get("loc", ()) if p != "body" and not _UNION_TAG.search(str(p))]
@@ -53,8 +57,16 @@ def validation_error(errors: list[dict]) -> APIError:
     return APIError(400, f"{param or 'body'}: {msg}{more}", param=param, code="invalid_value")
 
 
+class _ErrorJSON(JSONResponse):
+    """An error message may quote what the client sent (a model name...); a lone surrogate in it
+    is written as its JSON escape instead of failing to encode (which would turn a 404 into a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
+
+
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return _ErrorJSON(err.body(), status_code=err.status, headers=err.headers)
 
 
 def api_error(e: BaseException) -> APIError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from dataclasses import dataclass, field
 
 # Latency buckets in seconds: TTFT spans a CPU prefill of a long prompt (seconds) down to a GPU
@@ -20,6 +21,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
                0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class EngineStats:
 
     running: int = 0
     waiting: int = 0
+    queued: int = 0  # waiting beyond the batch slots still free: what --max-queue bounds
+    oldest_waiting_since: float | None = None  # perf_counter() time the oldest waiting request was added
+    positions: dict[str, int] = field(default_factory=dict, compare=False)  # request id -> place in line (1 = next)
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0
     block_size: int = 0
@@ -122,13 +127,21 @@ class Metrics:
                              "Time between consecutive generated tokens of a request.", ITL_BUCKETS)
         self.e2e = Histogram("bitfold_request_latency_seconds",
                              "Time from a request's arrival to its end (finished or aborted).", E2E_BUCKETS)
+        self.queue_time = Histogram("bitfold_queue_time_seconds",
+                                    "Time a request waited before it joined the running batch.", QUEUE_BUCKETS)
 
-    def render(self, stats: EngineStats, ready: bool) -> str:
+    def render(self, stats: EngineStats, ready: bool, now: float | None = None) -> str:
+        now = time.perf_counter() if now is None else now
+        oldest = 0.0 if stats.oldest_waiting_since is None else max(0.0, now - stats.oldest_waiting_since)
         lines: list[str] = []
         lines += _gauge("bitfold_model_ready", "1 once the model is loaded and requests are served.", int(ready))
         lines += _gauge("bitfold_requests_running", "Requests being generated (in the running batch).", stats.running)
-        lines += _gauge("bitfold_requests_waiting", "Requests queued for admission (the queue --max-queue bounds).",
-                        stats.waiting)
+        lines += _gauge("bitfold_requests_waiting", "Requests not yet in the running batch (incl. those joining "
+                        "at the next step).", stats.waiting)
+        lines += _gauge("bitfold_requests_queued", "Requests waiting beyond the free batch slots (--max-queue "
+                        "bounds this).", stats.queued)
+        lines += _gauge("bitfold_queue_oldest_wait_seconds", "How long the oldest waiting request has waited.",
+                        oldest)
         lines += _gauge("bitfold_kv_blocks_total", "KV-cache blocks in the pool.", stats.kv_blocks_total)
         lines += _gauge("bitfold_kv_blocks_used", "KV-cache blocks held by requests.", stats.kv_blocks_used)
         lines += _gauge("bitfold_kv_blocks_free", "KV-cache blocks free.", stats.kv_blocks_free)
@@ -138,7 +151,7 @@ class Metrics:
                   "# HELP bitfold_engine_steps_total Engine steps run.", "# TYPE bitfold_engine_steps_total counter",
                   f"bitfold_engine_steps_total {stats.steps}"]
         for m in (self.http_requests, self.requests_finished, self.prompt_tokens, self.generation_tokens,
-                  self.ttft, self.itl, self.e2e):
+                  self.ttft, self.itl, self.e2e, self.queue_time):
             lines += m.render()
         return "\n".join(lines) + "\n"
 

@@ -11,14 +11,27 @@ Choices, each as OpenAI does it (https://platform.openai.com/docs/api-reference)
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from bitfold.engine import MAX_LOGPROBS  # OpenAI's top_logprobs limit; the engine's too
+from bitfold.errors import InvalidRequestError
+from bitfold.loader.tokenizer import check_text
 from bitfold.sampling import SamplingParams
 from bitfold.server.http_errors import APIError
 
-MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit (and vLLM's default max_logprobs)
+
+def _unicode(v: str) -> str:
+    try:
+        check_text(v, "the text")
+    except InvalidRequestError as e:  # pydantic reports a ValueError as a 400 naming the parameter
+        raise ValueError(str(e)) from None
+    return v
+
+
+# Text: JSON can spell a lone surrogate ("\\ud800"), which is not Unicode; refused like any bad value.
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class _Strict(BaseModel):
@@ -32,19 +45,19 @@ class StreamOptions(_Strict):
 class _Common(_Strict):
     """Parameters shared by /v1/completions and /v1/chat/completions."""
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None  # accepted and ignored, as a label
+    user: Text | None = None  # accepted and ignored, as a label
     top_k: int | None = Field(None, ge=-1, description="bitfold extension: keep the k most likely tokens")
     ignore_eos: bool | None = Field(False, description="bitfold extension: generate past end-of-sequence")
 
@@ -89,7 +102,7 @@ class _Common(_Strict):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
     best_of: int | None = None
@@ -130,13 +143,13 @@ class CompletionRequest(_Common):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def as_template_message(self) -> dict[str, str]:
         """{role, content} for the chat template: text parts joined, `developer` as `system`
@@ -168,3 +181,16 @@ class ChatCompletionRequest(_Common):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, the body of every 4xx/5xx bitfold sends."""
+
+    error: ErrorDetail

@@ -81,12 +81,17 @@ class QuantOps(AttentionOps):
         lay = storage.layout
         if self.codec.rotate:
             q, k = self._rotate(q), self._rotate(k)
-        self.write(lay, storage, k, v, meta)
         if meta.decode_only:
+            self.write(lay, storage, k, v, meta)
             return self.decode(lay, q, storage, meta.block_tables, meta.context_lens, meta.seq_slots, scale,
                                sliding_window, **self.decode_kwargs(meta))
-        return self.prefill(lay, q, storage, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, meta.seq_slots,
-                            scale, sliding_window)
+        # Prefill reads what decoding would have (kernels/quant_kv_attention.py): pages sealed
+        # first, the ring's old contents and the new rows exact, the ring written last.
+        self.write(lay, storage, k, v, meta, phase="seal")
+        out = self.prefill(lay, q, k, v, storage, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
+                           meta.seq_slots, scale, sliding_window)
+        self.write(lay, storage, k, v, meta, phase="ring")
+        return out
 
     def decode_kwargs(self, meta) -> dict:
         return {}
