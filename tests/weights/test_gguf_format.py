@@ -8,6 +8,7 @@ are that every greedy choice of the default path is the dense model's own choice
 for it, and that teacher-forced top-1 predictions agree almost everywhere."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bitfold import SamplingParams
@@ -21,6 +22,7 @@ from bitfold.weights.lowbit import dequantize
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "In 1492, Columbus sailed",
            "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n", "1, 2, 3, 4,"]
 NEAR_TIE = 0.5  # nats: a greedy choice that is not dense's argmax must be this close to it
+pytestmark = pytest.mark.slow  # the real default model, loaded twice
 
 
 def _logits(llm, ids: list[int]) -> torch.Tensor:

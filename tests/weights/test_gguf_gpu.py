@@ -102,6 +102,7 @@ def test_all_types_model_equals_dequantized(all_types_gguf, gpu_storage):
     assert rel_err(logits(r, ids), logits(d, ids)) < 1e-5
 
 
+@pytest.mark.slow
 def test_default_model_weight_memory_is_its_file(smollm2_path, gpu_storage):
     """SmolLM2 on GPU storage: Q4_1 layers and the tied Q8_0 head/embedding (one copy) hold the
     file's bytes; the weights need no more memory than the file."""
