@@ -281,8 +281,8 @@ def test_verbose_before_or_after_the_subcommand():
 
 
 def test_bad_weights_lists_each_format_once(capsys):
-    rc, out, err = run_main(capsys, ["generate", PROMPT, "--weights", "int5"])
-    line = assert_one_error_line(rc, out, err, "int5", "int4", "dense")
+    rc, out, err = run_main(capsys, ["generate", PROMPT, "--weights", "int7"])
+    line = assert_one_error_line(rc, out, err, "int7", "int4", "dense")
     assert line.count("auto") == 1, line
 
 

@@ -110,7 +110,10 @@ def test_kernels_match_oracle(name, kind, M, config):
     out = torch.full((M, n), float("nan"), device=DEVICE)
     y = qm.qmatmul(x, w, kind=kind, config=config, out=out)
     assert y is out
-    assert_close(y, x.double() @ w64.to(x.device).T, torch.float32, kernel=True)  # ieee dots for float32
+    ref = x.double() @ w64.to(x.device).T
+    # float32 products and sums (ieee dots); a zero point folded into the min (Q6_K: q - 32) sums
+    # terms ~32x the output, so the absolute error scales with the largest output, not each one
+    torch.testing.assert_close(y.double().cpu(), ref.cpu(), rtol=1e-4, atol=2e-5 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
