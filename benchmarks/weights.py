@@ -194,9 +194,9 @@ def bf16_points(layer: str, w: torch.Tensor, bw: float, reps: int, gen: torch.Ge
 def sweep(bw: float, reps: int, gen: torch.Generator) -> list[dict]:
     """int4-g128 launch configurations at 1, 16 and 64 rows on gate|up (wide) and o (square)."""
     grid = {1: ("gemv", [(1, bn, bk, wp, 1) for bn in (2, 4, 8) for bk in (512, 1024) for wp in (4, 8)]),
-            16: ("gemm", [(16, bn, bk, wp, st) for bn, bk, wp, st in ((32, 256, 4, 3), (64, 128, 4, 3),
-                                                                      (32, 128, 4, 4), (64, 256, 8, 3))]),
-            64: ("gemm", [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4)])}
+            16: ("gemm", [(16, bn, bk, wp, st) for bn, bk, wp, st in ((64, 128, 4, 3), (32, 256, 4, 3),
+                                                                      (128, 128, 4, 3), (64, 256, 4, 4))]),
+            64: ("gemm", [(64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 64, 128, 4, 3)])}
     out = []
     for layer in [name for name in ("gate_up", "o") if name in LAYERS] or list(LAYERS)[:1]:
         n, k = LAYERS[layer]

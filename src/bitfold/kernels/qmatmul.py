@@ -26,17 +26,18 @@ Kernels (one `@triton.jit` kernel per strategy, chosen by the number of activati
   words' stride (x is tiny and cached: no reshuffle of the codes), accumulated per word, then
   scaled once per word and group (the min folds into a per-group sum of x). Small BLOCK_M (1-4)
   keeps one accumulator per activation row, so each code is unpacked once for all rows.
-- `_qgemm_kernel` (more rows: batches and prefill chunks): the weight tile [BLOCK_N, BLOCK_K] is
-  dequantized in registers (codes in natural order, scales per group) into x's dtype and fed
-  with the activation tile to `tl.dot` (tensor cores), float32 accumulation. Up to 16 rows it
+- `_qgemm_kernel` (more rows: batches and prefill chunks): the weight tile is dequantized in
+  registers K-major, [BLOCK_K, BLOCK_N] (codes in natural order, scales per group), into x's
+  dtype and fed with the activation tile to `tl.dot` (tensor cores), float32 accumulation. Up to 16 rows it
   runs as a skinny GEMV (one 16-row tile, thin slabs of weight rows, like kernels/gemv.py's
   tl.dot path), beyond that with GEMM tiles.
 - from DEQUANT_MIN_ROWS rows (long prefill), `_dequant_kernel` writes the weight in x's dtype
   and cuBLAS multiplies: at thousands of rows the matmul is compute-bound and the write of a
   dequantized copy costs a few percent of it.
 `qmatmul_ref` (float32 dequantization, one F.linear, rounded once) is the reference, and what
-runs without Triton. Launch tables are first guesses for an H100/H200: `benchmarks/weights.py`
-times the alternatives.
+runs without Triton. Launch tables are first guesses for an H100/H200, chosen for registers and
+spills by compiling for sm_90 (`benchmarks/compile_check_weights.py`); `benchmarks/weights.py`
+times the alternatives on a GPU.
 """
 from __future__ import annotations
 
@@ -313,18 +314,21 @@ def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, st
 @jit
 def _codes_tile(wp, rows, k0, KP, P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 EVEN: tl.constexpr):
-    """int32 codes [BLOCK_N, BLOCK_K] of one plane, natural K order."""
+    """int32 codes [BLOCK_K, BLOCK_N] of one plane (K-major, tl.dot's right operand), natural K
+    order: the words are loaded [W, BLOCK_N], split into [W, C, BLOCK_N] and merged along K.
+    Built K-major rather than as [BLOCK_N, BLOCK_K] then transposed: the transposed form took
+    ~255 registers and spilled in sm_90 compiles (benchmarks/compile_check_weights.py)."""
     C: tl.constexpr = 32 // P
     W: tl.constexpr = BLOCK_K // C
     wi = tl.arange(0, W)
-    wptr = wp + rows[:, None] * (KP // C) + (k0 // C + wi)[None, :]
+    wptr = wp + rows[None, :] * (KP // C) + (k0 // C + wi)[:, None]
     if EVEN:
         words = tl.load(wptr)
     else:
-        words = tl.load(wptr, mask=(k0 + wi * C < KP)[None, :], other=0)
+        words = tl.load(wptr, mask=(k0 + wi * C < KP)[:, None], other=0)
     sh = tl.arange(0, C) * P
-    c = (words[:, :, None] >> sh[None, None, :]) & ((1 << P) - 1)
-    return tl.reshape(c, (BLOCK_N, BLOCK_K))
+    c = (words[:, None, :] >> sh[None, :, None]) & ((1 << P) - 1)
+    return tl.reshape(c, (BLOCK_K, BLOCK_N))
 
 
 @jit
@@ -332,20 +336,20 @@ def _weight_tile(w0, w1, sp, mp, subp, submp, rows, k0, KP, NG, NSUP,
                  P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr,
                  MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN: tl.constexpr):
-    """float32 dequantized weight tile [BLOCK_N, BLOCK_K] at K offset k0."""
+    """float32 dequantized weight tile, K-major [BLOCK_K, BLOCK_N], at K offset k0."""
     q = _codes_tile(w0, rows, k0, KP, P0, BLOCK_N, BLOCK_K, EVEN)
     if P1 > 0:
         q += _codes_tile(w1, rows, k0, KP, P1, BLOCK_N, BLOCK_K, EVEN) << P0
     qf = q.to(tl.float32)
-    if GROUP == 0 or GROUP >= BLOCK_K:  # one group per tile row (BLOCK_K divides GROUP)
-        s, m = _scale_min(sp, mp, subp, submp, rows[:, None], k0 // GDIV + tl.zeros((1, 1), tl.int32),
+    if GROUP == 0 or GROUP >= BLOCK_K:  # one group per tile column (BLOCK_K divides GROUP)
+        s, m = _scale_min(sp, mp, subp, submp, rows[None, :], k0 // GDIV + tl.zeros((1, 1), tl.int32),
                           NG, NSUP, GROUP, ZERO, MIN_KIND, SUPER)
         w = qf * s + m
     else:
         GT: tl.constexpr = BLOCK_K // GDIV
         g = k0 // GDIV + tl.arange(0, GT)
-        s, m = _scale_min(sp, mp, subp, submp, rows[:, None], g[None, :], NG, NSUP, GROUP, ZERO, MIN_KIND, SUPER)
-        w = tl.reshape(tl.reshape(qf, (BLOCK_N, GT, GROUP)) * s[:, :, None] + m[:, :, None], (BLOCK_N, BLOCK_K))
+        s, m = _scale_min(sp, mp, subp, submp, rows[None, :], g[:, None], NG, NSUP, GROUP, ZERO, MIN_KIND, SUPER)
+        w = tl.reshape(tl.reshape(qf, (GT, GROUP, BLOCK_N)) * s[:, None, :] + m[:, None, :], (BLOCK_K, BLOCK_N))
     return w
 
 
@@ -371,7 +375,7 @@ def _qgemm_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, st
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
         wt = _weight_tile(w0, w1, sp, mp, subp, submp, rows, k0, KP, NG, NSUP, P0, P1, GROUP, GDIV, ZERO, MIN_KIND,
                           SUPER, BLOCK_N, BLOCK_K, EVEN)
-        acc = tl.dot(xt, tl.trans(wt.to(xt.dtype)), acc, input_precision=PRECISION)
+        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
     o_ptrs = out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -391,8 +395,8 @@ def _dequant_kernel(out, w0, w1, sp, mp, subp, submp, N, K, KP, NG, NSUP, stride
     wt = _weight_tile(w0, w1, sp, mp, subp, submp, rows, k0, KP, NG, NSUP, P0, P1, GROUP, GDIV, ZERO, MIN_KIND,
                       SUPER, BLOCK_N, BLOCK_K, EVEN)
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    o_ptrs = out + offs_n.to(tl.int64)[:, None] * stride_on + offs_k[None, :]
-    tl.store(o_ptrs, wt.to(out.dtype.element_ty), mask=n_mask[:, None] & (offs_k < K)[None, :])
+    o_ptrs = out + offs_n.to(tl.int64)[None, :] * stride_on + offs_k[:, None]
+    tl.store(o_ptrs, wt.to(out.dtype.element_ty), mask=n_mask[None, :] & (offs_k < K)[:, None])
 
 
 # ---- wrappers ----------------------------------------------------------------------------------
@@ -401,7 +405,10 @@ def _dequant_kernel(out, w0, w1, sp, mp, subp, submp, N, K, KP, NG, NSUP, stride
 # benchmarks/weights.py on the target GPU (like kernels/gemv.py's). The GEMV's BLOCK_K is in codes;
 # a 4-bit row slab of 512 codes is 256 bytes per row.
 GEMV_CONFIGS = {1: (1, 4, 512, 4, 1), 2: (2, 4, 512, 4, 1), 4: (4, 4, 256, 4, 1)}
-GEMM_CONFIGS = {16: (16, 32, 256, 4, 3), 64: (64, 64, 64, 4, 3), 256: (64, 128, 64, 8, 3)}
+# The GEMM's candidates were compiled for sm_90 (benchmarks/compile_check_weights.py): these
+# keep 80 / 120 / 173 registers per thread and no spills for int4-g128 with bf16 activations.
+GEMM_CONFIGS = {16: (16, 64, 128, 4, 3), 64: (64, 64, 64, 8, 3), 256: (64, 128, 64, 8, 3)}
+DEQUANT_CONFIG = (64, 64, 8)  # (block_n, block_k, num_warps): ~70-80 registers, no spills (64x128x4 spilled)
 
 
 def _check(x: torch.Tensor, w: QWeight) -> None:
@@ -490,14 +497,17 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     return out
 
 
-def dequantize(w: QWeight, dtype: torch.dtype = torch.bfloat16, *, block_n: int = 64,
-               block_k: int = 128) -> torch.Tensor:
+def dequantize(w: QWeight, dtype: torch.dtype = torch.bfloat16, *, block_n: int | None = None,
+               block_k: int | None = None) -> torch.Tensor:
     """The weight [n, k] in `dtype`, written by the dequantization kernel (for cuBLAS)."""
     out = torch.empty((w.n, w.k), dtype=dtype, device=w.device)
+    if w.n == 0:
+        return out
     require_launchable(*w.tensors())
     tensors, ng, nsup, consts = _args(w)
-    bk = _fit_block_k(block_k, w, "gemm")
-    _dequant_kernel[(cdiv(w.n, block_n), cdiv(w.kp, bk))](out, *tensors, w.n, w.k, w.kp, ng, nsup, out.stride(0),
-                                                            BLOCK_N=block_n, BLOCK_K=bk, EVEN=w.kp % bk == 0,
-                                                            num_warps=4, **consts)
+    bn, bk, warps = DEQUANT_CONFIG
+    bn, bk = block_n or bn, _fit_block_k(block_k or bk, w, "gemm")
+    _dequant_kernel[(cdiv(w.n, bn), cdiv(w.kp, bk))](out, *tensors, w.n, w.k, w.kp, ng, nsup, out.stride(0),
+                                                       BLOCK_N=bn, BLOCK_K=bk, EVEN=w.kp % bk == 0, num_warps=warps,
+                                                       **consts)
     return out
