@@ -2,10 +2,13 @@
 
 Each batch size runs B requests with a real-text prompt; after every request has produced its
 first token (prefill done), the remaining steps are timed. Reported beside each figure: the
-roofline, i.e. the bytes one decode step must read (every weight once, in the compute dtype,
-plus each sequence's K/V) divided by the CPU's measured copy bandwidth.
+roofline, i.e. the bytes one decode step must read (every weight once, as stored: float32
+or packed low-bit codes with their scales, plus each sequence's K/V) divided by the CPU's
+measured copy bandwidth. `--weights` picks the format (default auto: the GGUF's own blocks,
+through the LUT kernels; `dense` dequantizes at load, the default before issue #12).
 
     python benchmarks/cpu_decode.py --batches 1,8 --tokens 64
+    python benchmarks/cpu_decode.py --weights dense
 """
 from __future__ import annotations
 
@@ -69,15 +72,23 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--weights", default="auto", help="weight format (EngineConfig.weights)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     env = environment()
+    env["load_average"] = os.getloadavg()
     bw = copy_bandwidth()
-    llm = LLM(args.model, device="cpu", kv_cache_memory_gb=0.5)
+    t0 = time.perf_counter()
+    llm = LLM(args.model, device="cpu", kv_cache_memory_gb=0.5, weights=args.weights)
+    load_s = time.perf_counter() - t0
     model = llm.engine.runner.model
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed.weight")
-    if model.lm_head is None:  # tied: the logits read the whole embedding table
+    # Every tensor a step reads in full: parameters and buffers (packed codes) but the embedding
+    # (one row per token) and the rotary table; a tied dense model's logits read the embedding.
+    weights = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
+                  if n not in ("embed.weight", "rope"))
+    if model.lm_head is None:
         weights += model.embed.weight.numel() * model.embed.weight.element_size()
+    formats = sorted({m.fmt.name for m in model.modules() if hasattr(m, "fmt")})
     spec = llm.engine.runner.kv_spec
     kv_per_token = spec.page_size_bytes // spec.block_size
     prompt_len = len(llm.tokenizer.encode(PROMPT))
@@ -90,12 +101,16 @@ def main():
         rows.append({"batch": b, "tokens/s": round(rate, 1), "ms/step": round(step * 1e3, 2),
                      "roofline tokens/s": round(roof, 1), "% of roofline": round(100 * rate / roof)})
         print(f"[bench] batch {b}: {rate:.1f} tokens/s ({step * 1e3:.1f} ms/step), roofline {roof:.0f} tokens/s", flush=True)
+    env["load_average_after"] = os.getloadavg()
     payload = {"environment": env, "model": llm.engine.model_path, "dtype": str(llm.engine.dtype),
+               "weights": args.weights, "formats": formats, "load_seconds": load_s,
                "copy_bandwidth_Bps": bw, "weight_bytes_per_step": weights, "kv_bytes_per_token": kv_per_token,
                "prompt_tokens": prompt_len, "generated_tokens": args.tokens, "results": rows}
-    table = (f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to {str(llm.engine.dtype)[6:]}), CPU, "
-             f"{torch.get_num_threads()} threads, copy bandwidth {bw / 1e9:.1f} GB/s, "
-             f"{weights / 1e6:.0f} MB of weights read per step\n\n" + md_table(rows, list(rows[0])))
+    table = (f"{os.path.basename(llm.engine.model_path)}, --weights {args.weights} (layers: {', '.join(formats)}; "
+             f"compute {str(llm.engine.dtype)[6:]}), CPU, {torch.get_num_threads()} threads, copy bandwidth "
+             f"{bw / 1e9:.1f} GB/s, {weights / 1e6:.0f} MB of weights read per step, loaded in {load_s:.1f} s, load "
+             f"average {env['load_average'][0]:.2f} before / {env['load_average_after'][0]:.2f} after\n\n"
+             + md_table(rows, list(rows[0])))
     print(table)
     write_results("cpu-decode", payload, table, args.out)
 

@@ -31,7 +31,7 @@ _LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weigh
 def linear_weights(path: str | None, layers: set[int] | None) -> tuple[str, dict[str, torch.Tensor]]:
     """(model file name, {HF name: float32 [out, in]}) of the chosen layers' linear weights."""
     from bitfold.loader import open_model  # (timing alone needs only torch)
-    from bitfold.loader.packed import as_float
+    from bitfold.weights.packed import as_float
 
     source = open_model(path)
     out = {}

@@ -1,8 +1,8 @@
-"""Where a CPU low-bit decode step's time goes, fused (kernels/cpu_step.py) against the per-op
+"""Where a CPU low-bit decode step's time goes, fused (runner/cpu_step.py) against the per-op
 path, on a real model through the whole engine.
 
 One greedy request per format; after its prefill the decode steps alternate between the fused
-path and the per-op path step by step (`cpu_step.ENABLED`), so both see the same context lengths
+path and the per-op path step by step (the runner's `fused_steps` set and unset), so both see the same context lengths
 and, on a shared machine, the same load: the comparison holds even when absolute figures drift.
 Per mode: median engine step and its parts (input preparation, the decoder stack, the lm_head,
 sampling, what remains of the runner, and the engine outside the runner: scheduler, detokenizer);
@@ -28,7 +28,7 @@ from cpu_decode import PROMPT  # noqa: E402
 
 import bitfold.runner.model_runner as model_runner  # noqa: E402
 from bitfold import LLM, SamplingParams  # noqa: E402
-from bitfold.kernels import cpu_step  # noqa: E402
+from bitfold.runner import cpu_step  # noqa: E402
 from bitfold.loader.default_model import default_model_path  # noqa: E402
 
 PARTS = ["step", "prepare", "decoder", "lm_head", "sample", "runner other", "engine other"]
@@ -61,6 +61,8 @@ def profile_format(path: str, fmt: str, tokens: int) -> list[dict]:
     clock.wrap(runner, "launch", "launch")
     clock.wrap(runner, "prepare", "prepare")
     clock.wrap(model, "forward", "decoder")  # nn.Module.__call__ looks forward up on the instance
+    real_call = cpu_step.FusedDecodeStep.__call__
+    clock.wrap(cpu_step.FusedDecodeStep, "__call__", "decoder")  # the fused stack replaces model.forward
     clock.wrap(model, "compute_logits", "lm_head")
     real_sample = model_runner.sample_tokens
     model_runner.sample_tokens = lambda *a, **k: _timed(clock, "sample", real_sample, *a, **k)
@@ -70,10 +72,11 @@ def profile_format(path: str, fmt: str, tokens: int) -> list[dict]:
         eng.step()  # prefill
         samples: dict[bool, list[dict]] = {True: [], False: []}
         phases: list[dict] = []
-        fused, saved = True, cpu_step.ENABLED
+        fused, steps = True, runner.fused_steps
+        assert steps is not None, "the runner was built without fused steps (cpu_fused_step off)"
         cpu_step.profile()
         while eng.has_unfinished_requests():
-            cpu_step.ENABLED = fused
+            runner.fused_steps = steps if fused else None
             clock.t = {}
             t0 = time.perf_counter()
             eng.step()
@@ -84,9 +87,10 @@ def profile_format(path: str, fmt: str, tokens: int) -> list[dict]:
             if fused:
                 phases.append(cpu_step.profile())
             fused = not fused
-        cpu_step.ENABLED = saved
+        runner.fused_steps = steps
     finally:
         model_runner.sample_tokens = real_sample
+        cpu_step.FusedDecodeStep.__call__ = real_call
     rows = []
     for mode in (True, False):
         row = {"model": os.path.basename(path), "weights": fmt, "path": "fused" if mode else "per-op",

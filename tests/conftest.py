@@ -22,10 +22,20 @@ def smollm2_path():
 
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2_path):
-    """One engine on the default model, shared across tests (loading takes seconds)."""
+    """One engine on the default model dequantized at load (`weights="dense"`, float32): the
+    reference path, shared across tests (loading takes seconds)."""
     from bitfold import LLM
 
-    return LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.5)
+    return LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.5, weights="dense")
+
+
+@pytest.fixture(scope="session")
+def smollm2_default(smollm2_path):
+    """The default model with default settings: on the CPU its Q4_1 blocks run through the
+    low-bit LUT kernels (`--weights auto` = the `gguf` format)."""
+    from bitfold import LLM
+
+    return LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.25)
 
 
 @pytest.fixture(scope="session")

@@ -53,9 +53,11 @@ class PagedDriver:
     """Runs sequences through bitfold's ModelRunner by hand: chunks of chosen sizes, one step
     at a time, over a shuffled block pool (so block tables are not contiguous)."""
 
-    def __init__(self, path: str, num_blocks: int = 64, block_size: int = 4, dtype=torch.float32):
+    def __init__(self, path: str, num_blocks: int = 64, block_size: int = 4, dtype=torch.float32,
+                 weights: str = "dense"):
         src = open_model(str(path))
-        cfg = EngineConfig(model=str(path), device="cpu", block_size=block_size, num_kv_blocks=num_blocks)
+        cfg = EngineConfig(model=str(path), device="cpu", block_size=block_size, num_kv_blocks=num_blocks,
+                           weights=weights)
         self.runner = ModelRunner(src, cfg, torch.device("cpu"), dtype, max_model_len=src.max_context)
         self.pool = BlockPool(num_blocks)
         g = torch.Generator().manual_seed(1)

@@ -197,22 +197,22 @@ def test_process_chat_on_the_tiny_model(tiny_chat_dir):
 
 
 @pytest.mark.slow
-def test_process_generate_on_the_default_model(smollm2_llm):
+def test_process_generate_on_the_default_model(smollm2_default):
     prompt = "The capital of France is"
     p = run_process(["generate", prompt, "--max-tokens", "8", "--device", "cpu", "--kv-cache-memory-gb", "0.25"])
     assert p.returncode == 0, p.stderr
-    ref = smollm2_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0]
+    ref = smollm2_default.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0]
     assert p.stdout == prompt + ref.text + "\n"
     assert "Paris" in p.stdout
 
 
 @pytest.mark.slow
-def test_process_generate_chat_on_the_default_model(smollm2_llm):
+def test_process_generate_chat_on_the_default_model(smollm2_default):
     question = "What is the capital of France?"
     p = run_process(["generate", question, "--chat", "--max-tokens", "8", "--device", "cpu",
                      "--kv-cache-memory-gb", "0.25"])
     assert p.returncode == 0, p.stderr
-    ref = smollm2_llm.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=8))[0]
+    ref = smollm2_default.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=8))[0]
     assert p.stdout == ref.text + "\n"
     assert "Paris" in p.stdout
 
@@ -281,8 +281,8 @@ def test_verbose_before_or_after_the_subcommand():
 
 
 def test_bad_weights_lists_each_format_once(capsys):
-    rc, out, err = run_main(capsys, ["generate", PROMPT, "--weights", "int5"])
-    line = assert_one_error_line(rc, out, err, "int5", "int4", "dense")
+    rc, out, err = run_main(capsys, ["generate", PROMPT, "--weights", "int7"])
+    line = assert_one_error_line(rc, out, err, "int7", "int4", "dense")
     assert line.count("auto") == 1, line
 
 

@@ -1,5 +1,8 @@
 """The GPU path (Triton kernels, CUDA graphs, bf16) against the CPU reference path on the
-real SmolLM2 model. Skipped without CUDA; CI has no GPU, the device machine runs it."""
+real SmolLM2 model. Skipped without CUDA; CI has no GPU, the device machine runs it. The GPU
+runs the GGUF in its own blocks by default (`--weights auto` = the `gguf` format: Q4_1 layers
+and the tied Q8_0 head/embedding in the fused low-bit kernels), whose weights are exactly the
+CPU reference's (the GGUF dequantized at load), so float32 greedy output must be the same."""
 import pytest
 import torch
 
@@ -13,7 +16,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "In 1492, Colu
 
 @pytest.fixture(scope="module")
 def cpu_llm(smollm2_path):
-    return LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.5)
+    """The CPU reference: the GGUF dequantized at load, float32."""
+    return LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.5, weights="dense")
 
 
 def _greedy(llm, n=32):
@@ -106,3 +110,28 @@ def test_gpu_async_scheduling_equals_sync(smollm2_path):
         for x, y in zip(a.logprobs or [], b.logprobs or []):
             assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-3
             assert [t for t, _ in x.top] == [t for t, _ in y.top]
+
+
+def test_gguf_weight_memory_on_gpu_is_the_file(smollm2_path):
+    import os
+
+    gpu = LLM(smollm2_path, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3)
+    model = gpu.engine.runner.model
+    held = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if n != "rope")
+    assert held <= os.path.getsize(smollm2_path)
+    assert model.embed.weight.numel() == 0  # the embedding reads the tied head's Q8_0 blocks
+
+
+@pytest.mark.parametrize("weights", ["int4", "int8", "int3-g64", "int2-g32"])
+def test_lowbit_formats_on_gpu(smollm2_path, cpu_llm, weights):
+    """Low-bit formats through the Triton kernels, bf16, CUDA graphs: the same first tokens as
+    the float32 CPU path (int4 keeps the file's Q4_1 blocks; int3/int2 are rounded and only
+    checked to produce text), every block back in the pool."""
+    gpu = LLM(smollm2_path, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, weights=weights)
+    assert all(hasattr(m, "q_plane0") for m in gpu.engine.runner.model.layers.modules() if hasattr(m, "fmt"))
+    got, ref = _greedy(gpu, 8), _greedy(cpu_llm, 8)
+    if weights in ("int4", "int8"):
+        assert sum(a[:2] == b[:2] for a, b in zip(got, ref)) >= len(PROMPTS) - 1
+    assert all(len(t) == 8 for t in got)
+    assert gpu.engine.pool.num_free == gpu.engine.pool.num_blocks

@@ -22,22 +22,24 @@ from bitfold.loader import open_model
 from bitfold.quantize import parse_size, quantize
 from bitfold.runner.model_runner import ModelRunner
 from bitfold.sampling import SamplingParams
-from bitfold.weights.lowbit import dequantize, lowbit_spec, pack_bitplanes, unpack_bitplanes
+from bitfold.weights.lowbit import dequantize, lowbit_spec
+from bitfold.weights.packed import pack_bitplanes, unpack_bitplanes
 from tests.helpers import rel_err
 
 TEXTS = ("Hello world! 1 2 3", "def f(x):\n    return x * 2  # 日本語 🦙", "<|im_start|>user\nhi<|im_end|>")
 
 
-def runner(path, weights: str = "auto", max_len: int = 64) -> ModelRunner:
+def runner(path, weights: str = "auto", max_len: int = 64, device: str = "cpu") -> ModelRunner:
     src = open_model(str(path))
-    cfg = EngineConfig(model=str(path), device="cpu", block_size=4, num_kv_blocks=max_len // 4, weights=weights)
-    return ModelRunner(src, cfg, torch.device("cpu"), torch.float32, max_model_len=max_len)
+    cfg = EngineConfig(model=str(path), device=device, block_size=4, num_kv_blocks=max_len // 4, weights=weights,
+                       enforce_eager=True)
+    return ModelRunner(src, cfg, torch.device(device), torch.float32, max_model_len=max_len)
 
 
 def logits(r: ModelRunner, ids: list[int]) -> torch.Tensor:
     req = Request("q", list(ids), SamplingParams(max_tokens=1))
     table = list(range(-(-len(ids) // r.cfg.block_size)))
-    return r.forward_logits([ScheduledChunk(req, 0, len(ids), table)], all_tokens=True)
+    return r.forward_logits([ScheduledChunk(req, 0, len(ids), table)], all_tokens=True).cpu()
 
 
 def linears(r: ModelRunner) -> dict[str, Linear]:
@@ -198,7 +200,7 @@ def test_cli_quantize(capsys, tiny_model_dir, tmp_path):
     assert "ternary-g64" in text and "22 tensors in 3 layers" in text and "bits/weight" in text
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     for argv, needle in (
-        (["--format", "int5", "--out", str(tmp_path / "x")], "not a low-bit format"),
+        (["--format", "int7", "--out", str(tmp_path / "x")], "not a low-bit format"),
         (["--format", "dense", "--out", str(tmp_path / "x")], "not a low-bit format"),
         (["--format", "int2", "--out", str(out)], "not an empty folder"),
         (["--format", "int2", "--out", str(tmp_path / "x"), "--max-shard-size", "big"], "max-shard-size"),
@@ -320,11 +322,11 @@ def test_smollm2_int4_g32_takes_the_q4_1_codes(smollm2_path, smollm2_int4_at_loa
     dense model (a misplaced row, e.g. of the un-permuted Q/K, would not)."""
     import gguf
 
-    from bitfold.loader.gguf_blocks import GGUFBlocks
+    from bitfold.weights.gguf_blocks import GGUFBlocks
     from bitfold.loader.gguf_reader import GGUFFile
 
     blocks = {n: w for n, w in open_model(smollm2_path).weights() if isinstance(w, GGUFBlocks)}
-    assert len(blocks) == 210 and {w.qtype.name for w in blocks.values()} == {"Q4_1"}
+    assert len(blocks) == 211 and {w.qtype.name for w in blocks.values()} == {"Q4_1", "Q8_0"}  # + the embedding
     down = GGUFFile(smollm2_path).tensors[2]
     assert down.name == "blk.0.ffn_down.weight"
     ref = gguf.quants.dequantize(down.data.view(np.ndarray), down.tensor_type)

@@ -117,9 +117,10 @@ class EngineConfig:
     device: str = _opt("auto", "cpu, cuda or auto (cuda when available)", choices=["auto", "cpu", "cuda"])
     dtype: str = _opt("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16",
                       choices=["auto", "float32", "bfloat16", "float16"])
-    weights: str = _opt("auto", "weight format: auto (the checkpoint's own), dense, or a low-bit CPU format "
-                        "quantized at load: int4, int3, int2, int1, ternary (group 64; e.g. int2-g32 for "
-                        "groups of 32)")
+    weights: str = _opt("auto", "weight format: auto (the checkpoint's own; a GGUF keeps its blocks), dense, or a "
+                        "low-bit format quantized at load (CPU and GPU): int8 (per row), int6, int5, int4, int3, "
+                        "int2, int1, ternary (group 64; e.g. int4-g128; intN on an N-bit checkpoint keeps its "
+                        "blocks)")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's context)")
     block_size: int | None = _opt(None, "tokens per KV-cache block (default: 16, or 64 for a compressed KV cache, "
                                   "whose key groups are one block)")
@@ -136,6 +137,8 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "do not capture CUDA graphs for decode (GPU only)")
     max_num_seqs: int = _opt(128, "most requests decoded together in one step")
     max_num_batched_tokens: int = _opt(1024, "token budget per step; longer prompts are prefilled in chunks")
+    cpu_fused_step: bool = _opt(True, "run a CPU decode step of a low-bit model as one C++ call over every layer "
+                                "(off: one call per operation, its reference)")
     async_scheduling: str = _opt("auto", "launch step N+1 before reading step N's tokens, hiding host work "
                                  "behind the GPU (auto = on for CUDA)", choices=["auto", "on", "off"])
     num_threads: int | None = _opt(None, "CPU threads for loading and compute (default: the cores other processes "

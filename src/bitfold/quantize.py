@@ -130,7 +130,7 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise BitfoldError(f"{out}: already exists and is not an empty folder; choose a new --out")
     source = open_model(model)
-    if source.weight_format is not None:
+    if source.weight_format is not None and source.format != "gguf":  # GGUF blocks convert (or round) per tensor
         raise BitfoldError(f"{source.path}: already quantized as {source.weight_format}; quantize its original")
 
     model_cls = MODELS.get(source.config.architecture)
@@ -191,7 +191,7 @@ def _write_tokenizer(source, folder: str) -> None:
 
 def _linear_codes(name: str, weight, linear, shard: str, origin: str):
     """(q, scale, min, converted) for one linear weight, as Linear.load_shard would load it."""
-    from bitfold.loader.packed import PackedWeight
+    from bitfold.weights.packed import PackedWeight
     from bitfold.weights.lowbit import quantize_rtn
 
     rows = linear.shard_offsets[shard][1]
@@ -212,7 +212,7 @@ def _linear_codes(name: str, weight, linear, shard: str, origin: str):
 
 
 def _dense(weight, dense_dtype: str) -> torch.Tensor:
-    from bitfold.loader.packed import as_float
+    from bitfold.weights.packed import as_float
 
     t = as_float(weight, weight.shape[-1])
     if dense_dtype != "auto":
@@ -227,7 +227,7 @@ def _dense(weight, dense_dtype: str) -> torch.Tensor:
 
 def _write_weights(source, skeleton, fmt: str, folder: str, max_shard_bytes: int, dense_dtype: str) -> dict:
     from bitfold.layers.linear import Linear
-    from bitfold.weights.lowbit import pack_bitplanes
+    from bitfold.weights.packed import pack_bitplanes
 
     writer = _ShardWriter(folder, max_shard_bytes)
     todo = {(id(m), s) for m in skeleton.modules() if isinstance(m, Linear) for s in m.shard_offsets}

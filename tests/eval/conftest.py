@@ -31,10 +31,11 @@ def smollm2_tokenizer(smollm2_source):
 
 
 def make_engine(source, **overrides):
-    """An fp32 CPU engine on `source` with room for 8 windows of 128 tokens."""
+    """An fp32 CPU engine on `source` with room for 8 windows of 128 tokens; the GGUF dequantized
+    at load (`weights="dense"`): the reference the scores are checked against transformers with."""
     from bitfold.engine import LLMEngine
 
     kw = dict(model=source.path, device="cpu", dtype="float32", num_kv_blocks=8 * 8, block_size=16,
-              max_model_len=128, max_num_seqs=8)
+              max_model_len=128, max_num_seqs=8, weights="dense")
     kw.update(overrides)
     return LLMEngine(EngineConfig(**kw), source=source)

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from bitfold.loader import open_model  # noqa: E402
 from bitfold.loader.gguf_file import SUPPORTED_TYPES  # noqa: E402
 from bitfold.loader.gguf_reader import GGUFFile  # noqa: E402
-from bitfold.loader.packed import as_float  # noqa: E402
+from bitfold.weights.packed import as_float  # noqa: E402
 from tests.helpers import PagedDriver, gpt2_bytes_to_unicode, rel_err  # noqa: E402
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, CTX = 256, 512, 2, 4, 2, 256  # K-quant rows: multiples of 256

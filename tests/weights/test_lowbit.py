@@ -98,14 +98,24 @@ def test_linear_rejects_missing_rows_and_bad_shapes():
         lin.load_shard("b", torch.randn(64, 32), False)
 
 
-def test_resolve_weight_format():
+def test_resolve_weight_format(monkeypatch):
     assert resolve_weight_format("auto", None, "cpu") == "dense"
     assert resolve_weight_format("auto", "int2-g64", "cpu") == "int2-g64"
     assert resolve_weight_format("int4", None, "cpu") == "int4"
+    # a GGUF: auto keeps its blocks; a bare intN keeps N-bit blocks' grouping; anything may be asked
+    gguf = ("int4-g32", "int6-g16", "int8-g32")
+    assert resolve_weight_format("auto", "gguf", "cpu", gguf) == "gguf"
+    assert resolve_weight_format("int4", "gguf", "cpu", gguf) == "int4-g32"
+    assert resolve_weight_format("int8", "gguf", "cpu", gguf) == "int8-g32"
+    assert resolve_weight_format("int2", "gguf", "cpu", gguf) == "int2"
+    assert resolve_weight_format("int4-g128", "gguf", "cpu", gguf) == "int4-g128"
+    assert resolve_weight_format("int2", "int2-g32", "cpu", ("int2-g32", "int4-g32")) == "int2-g32"
+    assert resolve_weight_format("int4", None, "cuda") == "int4"  # the Triton kernels
+    monkeypatch.setattr(WEIGHT_FORMATS.get("int4"), "devices", ("cpu",))
     with pytest.raises(BitfoldError, match="runs on cpu only"):
         resolve_weight_format("int4", None, "cuda")
     with pytest.raises(BitfoldError, match="unknown weight format"):
-        resolve_weight_format("int5", None, "cpu")
+        resolve_weight_format("int7", None, "cpu")
     assert "int4" in WEIGHT_FORMATS
 
 
@@ -118,14 +128,16 @@ def test_engine_config_rejects_unknown_weights():
 
 def test_smollm2_int4_through_the_engine(smollm2_path, smollm2_llm):
     """The whole engine on int4 weights (lm_head quantized from the tied embedding): same next
-    token as the dense model, and the top-20 distributions agree closely."""
+    token as the dense model, and the top-20 distributions agree closely. `int4` on this Q4_1
+    file keeps its blocks (int4-g32) instead of rounding them again to int4-g64."""
     from bitfold import LLM, SamplingParams
 
     prompt = "The capital of France is Paris. The capital of Germany is"
     sp = SamplingParams(max_tokens=1, temperature=0, logprobs=20)
     dense = smollm2_llm.generate([prompt], sp)[0]
     int4_llm = LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.1, weights="int4")
-    assert type(int4_llm.engine.runner.model.lm_head.fmt).__name__ == "LowBit_int4_g64"
+    model = int4_llm.engine.runner.model
+    assert type(model.lm_head.fmt).__name__ == type(model.layers[0].mlp.down.fmt).__name__ == "LowBit_int4_g32"
     int4 = int4_llm.generate([prompt], sp)[0]
     assert int4.token_ids == dense.token_ids
     d = dict(dense.logprobs[0].top)

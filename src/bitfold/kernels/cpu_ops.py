@@ -1,9 +1,10 @@
 """float32 C++ versions of a decode layer's small operations for the CPU path (see
 cpu/decode_ops.cpp for why). Same signatures and meaning as the references they stand in for:
-`add_rms_norm` = rms_norm_ref / fused_add_rms_norm_ref, `rotary` = rotary_ref, `silu_mul` =
-silu_and_mul_ref, `paged_decode` = paged_decode_ref (with or without its fused KV write).
-`usable(*tensors)` says whether a call can take the C++ path (CPU, float32, library built);
-otherwise callers use the references. The fused decode step (cpu_step.py) calls the same kernels.
+`rms_norm` / `fused_add_rms_norm` (both `add_rms_norm`) = rms_norm_ref / fused_add_rms_norm_ref,
+`rotary` = rotary_ref, `silu_mul` = silu_and_mul_ref, `paged_decode` = paged_decode_ref (with or
+without its fused KV write). `usable(*tensors)` says whether a call can take the C++ path (CPU,
+float32, library built); `kernels/ops.py` picks these for CPU float32 tensors, the references
+otherwise. The fused decode step (runner/cpu_step.py) calls the same kernels.
 """
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     lib.bitfold_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(), res_out.data_ptr(),
                              T, D, eps)
     return out, res_out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As rms_norm_ref: x float32 [T, D], weight [D] -> norm(x) * w."""
+    return add_rms_norm(x, None, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """As fused_add_rms_norm_ref: (norm(x + residual) * w, x + residual)."""
+    return add_rms_norm(x, residual, weight, eps)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):

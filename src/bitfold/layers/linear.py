@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitfold.loader.packed import PackedWeight
+from bitfold.weights.packed import PackedWeight
 from bitfold.weights import WEIGHT_FORMATS, WeightFormat
 
 
@@ -44,16 +44,10 @@ class Linear(nn.Module):
             self.fmt.load(self, tensor, off)
 
     def load_shard_codes(self, shard: str, packed: PackedWeight) -> None:
-        """A stored-quantized weight: its codes go to the format unchanged when the format is
-        the stored one (`fmt.load_codes`), otherwise it is dequantized and loaded as floats
+        """A stored-quantized weight: the format decides (`fmt.load_packed`): its codes go in
+        unchanged when they fit the format, otherwise it is dequantized and loaded as floats
         (dense layers; a low-bit format of another kind re-rounds it)."""
-        off, _ = self.shard_offsets[shard]
-        spec = getattr(self.fmt, "spec", None)
-        codes = packed.codes(spec) if spec is not None else None
-        if codes is not None:
-            self.fmt.load_codes(self, *codes, off)
-        else:
-            self.fmt.load(self, packed.dequantize(self.in_features), off)
+        self.fmt.load_packed(self, packed, self.shard_offsets[shard][0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fmt.apply(self, x)

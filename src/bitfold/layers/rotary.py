@@ -7,8 +7,7 @@ import math
 import torch
 
 from bitfold.errors import ModelLoadError
-from bitfold.kernels import cpu_ops
-from bitfold.kernels.rotary import rotary, rotary_ref
+from bitfold.kernels.ops import rotary_op
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -43,8 +42,4 @@ def cos_sin_cache(head_dim: int, max_positions: int, theta: float, scaling: dict
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor):
     """q: [T, H, D], k: [T, KVH, D], positions: int64 [T] -> rotated (q, k)."""
-    if q.is_cuda:
-        return rotary(q, k, positions, cache)
-    if cpu_ops.usable(q, k, cache):
-        return cpu_ops.rotary(q, k, positions, cache)
-    return rotary_ref(q, k, positions, cache)
+    return rotary_op(q, k, positions, cache)

@@ -1,8 +1,8 @@
 """GGUF files (llama.cpp's format) through the `gguf` package: metadata -> ModelConfig,
-tensors dequantized to float at load and renamed to HF names. 2-D tensors of the block types
-that line up with a low-bit format (Q4_0/Q4_1/Q4_K/Q2_K, see gguf_blocks.py) are yielded still
-packed, as GGUFBlocks, so that a layer of exactly that format takes their codes; any other layer
-dequantizes them just the same.
+tensors renamed to HF names. 2-D tensors of a block type (weights/gguf_blocks.py) are yielded
+still packed, as GGUFBlocks, so that a layer keeps their codes where they fit its format (and
+`--weights auto` is the `gguf` format: each layer in its blocks' own codes); any other layer
+dequantizes them just the same. Other tensors (norms, F16/F32 weights) come as floats.
 
 llama.cpp's converter permutes the rows of Q and K for "llama" models (interleaved rotary
 pairs); we undo it so every model runs HF's rotate-half rotary. Qwen2/3 are stored unpermuted.
@@ -18,10 +18,10 @@ import torch
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, UnsupportedFormatError
-from bitfold.loader.gguf_blocks import BLOCK_TYPES, GGUFBlocks
 from bitfold.loader.gguf_reader import GGUFFile
 from bitfold.loader.source import ModelSource
 from bitfold.progress import progress
+from bitfold.weights.gguf_blocks import BLOCK_TYPES, GGUFBlocks
 
 # Types the gguf package dequantizes and we have checked against real files.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -131,6 +131,8 @@ def load_gguf(path: str) -> ModelSource:
         qk_norm="blk.0.attn_q_norm.weight" in names,
         sliding_window=md.get(f"{arch}.attention.sliding_window", 0) or 0,
     )
+    stored = sorted({BLOCK_TYPES[t.tensor_type].spec.name for t in reader.tensors
+                     if t.tensor_type in BLOCK_TYPES and len(t.shape) == 2})
     return ModelSource(
         path=path,
         format="gguf",
@@ -138,6 +140,8 @@ def load_gguf(path: str) -> ModelSource:
         weights=lambda: _iter_tensors(reader, path, config, model_cls.gguf_permuted_qk),
         load_tokenizer=lambda: Tokenizer.from_gguf(reader, path),
         max_context=config.max_position_embeddings,
+        weight_format="gguf" if stored else None,
+        stored_formats=tuple(stored),
     )
 
 

@@ -16,11 +16,11 @@ import torch
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, UnsupportedFormatError
-from bitfold.loader.packed import BitfoldCodes
 from bitfold.loader.source import ModelSource
 from bitfold.progress import progress
 from bitfold.weights import WEIGHT_FORMATS
 from bitfold.weights.lowbit import lowbit_spec
+from bitfold.weights.packed import BitfoldCodes
 
 CODE_PARTS = ("qweight", "scales", "mins")
 
@@ -103,12 +103,13 @@ class BitfoldQuantization:
             raise bad(f"stores {planes.shape[0]} bit planes, but the checkpoint's format {spec.name} has "
                       f"{spec.bits} bits")
         cols = planes.shape[2] * 8
-        if cols == 0 or cols % spec.group:
-            raise bad(f"{cols} columns are not whole groups of {spec.group}")
-        want = (planes.shape[1], cols // spec.group)
+        if cols == 0 or spec.padded(cols) != cols:
+            raise bad(f"{cols} columns are not whole groups of {spec.group or 'a row'} (format {spec.name})")
+        group = spec.group_size(cols)
+        want = (planes.shape[1], cols // group)
         for name, t, file in (("scales", scales, spath), ("mins", mins, mpath)):
             if t.dtype != torch.float16 or tuple(t.shape) != want:
-                raise bad(f"expected float16 {want} (rows x groups of {spec.group} of the qweight's "
+                raise bad(f"expected float16 {want} (rows x groups of {group} of the qweight's "
                           f"{cols} columns), found {t.dtype} {tuple(t.shape)}", name, file)
         return BitfoldCodes(spec, planes, scales, mins, f"{path}: tensor {base + '.qweight'!r}")
 
@@ -175,4 +176,5 @@ def load_hf_folder(folder: str) -> ModelSource:
         load_tokenizer=lambda: Tokenizer.from_hf_folder(folder),
         max_context=config.max_position_embeddings,
         weight_format=quant.format if quant else None,
+        stored_formats=(quant.format,) if quant else (),
     )

@@ -1,6 +1,6 @@
 """A model source: its normalized config, a stream of (HF name, weight) pairs and its tokenizer,
 whatever the file format. Loaders for each format return one. A weight is a float tensor or a
-`PackedWeight` (still quantized: see loader/packed.py)."""
+`PackedWeight` (still quantized: see weights/packed.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ import torch
 from bitfold.config import ModelConfig
 
 if TYPE_CHECKING:
-    from bitfold.loader.packed import PackedWeight
+    from bitfold.weights.packed import PackedWeight
 
 
 @dataclass
@@ -23,3 +23,4 @@ class ModelSource:
     load_tokenizer: Callable[[], "object"]
     max_context: int  # the checkpoint's trained context length
     weight_format: str | None = None  # the registered format the checkpoint is stored in (None: float)
+    stored_formats: tuple[str, ...] = ()  # low-bit formats its stored codes are (see resolve_weight_format)

@@ -12,12 +12,12 @@ from torch import nn
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError
-from bitfold.kernels import cpu_ops, cpu_step
-from bitfold.kernels.silu_mul import silu_and_mul, silu_and_mul_ref
+from bitfold.kernels.ops import silu_and_mul_op
+from bitfold.layers.embedding import Embedding
 from bitfold.layers.linear import Linear
 from bitfold.layers.norm import RMSNorm
 from bitfold.layers.rotary import apply_rotary, cos_sin_cache
-from bitfold.loader.packed import PackedWeight
+from bitfold.weights.packed import PackedWeight
 from bitfold.models.base import MODELS, StepContext
 from bitfold.weights import WEIGHT_FORMATS
 
@@ -54,11 +54,7 @@ class MLP(nn.Module):
         self.down = Linear(i, {"down": cfg.hidden_size}, cfg.mlp_bias, fmt, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up(x)
-        if gu.is_cuda:
-            return self.down(silu_and_mul(gu))
-        # C++ on CPU float32: one call, and the same kernel as the fused CPU decode step's
-        return self.down(cpu_ops.silu_mul(gu) if cpu_ops.usable(gu) else silu_and_mul_ref(gu))
+        return self.down(silu_and_mul_op(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -105,7 +101,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, fmt: str = "dense"):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, fmt)
         self.layers = nn.ModuleList(DecoderLayer(cfg, fmt, dtype) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         # A quantized model quantizes its output projection too (for a memory-bound decode it is
@@ -120,9 +116,6 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids: int64 [T] -> final hidden states [T, hidden]."""
-        fused = cpu_step.plan_for(self, ctx)
-        if fused is not None:  # a CPU low-bit decode step: every layer in one C++ call
-            return fused(input_ids, ctx)
         h, residual = self.embed(input_ids), None
         for layer, kv in zip(self.layers, ctx.kv_caches):
             h, residual = layer(h, residual, self.rope, ctx, kv)
@@ -138,7 +131,6 @@ class LlamaForCausalLM(nn.Module):
         may be a PackedWeight (stored quantized); a quantized checkpoint of a tied model may also
         store the output layer's codes as `lm_head.weight`, which then replace quantizing the
         embedding (a dense model ignores them: its head is the embedding itself)."""
-        cpu_step.reset(self)  # a fused CPU step's plan holds the old weights' addresses
         expected = self._expected_names()
         seen: set[str] = set()
         for name, tensor in weights:
@@ -155,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
                     if self.tied_quantized_head:
                         self.lm_head.load_shard("lm_head", tensor, False)
                 elif name == "model.embed_tokens.weight" and self.tied_quantized_head and "lm_head.weight" in seen:
-                    _copy(self.embed.weight, tensor)  # the head came as codes already
+                    self.embed.load(tensor, keep_quantized=False)  # the head came as codes already
                 else:
                     self._load_one(name, tensor)
             except (ValueError, RuntimeError) as e:
@@ -169,6 +161,8 @@ class LlamaForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.fmt.process_after_loading(m)
+        if self.tied_quantized_head:
+            self.embed.tie(self.lm_head)  # one copy of the tied blocks where the head's format can share it
 
     def linear_for(self, name: str) -> tuple[Linear, str] | None:
         """The Linear and shard a checkpoint weight loads into; None for embeddings, norms and
@@ -210,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
         if name == "model.embed_tokens.weight":
             if self.tied_quantized_head:
                 self.lm_head.load_shard("lm_head", tensor, False)
-            return _copy(self.embed.weight, tensor)
+            return self.embed.load(tensor, keep_quantized=not self.tied_quantized_head)
         if name == "model.norm.weight":
             return _copy(self.norm.weight, tensor)
         if name == "lm_head.weight":

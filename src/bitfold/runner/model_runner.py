@@ -26,6 +26,7 @@ from bitfold.loader.source import ModelSource
 from bitfold.models import MODELS
 from bitfold.weights.base import resolve_weight_format
 from bitfold.models.base import StepContext
+from bitfold.runner.cpu_step import FusedSteps
 from bitfold.runner.cuda_graphs import DecodeGraphs, default_batch_sizes
 
 log = logging.getLogger("bitfold")
@@ -69,10 +70,11 @@ class ModelRunner:
         model_cls = MODELS.get(source.config.architecture)
         self.model_config = replace(source.config, **model_cls.config_overrides)
         with torch.device(device):
-            fmt = resolve_weight_format(cfg.weights, getattr(source, "weight_format", None), device.type)
+            fmt = resolve_weight_format(cfg.weights, source.weight_format, device.type, source.stored_formats)
             self.model = model_cls(self.model_config, dtype, max_positions=max_model_len, fmt=fmt)
         self.model.load_weights(source.weights(), source.path)
         self.model.eval().requires_grad_(False)
+        self.fused_steps = FusedSteps(self.model) if cfg.cpu_fused_step and device.type == "cpu" else None
 
         mc = self.model_config
         self.block_size = bs = cfg.effective_block_size()
@@ -207,7 +209,8 @@ class ModelRunner:
     def forward_logits(self, chunks: list[ScheduledChunk], all_tokens: bool = False) -> torch.Tensor:
         """float32 logits of each chunk's last token [B, V] (or of every token [T, V])."""
         input_ids, ctx = self.prepare(chunks)
-        h = self.model(input_ids, ctx)
+        fused = self.fused_steps.plan(ctx) if self.fused_steps is not None else None
+        h = fused(input_ids, ctx) if fused is not None else self.model(input_ids, ctx)  # a CPU low-bit decode step
         if not all_tokens:
             h = h[ctx.attn.cu_seqlens_q[1:].long() - 1]
         return self.model.compute_logits(h)

@@ -2,3 +2,4 @@
 from bitfold.weights.base import WEIGHT_FORMATS, WeightFormat  # noqa: F401
 from bitfold.weights import dense  # noqa: F401
 from bitfold.weights import lowbit  # noqa: F401
+from bitfold.weights import gguf  # noqa: F401

@@ -34,8 +34,12 @@ class DenseFormat(WeightFormat):
         layer.weight.data[row_offset : row_offset + rows].copy_(weight)
 
     def apply(self, layer, x):
-        w = layer.weight
-        if (x.is_cuda and HAS_TRITON and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS
-                and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype and x.stride(1) == 1):
-            return gemv(x, w)
-        return F.linear(x, w)
+        return matmul(x, layer.weight)
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T: the Triton skinny matmul for a few 16-bit rows on CUDA, else PyTorch."""
+    if (x.is_cuda and HAS_TRITON and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS
+            and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype and x.stride(1) == 1):
+        return gemv(x, w)
+    return F.linear(x, w)

@@ -1,46 +1,76 @@
-"""Group-wise 1-4-bit weights multiplied by lookup tables on the CPU (T-MAC, arXiv 2407.00088).
+"""Group-wise low-bit weights: on the CPU 1-4 bits multiplied by lookup tables (T-MAC, arXiv
+2407.00088), 5, 6 and 8 bits as several such lookups; on a GPU every width through the Triton
+dequantize-and-multiply kernels of kernels/qmatmul.py (codes in 4/2/1-bit planes).
 
 w[n, k] ~= scale[n, g] * q[n, k] + min[n, g], q in [0, 2^bits), g = k // group; scale and min
-are fp16. Registered names: int1/int2/int3/int4 and ternary, each with -g16/-g32/-g64/-g128
-(the bare name means -g64). At 64 weights per group the scale+min cost 0.5 bit per weight:
+are fp16. Registered names: int1..int6, int8 and ternary, each with -g16/-g32/-g64/-g128 (the
+bare name means -g64), and `int8` = `int8-ch`: one symmetric scale per output row (min =
+-128 * scale, not stored). At 64 weights per group the scale+min cost 0.5 bit per weight:
 int4-g64 is 4.5 bits/weight like llama.cpp's Q4_0, int2-g64 2.5 like Q2_K's 2.625.
 
 Quantization belongs to the layer: `load` quantizes each checkpoint shard as it arrives (round
 to nearest with searched ranges and no calibration data, `quantize_rtn`), `load_codes` takes already-quantized codes (bitfold quantize's
 checkpoints, converted GGUF blocks), and once every row is in the codes are packed into the
 kernel's bit-plane layout (`bitfold.kernels.lut_gemm.pack_lut`). Only the packed form is kept.
+The LUT kernel reads 1-4 bit planes; wider codes are split into 4-bit slices, q = sum_c 16^c
+q_c, each a LUT pass with scale 16^c * scale (exact in fp16) and the min on the first pass only.
+On a GPU the codes are packed once into `kernels.qmatmul`'s planes (`QLayout`: the spec's planes,
+group, zero point 2^(bits-1) and no stored min for symmetric specs), kept with the fp16 scales
+and mins as the layer's buffers `q_plane0` (`q_plane1`), `q_scales` (`q_mins`).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bitfold.kernels import lut_gemm as lut
+from bitfold.kernels import qmatmul as qm
 from bitfold.weights.base import WEIGHT_FORMATS, WeightFormat
 
 log = logging.getLogger("bitfold")
 
 GROUPS = (16, 32, 64, 128)
 DEFAULT_GROUP = 64
+BITS = (1, 2, 3, 4, 5, 6, 8)
+LUT_BITS = 4  # the most bits one LUT pass reads
+CHANNEL_PAD = 32  # a per-channel layer pads its inputs to a multiple of this
 
 
 @dataclass(frozen=True)
 class LowBitSpec:
     bits: int  # bit planes stored (ternary: 2)
-    group: int
+    group: int  # weights per scale; 0: one group per output row (per channel)
     ternary: bool = False  # q in {0, 1, 2} meaning {-1, 0, +1} * scale
+    symmetric: bool = False  # min = -2^(bits-1) * scale: codes are two's-complement values + 2^(bits-1)
 
     @property
     def name(self) -> str:
-        return f"{'ternary' if self.ternary else f'int{self.bits}'}-g{self.group}"
+        kind = "ternary" if self.ternary else f"int{self.bits}"
+        return f"{kind}-ch" if self.group == 0 else f"{kind}-g{self.group}"
 
     @property
     def bits_per_weight(self) -> float:
-        return self.bits + 32 / self.group  # + fp16 scale and min per group
+        if self.group == 0:
+            return float(self.bits)  # one scale per row: nothing per weight
+        return self.bits + (16 if self.symmetric else 32) / self.group  # + fp16 scale (and min) per group
+
+    @property
+    def zero(self) -> int:
+        """The code of weight 0 of a symmetric spec (its min is -zero * scale); 0 otherwise."""
+        return 1 << (self.bits - 1) if self.symmetric else 0
+
+    def padded(self, cols: int) -> int:
+        """Inputs padded to whole groups (zeros) and to a multiple of 32 (the GPU layout's 1-bit
+        plane word, so both devices store the same codes), as the layer stores them."""
+        unit = max(self.group, CHANNEL_PAD)
+        return -(-cols // unit) * unit
+
+    def group_size(self, padded_cols: int) -> int:
+        """Weights per scale for a row of `padded_cols` stored inputs."""
+        return self.group or padded_cols
 
 
 # Range search (data-free, after llama.cpp's k-quants `make_qkx2_quants`): candidate grids for a
@@ -53,26 +83,33 @@ STRETCH = (-1.0, -0.5, 0.0, 0.5, 1.0)
 OFFSET = (-0.25, 0.0, 0.25)
 REFINE = 2
 CHUNK = 1 << 18  # weights per search chunk: its temporaries (~1 MiB each) stay in cache
+CHUNK_GPU = 1 << 26  # on a GPU: fewer, larger launches (temporaries of 256 MB)
 
 
 def quantize_rtn(w: torch.Tensor, spec: LowBitSpec, rounding: str = "search"):
     """Round-to-nearest group quantization, without calibration data.
 
     w: float [N, K] with K a multiple of spec.group -> (q uint8 [N, K], scale fp16 [N, G],
-    min fp16 [N, G]), G = K // group. int2-4 are asymmetric: each weight rounds to the nearest
+    min fp16 [N, G]), G = K // group (1 per row for a per-channel spec). int2-4 are asymmetric: each weight rounds to the nearest
     of `scale * q + min`, q in [0, 2^bits - 1]; `rounding` picks the group's scale and min:
     "minmax" spans [lo, hi] exactly, "search" (default) takes the candidate of `_search_range`
     with the least squared error, or minmax's where that is no worse (so never worse per group).
     int1 splits each group at its mean into the means of the two halves; ternary uses BitNet
-    b1.58's absmean scale. q is computed against the fp16-rounded scale and min, so
+    b1.58's absmean scale. Symmetric specs (int8-ch) take scale = absmax / (2^(bits-1) - 1) and
+    min = -2^(bits-1) * scale. q is computed against the fp16-rounded scale and min, so
     dequantization is exact to what is stored. Deterministic, and each group independent of
     the others (quantizing a shard of rows gives those rows of the whole).
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDINGS)}")
     N, K = w.shape
-    g = w.float().view(N, K // spec.group, spec.group)
-    if spec.ternary:
+    group = spec.group_size(K)
+    g = w.float().view(N, K // group, group)
+    if spec.symmetric:
+        half = 1 << (spec.bits - 1)
+        s = (g.abs().amax(-1) / (half - 1)).clamp_min(1e-8).half()
+        m = (-half * s.float()).half()  # exact: a power of two times an fp16
+    elif spec.ternary:
         s = g.abs().mean(-1).clamp_min(1e-8).half()
         m = -s
     elif spec.bits == 1:
@@ -83,15 +120,16 @@ def quantize_rtn(w: torch.Tensor, spec: LowBitSpec, rounding: str = "search"):
         m = lo_mean.half()
         s = (hi_mean - lo_mean).clamp_min(1e-8).half()
     else:  # int2-4: scale and min per `rounding`, codes with them, a chunk of groups at a time
-        flat = g.reshape(-1, spec.group)
-        q = torch.empty(flat.shape, dtype=torch.uint8)
-        s, m = torch.empty(flat.shape[0], dtype=torch.float16), torch.empty(flat.shape[0], dtype=torch.float16)
-        step = max(1, CHUNK // spec.group)
+        flat = g.reshape(-1, group)
+        q = torch.empty(flat.shape, dtype=torch.uint8, device=w.device)
+        s = torch.empty(flat.shape[0], dtype=torch.float16, device=w.device)
+        m = torch.empty_like(s)
+        step = max(1, (CHUNK if w.device.type == "cpu" else CHUNK_GPU) // group)
         for a in range(0, flat.shape[0], step):
             s[a : a + step], m[a : a + step], q[a : a + step] = _quantize_groups(flat[a : a + step], 2**spec.bits - 1,
                                                                                  rounding)
         return q.view(N, K), s.view(N, -1), m.view(N, -1)
-    levels = 2 if spec.ternary else 1
+    levels = 2 if spec.ternary else (2**spec.bits - 1 if spec.symmetric else 1)
     q = _round(g, s.float()[..., None], m.float()[..., None], levels)
     return q.to(torch.uint8).view(N, K), s, m
 
@@ -136,7 +174,7 @@ def _search_range(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: i
     d = g - lo[:, None]
     span = (hi - lo).clamp_min(1e-30)
     Sd, Sdd = d.sum(-1).double(), torch.linalg.vecdot(d, d).double()
-    sums = torch.empty(3, len(STRETCH) * len(OFFSET), d.shape[0])  # Sq, Sqq, Sdq per candidate
+    sums = torch.empty(3, len(STRETCH) * len(OFFSET), d.shape[0], device=d.device)  # Sq, Sqq, Sdq per candidate
     q, prod = torch.empty_like(d), torch.empty_like(d)
 
     def group_sums(q: torch.Tensor, i: int) -> None:
@@ -176,38 +214,62 @@ def _fit(sums: torch.Tensor, n: int, Sd: torch.Tensor, Sdd: torch.Tensor):
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group: int) -> torch.Tensor:
-    """q uint8 [N, K], scale/min [N, K // group] -> float32 [N, K]."""
+    """q uint8 [N, K], scale/min [N, K // group] -> float32 [N, K] (group = K: one per row)."""
     N, K = q.shape
     return (q.float().view(N, K // group, group) * scale.float()[..., None] + mins.float()[..., None]).view(N, K)
 
 
+def gpu_layout(spec: LowBitSpec) -> qm.QLayout:
+    """The GPU kernels' layout of a spec's codes."""
+    return qm.QLayout(qm.PLANES[spec.bits], spec.group, spec.zero, "none" if spec.symmetric else "fp16")
+
+
 class LowBitFormat(WeightFormat):
-    """A registered low-bit format; subclasses fix `spec` (see `_register`)."""
+    """A registered low-bit format; subclasses fix `spec` (see `_register`).
+
+    CPU storage (after every row is in): `lut_packed` / `lut_scales` / `lut_mins` are the first
+    LUT pass (`pack_lut` of the codes' low 4 bits), and for codes wider than 4 bits
+    `lut_packed_hi` / `lut_scales_hi` / `lut_mins_hi` the second (the high bits, scale x16, no min).
+    GPU storage: `q_plane0` (and `q_plane1`), `q_scales` (and `q_mins` unless symmetric), the
+    `QWeight` of `gpu_layout(spec)`.
+    """
 
     spec: LowBitSpec
-    devices = ("cpu",)
+    devices = ("cpu", "cuda")
 
     def create_weights(self, layer, in_features, out_features, dtype):
-        group = self.spec.group
-        layer.in_padded = -(-in_features // group) * group  # K padded to whole groups (zeros)
+        layer.in_padded = self.spec.padded(in_features)  # K padded to whole groups (zeros)
         layer.lowbit_spec = self.spec
+        self._device = torch.empty(0).device  # the model is built under its device's context
+        self._gpu = self.gpu_storage(self._device)
+        self._group = self.spec.group_size(layer.in_padded)
         self._staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rows_in = torch.zeros(out_features, dtype=torch.bool)
         self._out = out_features
         self._kernel = None  # the ctypes function, resolved at first use
-        layer.register_buffer("lut_packed", torch.empty(0, dtype=torch.uint8))
-        layer.register_buffer("lut_scales", torch.empty(0, dtype=torch.float16))
-        layer.register_buffer("lut_mins", torch.empty(0, dtype=torch.float16))
+        self._qw: qm.QWeight | None = None
+        if self._gpu:
+            for i in range(len(gpu_layout(self.spec).planes)):
+                layer.register_buffer(f"q_plane{i}", torch.empty(0, dtype=torch.int32))
+            layer.register_buffer("q_scales", torch.empty(0, dtype=torch.float16))
+            if not self.spec.symmetric:
+                layer.register_buffer("q_mins", torch.empty(0, dtype=torch.float16))
+            return
+        for suffix in [""] + (["_hi"] if self.spec.bits > LUT_BITS else []):
+            layer.register_buffer("lut_packed" + suffix, torch.empty(0, dtype=torch.uint8))
+            layer.register_buffer("lut_scales" + suffix, torch.empty(0, dtype=torch.float16))
+            layer.register_buffer("lut_mins" + suffix, torch.empty(0, dtype=torch.float16))
 
     def load(self, layer, weight, row_offset):
         self._check_rows(layer, weight.shape, row_offset)
-        w = F.pad(weight.float(), (0, layer.in_padded - weight.shape[1]))
+        # quantized where the layer lives: a GPU rounds an 8B model's weights in seconds
+        w = F.pad(weight.to(self._device if self._gpu else "cpu", torch.float32), (0, layer.in_padded - weight.shape[1]))
         self.load_codes(layer, *quantize_rtn(w, self.spec), row_offset)
 
     def load_codes(self, layer, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, row_offset: int) -> None:
         """Take quantized rows: q uint8 [rows, in_padded], scale/mins [rows, in_padded // group]."""
         rows = q.shape[0]
-        groups = layer.in_padded // self.spec.group
+        groups = layer.in_padded // self._group
         if q.shape != (rows, layer.in_padded) or scale.shape != (rows, groups) or mins.shape != (rows, groups):
             raise ValueError(f"quantized rows q{tuple(q.shape)} scale{tuple(scale.shape)} do not fit a "
                              f"{self.spec.name} layer with {layer.in_padded} padded inputs")
@@ -216,9 +278,10 @@ class LowBitFormat(WeightFormat):
         if row_offset + rows > self._out:
             raise ValueError(f"rows [{row_offset}, {row_offset + rows}) exceed the layer's {self._out}")
         if self._staged is None:
-            self._staged = (torch.zeros(self._out, layer.in_padded, dtype=torch.uint8),
-                            torch.zeros(self._out, groups, dtype=torch.float16),
-                            torch.zeros(self._out, groups, dtype=torch.float16))
+            dev = self._device if self._gpu else "cpu"
+            self._staged = (torch.zeros(self._out, layer.in_padded, dtype=torch.uint8, device=dev),
+                            torch.zeros(self._out, groups, dtype=torch.float16, device=dev),
+                            torch.zeros(self._out, groups, dtype=torch.float16, device=dev))
         sq, ss, sm = self._staged
         sq[row_offset : row_offset + rows] = q
         ss[row_offset : row_offset + rows] = scale.half()
@@ -229,8 +292,22 @@ class LowBitFormat(WeightFormat):
 
     def _pack(self, layer) -> None:
         q, s, m = self._staged
-        layer.lut_packed, layer.lut_scales, layer.lut_mins = lut.pack_lut(q, s, m, self.spec.bits, self.spec.group)
         self._staged = None
+        bits, g = self.spec.bits, self._group
+        if self._gpu:
+            for i, plane in enumerate(qm.pack_codes(q, gpu_layout(self.spec).planes)):
+                setattr(layer, f"q_plane{i}", plane)
+            layer.q_scales = s.contiguous()
+            if not self.spec.symmetric:
+                layer.q_mins = m.contiguous()
+            return
+        layer.lut_packed, layer.lut_scales, layer.lut_mins = lut.pack_lut(q & 15, s, m, min(bits, LUT_BITS), g)
+        if bits > LUT_BITS:  # the high bits: q = lo + 16 * hi, so scale x16 (exact) and no min
+            s_hi = s * 16
+            if not torch.isfinite(s_hi).all():
+                raise ValueError(f"a scale of this {self.spec.name} layer x16 overflows fp16")
+            layer.lut_packed_hi, layer.lut_scales_hi, layer.lut_mins_hi = lut.pack_lut(
+                q >> LUT_BITS, s_hi, torch.zeros_like(m), bits - LUT_BITS, g)
 
     def _check_rows(self, layer, shape, row_offset) -> None:
         rows, cols = shape
@@ -239,17 +316,47 @@ class LowBitFormat(WeightFormat):
                              f"of a layer of shape ({self._out}, {layer.in_features})")
 
     def process_after_loading(self, layer):
-        if layer.lut_packed.numel() == 0:
+        if self._staged is not None or not bool(self._rows_in.all()):
             missing = int((~self._rows_in).sum())
             raise ValueError(f"{missing} of {self._out} rows of a {self.spec.name} layer were never loaded")
 
+    def qweight(self, layer) -> qm.QWeight:
+        """The GPU layer's weight for kernels/qmatmul.py (rebuilt if its buffers were replaced)."""
+        if self._qw is None or self._qw.scales is not layer.q_scales:
+            planes = [getattr(layer, f"q_plane{i}") for i in range(len(gpu_layout(self.spec).planes))]
+            self._qw = qm.QWeight(gpu_layout(self.spec), self._out, layer.in_features, planes, layer.q_scales,
+                                  None if self.spec.symmetric else layer.q_mins)
+        return self._qw
+
+    def _passes(self, layer):
+        """(packed, scales, mins, bits) of each LUT pass."""
+        out = [(layer.lut_packed, layer.lut_scales, layer.lut_mins, min(self.spec.bits, LUT_BITS))]
+        if self.spec.bits > LUT_BITS:
+            out.append((layer.lut_packed_hi, layer.lut_scales_hi, layer.lut_mins_hi, self.spec.bits - LUT_BITS))
+        return out
+
     def codes(self, layer):
-        """(q uint8 [out, in_padded], scale fp16, min fp16) of the packed weight (for saving)."""
-        return lut.unpack_lut(layer.lut_packed, layer.lut_scales, layer.lut_mins, self._out, self.spec.bits,
-                              self.spec.group)
+        """(q uint8 [out, in_padded], scale fp16, min fp16) of the packed weight, on the CPU (for
+        saving and tests)."""
+        if self._gpu:
+            qw = self.qweight(layer)
+            q = qm.unpack_codes(qw.planes, qw.layout.planes, qw.kp)
+            s = qw.scales
+            m = (-self.spec.zero * s.float()).half() if self.spec.symmetric else qw.mins
+            return q.cpu(), s.cpu(), m.cpu()
+        q, s, m = None, None, None
+        for i, (packed, scales, mins, bits) in enumerate(self._passes(layer)):
+            qi, si, mi = lut.unpack_lut(packed, scales, mins, self._out, bits, self._group)
+            q, s, m = (qi, si, mi) if i == 0 else (q | (qi << LUT_BITS), s, m)
+        return q, s, m
 
     def apply(self, layer, x):
         shape = x.shape
+        if self._gpu:
+            x2 = x.reshape(-1, shape[-1])
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return qm.qmatmul(x2, self.qweight(layer)).view(*shape[:-1], self._out)
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
@@ -257,66 +364,41 @@ class LowBitFormat(WeightFormat):
             x2 = F.pad(x2, (0, layer.in_padded - shape[-1]))
         if self._kernel is None:
             self._kernel = lut.load_cpu_library().bitfold_lut_gemm if lut.available() else False
-        if self._kernel:
-            # The hot path of a CPU decode step (every linear layer): shapes were checked when
-            # the weight was packed, so straight to the kernel.
-            y = torch.empty(x2.shape[0], self._out)
-            self._kernel(x2.data_ptr(), x2.shape[0], layer.in_padded, layer.lut_packed.data_ptr(),
-                         layer.lut_scales.data_ptr(), layer.lut_mins.data_ptr(), self._out, self.spec.bits,
-                         self.spec.group, y.data_ptr(), torch.get_num_threads(), -1)
-        else:  # no compiler: correct but slow (dequantize every call); said once
-            if not getattr(LowBitFormat, "_warned", False):
-                log.warning("LUT kernel unavailable; low-bit layers dequantize on every call")
-                LowBitFormat._warned = True
-            w = lut.dequantize_ref(layer.lut_packed, layer.lut_scales, layer.lut_mins, self._out, self.spec.bits,
-                                   self.spec.group)
-            y = x2 @ w.t()
+        y = None
+        for packed, scales, mins, bits in self._passes(layer):
+            if self._kernel:
+                # The hot path of a CPU decode step (every linear layer): shapes were checked when
+                # the weight was packed, so straight to the kernel.
+                yp = torch.empty(x2.shape[0], self._out)
+                self._kernel(x2.data_ptr(), x2.shape[0], layer.in_padded, packed.data_ptr(), scales.data_ptr(),
+                             mins.data_ptr(), self._out, bits, self._group, yp.data_ptr(), torch.get_num_threads(), -1)
+            else:  # no compiler: correct but slow (dequantize every call); said once
+                if not getattr(LowBitFormat, "_warned", False):
+                    log.warning("LUT kernel unavailable; low-bit layers dequantize on every call")
+                    LowBitFormat._warned = True
+                yp = x2 @ lut.dequantize_ref(packed, scales, mins, self._out, bits, self._group).t()
+            y = yp if y is None else y.add_(yp)
         return y.to(x.dtype).view(*shape[:-1], self._out)
 
 
 def _register(spec: LowBitSpec, *aliases: str) -> None:
     # Below 4 bits the output projection stays at 4 bits (llama.cpp's Q2_K/Q3_K keep it at Q6_K):
     # logits are where 2-bit rounding hurts most, and it is one matrix of many.
-    head = None if spec.bits == 4 and not spec.ternary else f"int4-g{spec.group}"
+    head = None if spec.bits >= 4 and not spec.ternary else f"int4-g{spec.group}"
     cls = type(f"LowBit_{spec.name.replace('-', '_')}", (LowBitFormat,),
                {"spec": spec, "name": spec.name, "lm_head_format": head})
     WEIGHT_FORMATS.register(spec.name, *aliases)(cls)
 
 
 for _g in GROUPS:
-    for _bits in (1, 2, 3, 4):
+    for _bits in BITS:
         _spec = LowBitSpec(_bits, _g)
-        _register(_spec, *([f"int{_bits}"] if _g == DEFAULT_GROUP else []))
+        _register(_spec, *([f"int{_bits}"] if _g == DEFAULT_GROUP and _bits != 8 else []))
     _register(LowBitSpec(2, _g, ternary=True), *(["ternary"] if _g == DEFAULT_GROUP else []))
+_register(LowBitSpec(8, 0, symmetric=True), "int8")  # int8-ch: per output channel, symmetric
 
 
 def lowbit_spec(name: str) -> LowBitSpec | None:
     """The spec of a registered low-bit format name (aliases too), or None for other formats."""
     cls = WEIGHT_FORMATS.get(name)
     return getattr(cls, "spec", None)
-
-
-# ---- checkpoint layout (bitfold quantize) ------------------------------------------------------
-
-def pack_bitplanes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes as bit planes, the checkpoint layout of `bitfold quantize`.
-
-    q: uint8 [N, K] codes < 2^bits, K a multiple of 8 -> uint8 [bits, N, K // 8]: plane p holds
-    bit p of every code; code k of a row is bit k % 8 of byte k // 8 (little-endian bit order,
-    numpy's `packbits(bitorder="little")`).
-    """
-    N, K = q.shape
-    if K % 8:
-        raise ValueError(f"{K} codes per row do not fill whole bytes")
-    qn = q.to(torch.uint8).contiguous().numpy()
-    # numpy's packbits is one C loop; the same in uint8 torch ops is ~20x slower on the CPU
-    return torch.from_numpy(np.stack([np.packbits((qn >> p) & 1, axis=1, bitorder="little") for p in range(bits)]))
-
-
-def unpack_bitplanes(planes: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_bitplanes`: uint8 [bits, N, K // 8] -> codes uint8 [N, K]."""
-    pn = planes.contiguous().numpy()
-    q = np.zeros((pn.shape[1], pn.shape[2] * 8), dtype=np.uint8)
-    for p in range(pn.shape[0]):
-        q |= np.unpackbits(pn[p], axis=1, bitorder="little") << np.uint8(p)
-    return torch.from_numpy(q)

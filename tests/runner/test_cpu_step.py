@@ -1,4 +1,4 @@
-"""The fused CPU decode step (kernels/cpu_step.py + cpu/decode_step.cpp) against the per-op path
+"""The fused CPU decode step (runner/cpu_step.py + cpu/decode_step.cpp) against the per-op path
 it replaces, which is its reference: the same tiny random checkpoint loaded twice, one runner per
 path, each with its own paged cache over a shuffled block pool, fed the same tokens.
 
@@ -17,8 +17,9 @@ from bitfold.core.block_pool import BlockPool
 from bitfold.core.kv_manager import KVManager
 from bitfold.core.request import Request
 from bitfold.core.scheduler import ScheduledChunk
-from bitfold.kernels import cpu_ops, cpu_step
+from bitfold.kernels import cpu_ops
 from bitfold.loader import open_model
+from bitfold.runner import cpu_step
 from bitfold.runner.model_runner import ModelRunner
 from bitfold.sampling import SamplingParams
 from tests.helpers import rel_err, write_tiny_hf_model
@@ -46,7 +47,7 @@ class Runner:
 
     def __init__(self, path, weights: str, fused: bool, attention: str = "auto", num_blocks: int = 48):
         cfg = EngineConfig(model=str(path), device="cpu", block_size=BLOCK, num_kv_blocks=num_blocks, weights=weights,
-                           attention_backend=attention)
+                           attention_backend=attention, cpu_fused_step=fused)
         src = open_model(str(path))
         self.runner = ModelRunner(src, cfg, torch.device("cpu"), torch.float32, max_model_len=src.max_context)
         self.pool = BlockPool(num_blocks)
@@ -72,11 +73,7 @@ class Runner:
         for req, n in zip(self.reqs, counts):
             assert self.kv.allocate_slots(req, n)
             chunks.append(ScheduledChunk(req, req.num_computed_tokens, n, list(self.kv.block_table(req))))
-        saved, cpu_step.ENABLED = cpu_step.ENABLED, self.fused
-        try:
-            logits = self.runner.forward_logits(chunks)
-        finally:
-            cpu_step.ENABLED = saved
+        logits = self.runner.forward_logits(chunks)
         for req, n in zip(self.reqs, counts):
             req.num_computed_tokens += n
         return logits
@@ -132,23 +129,22 @@ def tiny_llama(tmp_path_factory):
 
 
 def test_fallback_when_ineligible(tiny_llama, fused_calls):
-    """Dense weights, the PyTorch attention backend and the switch off all take the per-op path,
-    and each says why."""
+    """Dense weights and the PyTorch attention backend take the per-op path, and each says why;
+    with `cpu_fused_step=False` the runner has no fused steps at all."""
     rng = random.Random(0)
     prompts = [[rng.randrange(320) for _ in range(4)]]
-    cases = [("dense", "auto", True, "not a low-bit"), ("int4", "torch", True, "attention backend 'torch'"),
-             ("int4", "auto", False, "disabled")]
-    for weights, attention, on, why in cases:
-        r = Runner(tiny_llama, weights, fused=on, attention=attention)
+    cases = [("dense", "auto", "not a low-bit"), ("int4", "torch", "attention backend 'torch'")]
+    for weights, attention, why in cases:
+        r = Runner(tiny_llama, weights, fused=True, attention=attention)
         r.start(prompts)
         r.decode([1])
         ctx = _decode_ctx(r.runner)
-        saved, cpu_step.ENABLED = cpu_step.ENABLED, on
-        try:
-            assert why in cpu_step.why_not(r.runner.model, ctx)
-            assert cpu_step.plan_for(r.runner.model, ctx) is None
-        finally:
-            cpu_step.ENABLED = saved
+        assert why in r.runner.fused_steps.why_not(ctx)
+        assert r.runner.fused_steps.plan(ctx) is None
+    r = Runner(tiny_llama, "int4", fused=False)
+    r.start(prompts)
+    r.decode([1])
+    assert r.runner.fused_steps is None
     assert fused_calls == []
 
 
@@ -158,21 +154,19 @@ def _decode_ctx(runner: ModelRunner):
     return runner.prepare([ScheduledChunk(req, 1, 1, [0])])[1]
 
 
-def test_plan_follows_kv_caches_and_reloads(tiny_llama):
+def test_plan_follows_kv_caches(tiny_llama):
     r = Runner(tiny_llama, "int2", fused=True)
-    model, ctx = r.runner.model, _decode_ctx(r.runner)
-    plan = cpu_step.plan_for(model, ctx)
-    assert plan is not None and cpu_step.plan_for(model, ctx) is plan
+    steps, ctx = r.runner.fused_steps, _decode_ctx(r.runner)
+    plan = steps.plan(ctx)
+    assert plan is not None and steps.plan(ctx) is plan
     ctx.kv_caches = [tuple(t.clone() for t in kv) for kv in ctx.kv_caches]
-    assert cpu_step.plan_for(model, ctx) is not plan  # new cache tensors: a new plan
-    cpu_step.reset(model)
-    assert "plan" not in cpu_step._state(model)
+    assert steps.plan(ctx) is not plan  # new cache tensors: a new plan
 
 
 def test_bad_inputs_raise(tiny_llama):
     r = Runner(tiny_llama, "int4", fused=True)
     model, ctx = r.runner.model, _decode_ctx(r.runner)
-    plan = cpu_step.plan_for(model, ctx)
+    plan = r.runner.fused_steps.plan(ctx)
     with pytest.raises(ValueError, match="token id 320 out of range"):
         plan(torch.tensor([320]), ctx)
     ctx.positions = torch.tensor([model.rope.shape[0]])
@@ -189,7 +183,7 @@ def test_bad_inputs_raise(tiny_llama):
 def test_profile_counts_phases(tiny_llama):
     r = Runner(tiny_llama, "int4", fused=True)
     model, ctx = r.runner.model, _decode_ctx(r.runner)
-    plan = cpu_step.plan_for(model, ctx)
+    plan = r.runner.fused_steps.plan(ctx)
     cpu_step.profile()
     plan(torch.tensor([1]), ctx)
     prof = cpu_step.profile()

@@ -1,29 +1,26 @@
-"""A CPU decode step's whole decoder stack in one C++ call (cpu/decode_step.cpp, issue #6).
+"""A CPU decode step's whole decoder stack in one C++ call (kernels/cpu/decode_step.cpp, issue #6).
 
-`models/llama.py` hands a step here when it can (`plan_for` returns a plan): decode-only (one new
-token per sequence), on the CPU, float32, every layer's Linear a low-bit LUT format
-(weights/lowbit.py) and the "cpu" attention backend (dense float32 pages, fused KV write).
-Everything else takes the per-op path, which is also this one's reference
-(tests/kernels/test_cpu_step.py): the same C++ kernels called layer by layer from Python.
+The runner owns the choice (`EngineConfig.cpu_fused_step`, on by default): for every forward it
+asks its `FusedSteps` for a plan (`plan(ctx)`), and runs the model's own forward when there is
+none. A step can run fused when it is decode-only (one new token per sequence), on the CPU,
+float32, every layer's Linear a low-bit LUT format (weights/lowbit.py) and the "cpu" attention
+backend (dense float32 pages, fused KV write). Everything else takes the per-op path, which is
+also this one's reference (tests/runner/test_cpu_step.py): the same C++ kernels called layer by
+layer from Python. It lives on the runner side, not in the model, because it reads the runner's
+state (KV pages, attention backend) and replaces the model's forward as a whole.
 
 The plan is built once per model and set of KV-cache tensors: ctypes Structures holding the
 address of every packed weight, scale, min, bias, norm weight and K/V page, mirrored from the
-structs in decode_step.cpp. It keeps the model and caches referenced, so the addresses stay valid;
-`load_weights` drops it. A step then sets the batch's fields and makes one call.
-
-`BITFOLD_CPU_FUSED_STEP=0` in the environment (read at import) or `cpu_step.ENABLED = False`
-turns the fused path off, for A/B measurements against the per-op path.
+structs in decode_step.cpp. It keeps the model and caches referenced, so the addresses stay valid.
+A step then sets the batch's fields and makes one call.
 """
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
 from bitfold.kernels.cpu_lib import available, load_cpu_library
-
-ENABLED = os.environ.get("BITFOLD_CPU_FUSED_STEP", "1") != "0"
 
 _p, _i32, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_float
 
@@ -65,6 +62,9 @@ def why_not_model(model) -> str | None:
         for name, lin in lins:
             if not isinstance(lin.fmt, LowBitFormat):
                 return f"layer {i} {name}: weight format {lin.fmt.name!r} is not a low-bit LUT format"
+            spec = lin.fmt.spec
+            if spec.bits > 4 or spec.group == 0:  # the C++ step runs one LUT pass over groups
+                return f"layer {i} {name}: {spec.name} is not a one-pass grouped LUT format"
             if lin.lut_packed.device.type != "cpu" or not _f32_cpu(lin.bias):
                 return f"layer {i} {name}: not on the CPU in float32"
         pads = tuple(lin.in_padded for _, lin in lins)
@@ -77,24 +77,6 @@ def why_not_model(model) -> str | None:
     if len({n.eps for n in norms}) != 1:
         return "the RMSNorms do not share one eps"
     return None
-
-
-def why_not(model, ctx) -> str | None:
-    """Why this step takes the per-op path (None: it can run fused)."""
-    if not ENABLED:
-        return "disabled (BITFOLD_CPU_FUSED_STEP=0)"
-    if not ctx.attn.decode_only:
-        return "not a decode-only step"
-    if ctx.backend.name != "cpu" or not getattr(ctx.backend.ops, "fuses_kv_write", False):
-        return f"attention backend {ctx.backend.name!r} is not the C++ CPU one"
-    state = _state(model)
-    if "why_not" not in state:
-        state["why_not"] = why_not_model(model)
-    return state["why_not"]
-
-
-def usable(model, ctx) -> bool:
-    return why_not(model, ctx) is None
 
 
 class FusedDecodeStep:
@@ -186,26 +168,31 @@ def profile() -> dict[str, float]:
     return dict(zip(PHASES, out))
 
 
-def plan_for(model, ctx) -> FusedDecodeStep | None:
-    """The model's fused step for this step's KV caches (built or rebuilt as needed), or None when
-    the step must take the per-op path (`why_not` says why)."""
-    if why_not(model, ctx) is not None:
-        return None
-    state = _state(model)
-    plan = state.get("plan")
-    if plan is None or not plan.matches(ctx.kv_caches):
-        plan = state["plan"] = FusedDecodeStep(model, ctx.kv_caches)
-    return plan
+class FusedSteps:
+    """The fused steps of one model (built once its weights are loaded): whether its layers can
+    run fused is checked once, a plan is built per set of KV caches."""
 
+    def __init__(self, model):
+        self.model = model
+        self._why_model: str | None = None
+        self._checked = False
+        self._plan: FusedDecodeStep | None = None
 
-def reset(model) -> None:
-    """Forget the model's plan and eligibility (its weights were (re)loaded)."""
-    model.__dict__.pop("_cpu_step_state", None)
+    def why_not(self, ctx) -> str | None:
+        """Why this step takes the per-op path (None: it can run fused)."""
+        if not ctx.attn.decode_only:
+            return "not a decode-only step"
+        if ctx.backend.name != "cpu" or not getattr(ctx.backend.ops, "fuses_kv_write", False):
+            return f"attention backend {ctx.backend.name!r} is not the C++ CPU one"
+        if not self._checked:
+            self._why_model, self._checked = why_not_model(self.model), True
+        return self._why_model
 
-
-def _state(model) -> dict:
-    # A plain attribute of the model (not a module or buffer): {"why_not": ..., "plan": ...}.
-    state = model.__dict__.get("_cpu_step_state")
-    if state is None:
-        state = model.__dict__["_cpu_step_state"] = {}
-    return state
+    def plan(self, ctx) -> FusedDecodeStep | None:
+        """The fused step for this step's KV caches (built or rebuilt as needed), or None when
+        the step must take the per-op path (`why_not` says why)."""
+        if self.why_not(ctx) is not None:
+            return None
+        if self._plan is None or not self._plan.matches(ctx.kv_caches):
+            self._plan = FusedDecodeStep(self.model, ctx.kv_caches)
+        return self._plan

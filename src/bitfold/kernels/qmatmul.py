@@ -1,0 +1,513 @@
+"""`y = x @ W.T` for low-bit weights on the GPU, dequantized on the fly (issue #12).
+
+Weight layout (`QLayout` says which variant, `QWeight` holds the tensors, `pack_codes` builds
+the planes from codes):
+
+- Codes q in [0, 2^bits) are split into at most two bit planes, low plane first: int8 (8,),
+  int6 (4, 2), int5 (4, 1), int4 (4,), int3 (2, 1), int2 (2,), int1 (1,). A plane of p bits is
+  int32 words [N, Kp * p / 32]: word i of a row holds codes 32/p * i .. 32/p * (i + 1) - 1, code
+  j of the word in bits p*j .. p*j + p - 1. Why planes of 4, 2 and 1 bits rather than packing 3
+  (or 5, 6) bits densely: a word then holds a power-of-two number of whole codes, so a tile of
+  BK codes is BK*p/32 contiguous words per plane at a 4-byte-aligned offset for any K that is a
+  multiple of 32 (16-byte vector loads, each byte read once), and no code straddles two words.
+  int3's 2+1 planes are 12 bytes per 32 codes, exactly 3 bits each.
+- Scales, per group of `group` codes along K (0: one group per row):
+  w = s * (q - zero) + m, where either s is fp16 per group (`scales` [N, groups]) and m is fp16
+  per group (`mins`, layout.min_kind "fp16") or 0 ("none"); or, for GGUF K-quants
+  (`super_block` = 256), s = d * sub with d fp16 per 256 codes (`scales` [N, Kp / 256]) and an
+  integer sub-scale per group (`sub` int8 [N, groups]), and m = -dmin * sub_min with dmin fp16
+  per 256 (`mins`) and `sub_min` uint8 per group ("sub"), or sub and sub_min as the low and
+  high nibble of one byte of `sub` ("nibble", Q2_K). Every GGUF block type is one of these
+  with the file's own bytes per weight (weights/gguf_blocks.py).
+
+Kernels (one `@triton.jit` kernel per strategy, chosen by the number of activation rows):
+- `_qgemv_kernel` (rows <= GEMV_MAX_ROWS = 4, decode): each program streams BLOCK_N whole weight rows
+  along K; codes are multiplied in float32 registers against activations gathered with the
+  words' stride (x is tiny and cached: no reshuffle of the codes), accumulated per word, then
+  scaled once per word and group (the min folds into a per-group sum of x). Small BLOCK_M (1-4)
+  keeps one accumulator per activation row, so each code is unpacked once for all rows.
+- `_qgemm_kernel` (more rows: batches and prefill chunks): the weight tile is dequantized in
+  registers K-major, [BLOCK_K, BLOCK_N] (codes in natural order, scales per group), into x's
+  dtype and fed with the activation tile to `tl.dot` (tensor cores), float32 accumulation. Up to 16 rows it
+  runs as a skinny GEMV (one 16-row tile, thin slabs of weight rows, like kernels/gemv.py's
+  tl.dot path), beyond that with GEMM tiles.
+- from DEQUANT_MIN_ROWS rows (long prefill), `_dequant_kernel` writes the weight in x's dtype
+  and cuBLAS multiplies: at thousands of rows the matmul is compute-bound and the write of a
+  dequantized copy costs a few percent of it.
+`qmatmul_ref` (float32 dequantization, one F.linear, rounded once) is the reference, and what
+runs without Triton. Launch tables are first guesses for an H100/H200, chosen for registers and
+spills by compiling for sm_90 (`benchmarks/compile_check_weights.py`); `benchmarks/weights.py`
+times the alternatives on a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, jit, require, require_launchable, tl
+
+PLANES = {8: (8,), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,), 1: (1,)}
+MIN_KINDS = ("none", "fp16", "sub", "nibble")
+K_ALIGN = 32  # Kp (stored codes per row) is a multiple of this (a 1-bit plane's word)
+GEMV_MAX_ROWS = 4  # the register GEMV's rows (one accumulator per row, so few)
+DEQUANT_MIN_ROWS = 512
+
+
+@dataclass(frozen=True)
+class QLayout:
+    """How a quantized weight is stored (see the module docstring)."""
+
+    planes: tuple[int, ...]
+    group: int  # codes per scale along K; 0: one per row
+    zero: int = 0  # subtracted from every code
+    min_kind: str = "fp16"  # "none", "fp16", "sub" (K-quants' dmin * sub_min), "nibble" (Q2_K)
+    super_block: int = 0  # 0, or 256: scale = d[n, k // 256] * sub[n, k // group]
+
+    def __post_init__(self):
+        require(1 <= len(self.planes) <= 2 and all(p in (1, 2, 4, 8) for p in self.planes),
+                f"planes must be one or two of 1, 2, 4, 8 bits, got {self.planes}")
+        require(self.min_kind in MIN_KINDS, f"min_kind must be one of {MIN_KINDS}, got {self.min_kind!r}")
+        require(self.group == 0 or (self.group >= 8 and self.group & (self.group - 1) == 0),
+                f"group must be 0 or a power of two >= 8, got {self.group}")
+        require(self.super_block in (0, 256), f"super_block must be 0 or 256, got {self.super_block}")
+        require(self.min_kind == "none" or (self.super_block > 0) == (self.min_kind in ("sub", "nibble")),
+                "sub/nibble mins go with K-quant super-blocks, fp16 mins without")
+        require(self.super_block == 0 or (self.group and self.super_block % self.group == 0),
+                "a super-block holds whole groups")
+
+    @property
+    def bits(self) -> int:
+        return sum(self.planes)
+
+    def padded(self, k: int) -> int:
+        """Stored codes per row for k inputs: whole groups (or super-blocks), a multiple of 32."""
+        unit = max(K_ALIGN, self.group, self.super_block)
+        return -(-k // unit) * unit
+
+
+class QWeight:
+    """A weight [n, k] in a `QLayout`: planes int32 [n, kp * p / 32] per plane; scales fp16
+    [n, groups] (or d [n, kp / 256]); mins fp16 [n, groups] (or dmin [n, kp / 256]) or None;
+    sub int8 (uint8 for "nibble") [n, groups] or None; sub_min uint8 [n, groups] or None."""
+
+    def __init__(self, layout: QLayout, n: int, k: int, planes: list[torch.Tensor], scales: torch.Tensor,
+                 mins: torch.Tensor | None = None, sub: torch.Tensor | None = None,
+                 sub_min: torch.Tensor | None = None):
+        self.layout, self.n, self.k, self.kp = layout, n, k, layout.padded(k)
+        self.planes, self.scales, self.mins, self.sub, self.sub_min = list(planes), scales, mins, sub, sub_min
+        groups = self.kp // layout.group if layout.group else 1
+        for p, t in zip(layout.planes, self.planes):
+            require(t.dtype == torch.int32 and tuple(t.shape) == (n, self.kp * p // 32) and t.is_contiguous(),
+                    f"a {p}-bit plane must be contiguous int32 [{n}, {self.kp * p // 32}], got {t.dtype} "
+                    f"{tuple(t.shape)}")
+        per_scale = (n, self.kp // layout.super_block) if layout.super_block else (n, groups)
+        require(scales.dtype == torch.float16 and tuple(scales.shape) == per_scale and scales.is_contiguous(),
+                f"scales must be contiguous float16 {per_scale}, got {scales.dtype} {tuple(scales.shape)}")
+        need_mins = layout.min_kind != "none"
+        require((mins is not None) == need_mins, f"min_kind {layout.min_kind!r} {'needs' if need_mins else 'takes no'} mins")
+        if mins is not None:
+            require(mins.dtype == torch.float16 and tuple(mins.shape) == per_scale and mins.is_contiguous(),
+                    f"mins must be contiguous float16 {per_scale}, got {mins.dtype} {tuple(mins.shape)}")
+        if layout.super_block:
+            want = torch.uint8 if layout.min_kind == "nibble" else torch.int8
+            require(sub is not None and sub.dtype == want and tuple(sub.shape) == (n, groups) and sub.is_contiguous(),
+                    f"sub must be contiguous {want} [{n}, {groups}]")
+            if layout.min_kind == "sub":
+                require(sub_min is not None and sub_min.dtype == torch.uint8 and tuple(sub_min.shape) == (n, groups)
+                        and sub_min.is_contiguous(), f"sub_min must be contiguous uint8 [{n}, {groups}]")
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (*self.planes, self.scales, self.mins, self.sub, self.sub_min) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+
+# ---- layout ------------------------------------------------------------------------------------
+
+def pack_codes(q: torch.Tensor, planes: tuple[int, ...]) -> list[torch.Tensor]:
+    """q uint8 [n, kp] (codes < 2^sum(planes), kp a multiple of 32) -> one int32 [n, kp*p/32]
+    per plane, as described above. Runs on q's device."""
+    n, kp = q.shape
+    require(kp % K_ALIGN == 0, f"{kp} codes per row are not a multiple of {K_ALIGN}")
+    out = [torch.empty(n, kp * p // 32, dtype=torch.int32, device=q.device) for p in planes]
+    step = max(1, (1 << 24) // kp)  # rows at a time: int32 temporaries of ~64 MB, not 4x the weight
+    for r in range(0, n, step):
+        qi, shift = q[r : r + step].to(torch.int32), 0
+        for p, dst in zip(planes, out):
+            per = 32 // p
+            c = ((qi >> shift) & ((1 << p) - 1)).view(-1, kp // per, per)
+            word = torch.zeros(c.shape[:2], dtype=torch.int32, device=q.device)
+            for j in range(per):  # bit shifts wrap into the sign bit for the top code: what we want
+                word |= c[:, :, j] << (p * j)
+            dst[r : r + step] = word
+            shift += p
+    return out
+
+
+def unpack_codes(planes: list[torch.Tensor], bits: tuple[int, ...], kp: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 [n, kp]."""
+    q, shift = None, 0
+    for t, p in zip(planes, bits):
+        per = 32 // p
+        sh = torch.arange(per, device=t.device, dtype=torch.int32) * p
+        c = ((t[:, :, None] >> sh) & ((1 << p) - 1)).reshape(t.shape[0], kp)
+        q = c << shift if q is None else q | (c << shift)
+        shift += p
+    return q.to(torch.uint8)
+
+
+def group_scales(w: QWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 (s [n, groups], m [n, groups] or None) per group, in the order gguf computes them."""
+    lay = w.layout
+    if not lay.super_block:
+        return w.scales.float(), (w.mins.float() if w.mins is not None else None)
+    per = lay.super_block // lay.group
+    d = w.scales.float().repeat_interleave(per, dim=1)
+    sub = (w.sub & 15) if lay.min_kind == "nibble" else w.sub
+    s = d * sub.float()
+    if lay.min_kind == "none":
+        return s, None
+    smin = (w.sub >> 4) if lay.min_kind == "nibble" else w.sub_min
+    return s, -(w.mins.float().repeat_interleave(per, dim=1) * smin.float())
+
+
+def dequantize_ref(w: QWeight) -> torch.Tensor:
+    """float32 [n, k]: s * (q - zero) + m per group."""
+    lay = w.layout
+    q = unpack_codes(w.planes, lay.planes, w.kp).float()
+    s, m = group_scales(w)
+    g = lay.group or w.kp
+    q = q.view(w.n, w.kp // g, g)
+    out = s[..., None] * (q - lay.zero if lay.zero else q)
+    if m is not None:
+        out = out + m[..., None]
+    return out.reshape(w.n, w.kp)[:, : w.k]
+
+
+def qmatmul_ref(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """Pure-PyTorch `qmatmul`: x [M, k] -> x @ dequantize(W).T [M, n], float32 math, rounded once
+    to x's dtype."""
+    _check(x, w)
+    return F.linear(x.float(), dequantize_ref(w).to(x.device)).to(x.dtype)
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+@jit
+def _scale_min(sp, mp, subp, submp, rows, g, NG, NSUP,
+               GROUP: tl.constexpr, ZERO: tl.constexpr, MIN_KIND: tl.constexpr, SUPER: tl.constexpr):
+    """float32 (s, m - ZERO * s) of groups g of rows (int64 row indices; shapes broadcast).
+    Groups past the row's last (a partial last tile, whose codes and x are masked to 0) read
+    the last one, so every load stays in bounds and every value finite."""
+    if GROUP == 0:
+        g = g * 0  # one group per row
+    else:
+        g = tl.minimum(g, NG - 1)
+    if SUPER == 0:
+        s = tl.load(sp + rows * NG + g).to(tl.float32)
+        if MIN_KIND == 1:
+            m = tl.load(mp + rows * NG + g).to(tl.float32)
+        else:
+            m = s * 0.0
+    else:
+        sb = g // (SUPER // GROUP)
+        d = tl.load(sp + rows * NSUP + sb).to(tl.float32)
+        if MIN_KIND == 3:
+            byte = tl.load(subp + rows * NG + g).to(tl.int32)
+            s = d * (byte & 15).to(tl.float32)
+            m = -(tl.load(mp + rows * NSUP + sb).to(tl.float32) * (byte >> 4).to(tl.float32))
+        else:
+            s = d * tl.load(subp + rows * NG + g).to(tl.float32)
+            if MIN_KIND == 2:
+                m = -(tl.load(mp + rows * NSUP + sb).to(tl.float32) * tl.load(submp + rows * NG + g).to(tl.float32))
+            else:
+                m = s * 0.0
+    if ZERO != 0:
+        m = m - ZERO * s
+    return s, m
+
+
+@jit
+def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, stride_xm, stride_om,
+                  P0: tl.constexpr, P1: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr,
+                  GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr, MIN_KIND: tl.constexpr,
+                  SUPER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN: tl.constexpr):
+    C0: tl.constexpr = 32 // P0
+    W0: tl.constexpr = BLOCK_K // C0
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    # Rows past N re-read row N-1 instead of masking (loads stay unpredicated along N; their
+    # results are never stored), as kernels/gemv.py does.
+    rows = tl.where(n_mask, offs_n, N - 1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    xrow = x + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    wi0 = tl.arange(0, W0)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N, W0), dtype=tl.float32)
+    if P1 > 0:
+        C1: tl.constexpr = 32 // P1
+        W1: tl.constexpr = BLOCK_K // C1
+        wi1 = tl.arange(0, W1)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N, W1), dtype=tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        kw = k0 + wi0 * C0  # first code of each word [W0]
+        wptr = w0 + rows[:, None] * (KP // C0) + (k0 // C0 + wi0)[None, :]
+        if EVEN:
+            words = tl.load(wptr)
+        else:
+            words = tl.load(wptr, mask=(kw < KP)[None, :], other=0)
+        for h in tl.static_range(C0 // L0):  # chunks of one group within a word
+            part = tl.zeros((BLOCK_M, BLOCK_N, W0), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_M, W0), dtype=tl.float32)
+            for j in tl.static_range(L0):
+                c = ((words >> (P0 * (h * L0 + j))) & ((1 << P0) - 1)).to(tl.float32)
+                kx = kw + (h * L0 + j)
+                if EVEN:
+                    xv = tl.load(xrow + kx[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+                else:
+                    xv = tl.load(xrow + kx[None, :], mask=m_mask[:, None] & (kx < K)[None, :], other=0.0)
+                    xv = xv.to(tl.float32)
+                part += c[None, :, :] * xv[:, None, :]
+                xs += xv
+            s, m = _scale_min(sp, mp, subp, submp, rows[:, None], ((kw + h * L0) // GDIV)[None, :],
+                              NG, NSUP, GROUP, ZERO, MIN_KIND, SUPER)
+            acc0 += part * s[None, :, :] + m[None, :, :] * xs[:, None, :]
+        if P1 > 0:
+            kw1 = k0 + wi1 * C1
+            wptr1 = w1 + rows[:, None] * (KP // C1) + (k0 // C1 + wi1)[None, :]
+            if EVEN:
+                words1 = tl.load(wptr1)
+            else:
+                words1 = tl.load(wptr1, mask=(kw1 < KP)[None, :], other=0)
+            for h in tl.static_range(C1 // L1):
+                part1 = tl.zeros((BLOCK_M, BLOCK_N, W1), dtype=tl.float32)
+                for j in tl.static_range(L1):
+                    c1 = ((words1 >> (P1 * (h * L1 + j))) & ((1 << P1) - 1)).to(tl.float32)
+                    kx1 = kw1 + (h * L1 + j)
+                    if EVEN:
+                        xv1 = tl.load(xrow + kx1[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+                    else:
+                        xv1 = tl.load(xrow + kx1[None, :], mask=m_mask[:, None] & (kx1 < K)[None, :], other=0.0)
+                        xv1 = xv1.to(tl.float32)
+                    part1 += c1[None, :, :] * xv1[:, None, :]
+                s1, _m1 = _scale_min(sp, mp, subp, submp, rows[:, None], ((kw1 + h * L1) // GDIV)[None, :],
+                                     NG, NSUP, GROUP, 0, MIN_KIND, SUPER)
+                acc1 += part1 * (s1 * (1 << P0))[None, :, :]  # the high plane's codes count 2^P0 each
+    y = tl.sum(acc0, axis=2)
+    if P1 > 0:
+        y += tl.sum(acc1, axis=2)
+    o_ptrs = out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, y.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@jit
+def _codes_tile(wp, rows, k0, KP, P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN: tl.constexpr):
+    """int32 codes [BLOCK_K, BLOCK_N] of one plane (K-major, tl.dot's right operand), natural K
+    order: the words are loaded [W, BLOCK_N], split into [W, C, BLOCK_N] and merged along K.
+    Built K-major rather than as [BLOCK_N, BLOCK_K] then transposed: the transposed form took
+    ~255 registers and spilled in sm_90 compiles (benchmarks/compile_check_weights.py)."""
+    C: tl.constexpr = 32 // P
+    W: tl.constexpr = BLOCK_K // C
+    wi = tl.arange(0, W)
+    wptr = wp + rows[None, :] * (KP // C) + (k0 // C + wi)[:, None]
+    if EVEN:
+        words = tl.load(wptr)
+    else:
+        words = tl.load(wptr, mask=(k0 + wi * C < KP)[:, None], other=0)
+    sh = tl.arange(0, C) * P
+    c = (words[:, None, :] >> sh[None, :, None]) & ((1 << P) - 1)
+    return tl.reshape(c, (BLOCK_K, BLOCK_N))
+
+
+@jit
+def _weight_tile(w0, w1, sp, mp, subp, submp, rows, k0, KP, NG, NSUP,
+                 P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr,
+                 MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """float32 dequantized weight tile, K-major [BLOCK_K, BLOCK_N], at K offset k0."""
+    q = _codes_tile(w0, rows, k0, KP, P0, BLOCK_N, BLOCK_K, EVEN)
+    if P1 > 0:
+        q += _codes_tile(w1, rows, k0, KP, P1, BLOCK_N, BLOCK_K, EVEN) << P0
+    qf = q.to(tl.float32)
+    if GROUP == 0 or GROUP >= BLOCK_K:  # one group per tile column (BLOCK_K divides GROUP)
+        s, m = _scale_min(sp, mp, subp, submp, rows[None, :], k0 // GDIV + tl.zeros((1, 1), tl.int32),
+                          NG, NSUP, GROUP, ZERO, MIN_KIND, SUPER)
+        w = qf * s + m
+    else:
+        GT: tl.constexpr = BLOCK_K // GDIV
+        g = k0 // GDIV + tl.arange(0, GT)
+        s, m = _scale_min(sp, mp, subp, submp, rows[None, :], g[:, None], NG, NSUP, GROUP, ZERO, MIN_KIND, SUPER)
+        w = tl.reshape(tl.reshape(qf, (GT, GROUP, BLOCK_N)) * s[:, None, :] + m[:, None, :], (BLOCK_K, BLOCK_N))
+    return w
+
+
+@jit
+def _qgemm_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, stride_xm, stride_om,
+                  P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr,
+                  MIN_KIND: tl.constexpr, SUPER: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.where(n_mask, offs_n, N - 1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        if EVEN:
+            xt = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        else:
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+        wt = _weight_tile(w0, w1, sp, mp, subp, submp, rows, k0, KP, NG, NSUP, P0, P1, GROUP, GDIV, ZERO, MIN_KIND,
+                          SUPER, BLOCK_N, BLOCK_K, EVEN)
+        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+    o_ptrs = out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@jit
+def _dequant_kernel(out, w0, w1, sp, mp, subp, submp, N, K, KP, NG, NSUP, stride_on,
+                    P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr,
+                    MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.where(n_mask, offs_n, N - 1).to(tl.int64)
+    k0 = pid_k * BLOCK_K
+    wt = _weight_tile(w0, w1, sp, mp, subp, submp, rows, k0, KP, NG, NSUP, P0, P1, GROUP, GDIV, ZERO, MIN_KIND,
+                      SUPER, BLOCK_N, BLOCK_K, EVEN)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    o_ptrs = out + offs_n.to(tl.int64)[None, :] * stride_on + offs_k[:, None]
+    tl.store(o_ptrs, wt.to(out.dtype.element_ty), mask=n_mask[None, :] & (offs_k < K)[:, None])
+
+
+# ---- wrappers ----------------------------------------------------------------------------------
+
+# Launch tables: (block_m, block_n, block_k, num_warps, num_stages). First guesses, to be set from
+# benchmarks/weights.py on the target GPU (like kernels/gemv.py's). The GEMV's BLOCK_K is in codes;
+# a 4-bit row slab of 512 codes is 256 bytes per row.
+GEMV_CONFIGS = {1: (1, 4, 512, 4, 1), 2: (2, 4, 512, 4, 1), 4: (4, 4, 256, 4, 1)}
+# The GEMM's candidates were compiled for sm_90 (benchmarks/compile_check_weights.py): these
+# keep 80 / 120 / 173 registers per thread and no spills for int4-g128 with bf16 activations.
+GEMM_CONFIGS = {16: (16, 64, 128, 4, 3), 64: (64, 64, 64, 8, 3), 256: (64, 128, 64, 8, 3)}
+DEQUANT_CONFIG = (64, 64, 8)  # (block_n, block_k, num_warps): ~70-80 registers, no spills (64x128x4 spilled)
+
+
+def _check(x: torch.Tensor, w: QWeight) -> None:
+    require(x.dim() == 2 and x.shape[1] == w.k, f"x must be [M, K={w.k}], got {tuple(x.shape)}")
+    require(x.dtype in FLOAT_DTYPES, f"unsupported dtype {x.dtype}")
+    require(x.stride(1) == 1, "x must be contiguous along K")
+
+
+def _args(w: QWeight):
+    lay = w.layout
+    p1 = lay.planes[1] if len(lay.planes) > 1 else 0
+    mins = w.mins if w.mins is not None else w.scales
+    sub = w.sub if w.sub is not None else w.scales
+    sub_min = w.sub_min if w.sub_min is not None else sub
+    ng = w.kp // lay.group if lay.group else 1
+    nsup = w.kp // lay.super_block if lay.super_block else 1
+    tensors = (w.planes[0], w.planes[1] if p1 else w.planes[0], w.scales, mins, sub, sub_min)
+    consts = dict(P0=lay.planes[0], P1=p1, GROUP=lay.group, GDIV=lay.group or 1, ZERO=lay.zero,
+                  MIN_KIND=MIN_KINDS.index(lay.min_kind), SUPER=lay.super_block)
+    return tensors, ng, nsup, consts
+
+
+def default_config(m: int, kind: str) -> tuple[int, int, int, int, int]:
+    table = GEMV_CONFIGS if kind == "gemv" else GEMM_CONFIGS
+    rows = min((r for r in table if r >= m), default=max(table))
+    return table[rows]
+
+
+def strategy(m: int) -> str:
+    """Which kernel `qmatmul` runs for m activation rows."""
+    if m <= GEMV_MAX_ROWS:
+        return "gemv"
+    if m < DEQUANT_MIN_ROWS:
+        return "gemm"
+    return "dequant"
+
+
+def _fit_block_k(bk: int, w: QWeight, kind: str) -> int:
+    """A tile of whole words for every plane, whole groups (or a divisor of one), within kp."""
+    bk = max(bk, 32)
+    g = w.layout.group
+    if kind == "gemm" and g and g < bk:
+        bk = max(bk // g, 1) * g
+    return min(bk, max(32, 1 << (w.kp - 1).bit_length()))
+
+
+def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
+            config: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, k] float (contiguous along K) -> x @ W.T [M, n] in x's dtype, W dequantized on the
+    fly. `kind` forces "gemv" / "gemm" / "dequant" (default `strategy(M)`); `config` (block_m,
+    block_n, block_k, num_warps, num_stages) overrides the launch table; `out` an optional
+    [M, n] buffer."""
+    _check(x, w)
+    M = x.shape[0]
+    if out is None:
+        out = torch.empty((M, w.n), dtype=x.dtype, device=x.device)
+    require(out.shape == (M, w.n) and out.stride(1) == 1 and out.dtype == x.dtype, "out must be [M, n] in x's dtype")
+    if M == 0:
+        return out
+    kind = kind or strategy(M)
+    if kind == "dequant":
+        if out.is_contiguous():
+            return torch.matmul(x, dequantize(w, x.dtype).t(), out=out)
+        return out.copy_(x @ dequantize(w, x.dtype).t())  # a column slice of a wider output
+    require_launchable(x, *w.tensors(), out)
+    tensors, ng, nsup, consts = _args(w)
+    bm, bn, bk, warps, stages = config or default_config(M, kind)
+    bk = _fit_block_k(bk, w, kind)
+    even = w.kp % bk == 0 and w.k == w.kp
+    grid = (cdiv(w.n, bn), cdiv(M, bm))
+    if kind == "gemv":
+        require(bm <= 16, f"the GEMV keeps block_m <= 16 rows in registers, got {bm}")
+        lay = w.layout
+        g = lay.group or 1 << 30
+        l0 = min(32 // lay.planes[0], g)
+        l1 = min(32 // lay.planes[1], g) if len(lay.planes) > 1 else 1
+        _qgemv_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0),
+                            L0=l0, L1=l1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, num_warps=warps,
+                            num_stages=stages, **consts)
+    else:
+        require(bm >= 16, f"tl.dot needs block_m >= 16, got {bm}")
+        # float32 activations keep float32 products (not tf32): they are the accuracy path
+        _qgemm_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0),
+                            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn,
+                            BLOCK_K=bk, EVEN=even, num_warps=warps, num_stages=stages, **consts)
+    return out
+
+
+def dequantize(w: QWeight, dtype: torch.dtype = torch.bfloat16, *, block_n: int | None = None,
+               block_k: int | None = None) -> torch.Tensor:
+    """The weight [n, k] in `dtype`, written by the dequantization kernel (for cuBLAS)."""
+    out = torch.empty((w.n, w.k), dtype=dtype, device=w.device)
+    if w.n == 0:
+        return out
+    require_launchable(*w.tensors())
+    tensors, ng, nsup, consts = _args(w)
+    bn, bk, warps = DEQUANT_CONFIG
+    bn, bk = block_n or bn, _fit_block_k(block_k or bk, w, "gemm")
+    _dequant_kernel[(cdiv(w.n, bn), cdiv(w.kp, bk))](out, *tensors, w.n, w.k, w.kp, ng, nsup, out.stride(0),
+                                                       BLOCK_N=bn, BLOCK_K=bk, EVEN=w.kp % bk == 0, num_warps=warps,
+                                                       **consts)
+    return out

@@ -1,0 +1,162 @@
+"""kernels/qmatmul.py: the plane packing against a bit-by-bit oracle, and every kernel (GEMV
+register path, tensor-core GEMM, dequantize + matmul) against the reference and a float64
+oracle built from the codes before packing, for every plane split, scale kind (fp16 scales and
+mins, symmetric, K-quant super-blocks with signed, unsigned and nibble-packed sub-scales),
+group size, edge shapes (K not a multiple of the tile or the group, N not a multiple of the
+block, one row) and launch configuration. Runs through Triton's interpreter on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitfold.kernels import qmatmul as qm
+
+from ._util import DEVICE, assert_close, need_triton, skip_interpreted_bf16_dot
+
+
+def make_weight(n: int, k: int, layout: qm.QLayout, seed: int = 0):
+    """A random QWeight and its float64 oracle [n, k], computed from the codes and scales
+    directly (not through the kernel file)."""
+    g = torch.Generator().manual_seed(seed)
+    kp = layout.padded(k)
+    q = torch.randint(0, 2**layout.bits, (n, kp), dtype=torch.uint8, generator=g)
+    groups = kp // layout.group if layout.group else 1
+    gsize = layout.group or kp
+    sub = sub_min = mins = None
+    if layout.super_block:
+        nsup = kp // layout.super_block
+        scales = (torch.rand(n, nsup, generator=g) * 0.01 + 1e-3).half()
+        if layout.min_kind == "nibble":
+            sub = torch.randint(0, 256, (n, groups), dtype=torch.uint8, generator=g)
+            s_sub, m_sub = (sub & 15).double(), (sub >> 4).double()
+        else:
+            lo, hi = (-32, 32) if layout.zero else (0, 64)
+            sub = torch.randint(lo, hi, (n, groups), dtype=torch.int8, generator=g)
+            s_sub = sub.double()
+            if layout.min_kind == "sub":
+                sub_min = torch.randint(0, 64, (n, groups), dtype=torch.uint8, generator=g)
+                m_sub = sub_min.double()
+        per = layout.super_block // layout.group
+        d = scales.double().repeat_interleave(per, 1)
+        s = d * s_sub
+        m = None
+        if layout.min_kind in ("sub", "nibble"):
+            mins = (torch.rand(n, nsup, generator=g) * 0.01).half()
+            m = -mins.double().repeat_interleave(per, 1) * m_sub
+    else:
+        scales = (torch.rand(n, groups, generator=g) * 0.05 + 1e-3).half()
+        s = scales.double()
+        m = None
+        if layout.min_kind == "fp16":
+            mins = (torch.randn(n, groups, generator=g) * 0.05).half()
+            m = mins.double()
+    w64 = (q.double().view(n, groups, gsize) - layout.zero) * s[..., None]
+    if m is not None:
+        w64 = w64 + m[..., None]
+    w64 = w64.reshape(n, kp)[:, :k]
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    w = qm.QWeight(layout, n, k, [p.to(DEVICE) for p in qm.pack_codes(q, layout.planes)], to(scales), to(mins),
+                   to(sub), to(sub_min))
+    return w, w64, q
+
+
+LAYOUTS = {
+    "int4-g32": qm.QLayout((4,), 32), "int3-g64": qm.QLayout((2, 1), 64), "int2-g128": qm.QLayout((2,), 128),
+    "int1-g16": qm.QLayout((1,), 16), "int5-g32": qm.QLayout((4, 1), 32), "int6-g16": qm.QLayout((4, 2), 16),
+    "int8-ch": qm.QLayout((8,), 0, 128, "none"), "q4_0": qm.QLayout((4,), 32, 8, "none"),
+    "q4_k": qm.QLayout((4,), 32, 0, "sub", 256), "q6_k": qm.QLayout((4, 2), 16, 32, "none", 256),
+    "q3_k": qm.QLayout((2, 1), 16, 4, "none", 256), "q2_k": qm.QLayout((2,), 16, 0, "nibble", 256),
+}
+
+
+@pytest.mark.parametrize("bits", sorted(qm.PLANES))
+def test_pack_codes_bit_by_bit(bits):
+    planes = qm.PLANES[bits]
+    q = torch.randint(0, 2**bits, (3, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = qm.pack_codes(q, planes)
+    shift = 0
+    for p, t in zip(planes, packed):
+        per = 32 // p
+        assert t.dtype == torch.int32 and t.shape == (3, 96 // per)
+        for row in range(3):
+            for k in range(96):  # code k of the plane: bits p*(k % per).. of word k // per
+                word = int(t[row, k // per]) & 0xFFFFFFFF
+                assert (word >> (p * (k % per))) & ((1 << p) - 1) == (int(q[row, k]) >> shift) & ((1 << p) - 1)
+        shift += p
+    assert torch.equal(qm.unpack_codes(packed, planes, 96), q)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_reference_matches_float64_oracle(name):
+    w, w64, _ = make_weight(24, 300, LAYOUTS[name])
+    torch.testing.assert_close(qm.dequantize_ref(w).cpu().double(), w64, rtol=1e-6, atol=1e-7)
+    x = torch.randn(3, 300, device=DEVICE)
+    assert_close(qm.qmatmul_ref(x, w), x.double() @ w64.to(x.device).T, torch.float32)
+
+
+# (kind, M, config): the register GEMV with one, two and four rows (and rows that do not fill
+# BLOCK_M), the tl.dot GEMM with rows past one tile, the dequantize + matmul path.
+CASES = [("gemv", 1, (1, 8, 64, 4, 1)), ("gemv", 3, (4, 4, 128, 4, 1)), ("gemv", 2, (2, 16, 32, 4, 1)),
+         ("gemm", 20, (16, 16, 32, 4, 1)), ("gemm", 5, (16, 32, 128, 4, 1)), ("dequant", 4, None)]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("kind,M,config", CASES, ids=[f"{c[0]}-m{c[1]}" for c in CASES])
+def test_kernels_match_oracle(name, kind, M, config):
+    need_triton()
+    n, k = 36, 296  # N not a multiple of any block; K not a multiple of 32 (masked columns past K)
+    w, w64, _ = make_weight(n, k, LAYOUTS[name], seed=M)
+    x = torch.randn(M, k, device=DEVICE)
+    out = torch.full((M, n), float("nan"), device=DEVICE)
+    y = qm.qmatmul(x, w, kind=kind, config=config, out=out)
+    assert y is out
+    ref = x.double() @ w64.to(x.device).T
+    # float32 products and sums (ieee dots); a zero point folded into the min (Q6_K: q - 32) sums
+    # terms ~32x the output, so the absolute error scales with the largest output, not each one
+    torch.testing.assert_close(y.double().cpu(), ref.cpu(), rtol=1e-4, atol=2e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind,M", [("gemv", 1), ("gemm", 17), ("dequant", 2)])
+def test_half_precision(dtype, kind, M):
+    need_triton()
+    if kind != "gemv":
+        skip_interpreted_bf16_dot(dtype)
+    w, w64, _ = make_weight(40, 256, LAYOUTS["int4-g32"], seed=7)
+    x = torch.randn(M, 256, device=DEVICE).to(dtype)
+    y = qm.qmatmul(x, w, kind=kind)
+    assert y.dtype == dtype
+    # the GEMM rounds the dequantized tile to x's dtype before tl.dot: one more rounding
+    assert_close(y, x.double() @ w64.to(x.device).T, torch.bfloat16 if kind != "gemv" else dtype, kernel=True)
+
+
+def test_dequantize_kernel_is_exact():
+    need_triton()
+    for name in ("int3-g64", "q4_k", "q2_k", "int8-ch"):
+        w, w64, _ = make_weight(20, 200, LAYOUTS[name], seed=3)
+        d = qm.dequantize(w, torch.float32, block_n=8, block_k=64)
+        torch.testing.assert_close(d.cpu().double(), w64, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("M", [1, 16, 17, 600])
+def test_default_strategy_and_configs(M):
+    need_triton()
+    w, w64, _ = make_weight(64, 512, LAYOUTS["int4-g32"], seed=M)
+    x = torch.randn(M, 512, device=DEVICE).half()
+    assert qm.strategy(M) == ("gemv" if M <= qm.GEMV_MAX_ROWS else "gemm" if M < qm.DEQUANT_MIN_ROWS else "dequant")
+    assert_close(qm.qmatmul(x, w), x.double() @ w64.to(x.device).T, torch.bfloat16, kernel=True)
+
+
+def test_empty_and_bad_inputs():
+    w, _, _ = make_weight(8, 64, LAYOUTS["int4-g32"])
+    assert qm.qmatmul(torch.randn(0, 64, device=DEVICE), w).shape == (0, 8)
+    with pytest.raises(ValueError, match=r"x must be \[M, K=64\]"):
+        qm.qmatmul(torch.randn(2, 32, device=DEVICE), w)
+    with pytest.raises(ValueError, match="contiguous along K"):
+        qm.qmatmul(torch.randn(64, 2, device=DEVICE).t(), w)
+    with pytest.raises(ValueError, match="4-bit plane must be"):
+        qm.QWeight(w.layout, 8, 64, [w.planes[0][:, :4]], w.scales, w.mins)
+    with pytest.raises(ValueError, match="needs mins"):
+        qm.QWeight(w.layout, 8, 64, w.planes, w.scales, None)
+    with pytest.raises(ValueError, match="planes must be"):
+        qm.QLayout((3,), 32)
