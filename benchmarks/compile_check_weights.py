@@ -59,9 +59,7 @@ def main():
                      KP="i32", NG="i32", NSUP="i32", stride_xm="i32", stride_om="i32", stride_on="i32")
         consts = dict(P0=lay.planes[0], P1=p1, GROUP=lay.group, GDIV=lay.group or 1, ZERO=lay.zero,
                       MIN_KIND=qm.MIN_KINDS.index(lay.min_kind), SUPER=lay.super_block)
-        g = lay.group or 1 << 30
-        gemv_consts = dict(L0=min(32 // lay.planes[0], g), L1=min(32 // p1, g) if p1 else 1)
-        jobs = [(f"gemv m<={m}", qm._qgemv_kernel, dict(consts, **gemv_consts, BLOCK_M=c[0], BLOCK_N=c[1],
+        jobs = [(f"gemv m<={m}", qm._qgemv_kernel, dict(consts, BLOCK_M=c[0], BLOCK_N=c[1],
                                                           BLOCK_K=c[2], EVEN=True), c[3])
                 for m, c in qm.GEMV_CONFIGS.items()]
         prec = "ieee" if args.dtype == "fp32" else "tf32"

@@ -191,21 +191,30 @@ def bf16_points(layer: str, w: torch.Tensor, bw: float, reps: int, gen: torch.Ge
     return out
 
 
-def sweep(bw: float, reps: int, gen: torch.Generator) -> list[dict]:
-    """int4-g128 launch configurations at 1, 16 and 64 rows on gate|up (wide) and o (square)."""
-    grid = {1: ("gemv", [(1, bn, bk, wp, 1) for bn in (2, 4, 8) for bk in (512, 1024) for wp in (4, 8)]),
+GEMV_SWEEP = [(1, bn, bk, wp, st) for bn in (2, 4, 8, 16) for bk in (1024, 2048, 4096) for wp in (4, 8)
+              for st in (1,)]
+
+
+def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), layers=("gate_up", "o"),
+          rows=(1, 16, 64), on_layer=None) -> list[dict]:
+    """Launch configurations per format at 1 (the register GEMV's grid), 16 and 64 rows on
+    gate|up (wide) and o (square) by default."""
+    grid = {1: ("gemv", GEMV_SWEEP),
+            4: ("gemv", [(4, bn, bk, wp, st) for bn in (2, 4, 8) for bk in (512, 1024, 2048) for wp in (4, 8)
+                         for st in (1,)]),
             16: ("gemm", [(16, bn, bk, wp, st) for bn, bk, wp, st in ((64, 128, 4, 3), (32, 256, 4, 3),
                                                                       (128, 128, 4, 3), (64, 256, 4, 4))]),
             64: ("gemm", [(64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 64, 128, 4, 3)])}
+    grid = {m: v for m, v in grid.items() if m in rows}
     out = []
-    for layer in [name for name in ("gate_up", "o") if name in LAYERS] or list(LAYERS)[:1]:
+    for layer, fmt in [(lay, f) for lay in layers if lay in LAYERS for f in formats] or [(list(LAYERS)[0], formats[0])]:
         n, k = LAYERS[layer]
-        qw = random_qweight("int4-g128", n, k, gen)
+        qw = random_qweight(fmt, n, k, gen)
         for M, (kind, configs) in grid.items():
             x = torch.randn(M, k, device=DEV, dtype=DTYPE, generator=gen)
             ref = qm.qmatmul_ref(x, qw).float()
             for cfg in configs:
-                p = {"layer": layer, "rows": M, "kernel": kind, "config": list(cfg),
+                p = {"format": fmt, "layer": layer, "rows": M, "kernel": kind, "config": list(cfg),
                      "default": cfg == qm.default_config(M, kind)}
                 try:
                     err = rel_err(qm.qmatmul(x, qw, kind=kind, config=cfg), ref)
@@ -219,6 +228,8 @@ def sweep(bw: float, reps: int, gen: torch.Generator) -> list[dict]:
                     p["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 out.append(p)
         del qw
+        if on_layer is not None:
+            on_layer(out)
     return out
 
 
@@ -337,8 +348,17 @@ def report(payload: dict) -> str:
         parts.append("## Kernels (llama3-8b layers; `x bf16` = best bf16 kernel's time / this one's)\n\n"
                      + md_table(table, ["format", "layer", "rows", "kernel", "us", "GBps", "pct_copy_bw", "x bf16", "check"]))
     if payload.get("sweep"):
-        parts.append("## int4-g128 launch configurations\n\n" + md_table(
-            payload["sweep"], ["layer", "rows", "kernel", "config", "default", "us", "pct_copy_bw", "error"]))
+        best: dict = {}
+        for p in payload["sweep"]:
+            key = (p.get("format"), p["layer"], p["rows"])
+            if "us" in p and (key not in best or p["us"] < best[key]["us"]):
+                best[key] = p
+        default = {(p.get("format"), p["layer"], p["rows"]): p for p in payload["sweep"] if p.get("default") and "us" in p}
+        rows = [dict(best[k], default_us=default[k]["us"] if k in default else "") for k in best]
+        parts.append("## Launch configurations: the fastest per format, layer and rows (beside the default's time)\n\n"
+                     + md_table(rows, ["format", "layer", "rows", "kernel", "config", "us", "pct_copy_bw", "default_us"]))
+        parts.append("## Every launch configuration\n\n" + md_table(
+            payload["sweep"], ["format", "layer", "rows", "kernel", "config", "default", "us", "pct_copy_bw", "error"]))
     if payload.get("e2e"):
         bf = {r["what"]: r.get("tok_s") for r in payload["e2e"] if r["format"] == "bf16"}
         for r in payload["e2e"]:
@@ -365,6 +385,10 @@ def main():
     ap.add_argument("--reps", type=int, default=20, help="kernel calls per CUDA graph replay")
     ap.add_argument("--kernel-budget-s", type=float, default=150, help="start no new kernel layer past this")
     ap.add_argument("--budget-s", type=float, default=380, help="start no new end-to-end format past this")
+    ap.add_argument("--sweep-only", default=None, metavar="FORMATS",
+                    help="only the launch-config sweep, for these formats (comma-separated), e.g. int4-g128,q4_k")
+    ap.add_argument("--sweep-layers", default="gate_up,o")
+    ap.add_argument("--sweep-rows", default="1,16,64")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test of the script (tiny shapes, interpreter)")
     args = ap.parse_args()
@@ -402,6 +426,12 @@ def main():
                     f"commit {env['git_commit'][:12]}\n\n`{env['command']}`\n\n" + report(payload) + "\n")
         return base + ".json", base + ".md"
 
+    if args.sweep_only:
+        payload["sweep"] = sweep(bw, args.reps, gen, args.sweep_only.split(","), args.sweep_layers.split(","),
+                                 [int(r) for r in args.sweep_rows.split(",")],
+                                 on_layer=lambda pts: (payload.__setitem__("sweep", pts), save()))
+        print(*save())
+        return
     for layer, (n, k) in LAYERS.items():
         if time.perf_counter() - start > args.kernel_budget_s:
             payload["skipped"].append(f"kernels of {layer} (past --kernel-budget-s {args.kernel_budget_s:.0f})")

@@ -79,9 +79,10 @@ def test_pack_codes_bit_by_bit(bits):
         per = 32 // p
         assert t.dtype == torch.int32 and t.shape == (3, 96 // per)
         for row in range(3):
-            for k in range(96):  # code k of the plane: bits p*(k % per).. of word k // per
-                word = int(t[row, k // per]) & 0xFFFFFFFF
-                assert (word >> (p * (k % per))) & ((1 << p) - 1) == (int(q[row, k]) >> shift) & ((1 << p) - 1)
+            for k in range(96):  # code k = 32 t + p j + w: field j (bits p*j..) of word p t + w
+                tile, j, w = k // 32, (k % 32) // p, k % p
+                word = int(t[row, p * tile + w]) & 0xFFFFFFFF
+                assert (word >> (p * j)) & ((1 << p) - 1) == (int(q[row, k]) >> shift) & ((1 << p) - 1)
         shift += p
     assert torch.equal(qm.unpack_codes(packed, planes, 96), q)
 

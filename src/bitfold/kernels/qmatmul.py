@@ -5,12 +5,15 @@ the planes from codes):
 
 - Codes q in [0, 2^bits) are split into at most two bit planes, low plane first: int8 (8,),
   int6 (4, 2), int5 (4, 1), int4 (4,), int3 (2, 1), int2 (2,), int1 (1,). A plane of p bits is
-  int32 words [N, Kp * p / 32]: word i of a row holds codes 32/p * i .. 32/p * (i + 1) - 1, code
-  j of the word in bits p*j .. p*j + p - 1. Why planes of 4, 2 and 1 bits rather than packing 3
-  (or 5, 6) bits densely: a word then holds a power-of-two number of whole codes, so a tile of
-  BK codes is BK*p/32 contiguous words per plane at a 4-byte-aligned offset for any K that is a
-  multiple of 32 (16-byte vector loads, each byte read once), and no code straddles two words.
-  int3's 2+1 planes are 12 bytes per 32 codes, exactly 3 bits each.
+  int32 words [N, Kp * p / 32], tile-interleaved: the 32 codes of each tile (codes 32t ..
+  32t + 31 of a row) are the tile's p words p*t .. p*t + p - 1, and code 32t + p*j + w is field j
+  (bits p*j .. p*j + p - 1) of word p*t + w. So field j of a tile's words holds p consecutive
+  codes: the GEMV reads a thread's 16-byte vector of words against one short contiguous load of
+  activations per field, shared by all its weight rows (natural order, code j in field j, would
+  need a strided gather of x per code). A word holds a power-of-two number of whole codes, so a
+  tile of BK codes is BK*p/32 contiguous words per plane at a 4-byte-aligned offset for any K
+  that is a multiple of 32 (16-byte vector loads, each byte read once), and no code straddles
+  two words. int3's 2+1 planes are 12 bytes per 32 codes, exactly 3 bits each.
 - Scales, per group of `group` codes along K (0: one group per row):
   w = s * (q - zero) + m, where either s is fp16 per group (`scales` [N, groups]) and m is fp16
   per group (`mins`, layout.min_kind "fp16") or 0 ("none"); or, for GGUF K-quants
@@ -22,8 +25,9 @@ the planes from codes):
 
 Kernels (one `@triton.jit` kernel per strategy, chosen by the number of activation rows):
 - `_qgemv_kernel` (rows <= GEMV_MAX_ROWS = 4, decode): each program streams BLOCK_N whole weight rows
-  along K; codes are multiplied in float32 registers against activations gathered with the
-  words' stride (x is tiny and cached: no reshuffle of the codes), accumulated per word, then
+  along K; each field becomes float32 q * 2^B with one mask-and-OR into the mantissa of 2^23 and
+  one subtraction (`_field`: no shift, no quarter-rate int-to-float conversion), multiplied
+  against x * 2^-B (computed once per thread for all its rows), accumulated per word, then
   scaled once per word and group (the min folds into a per-group sum of x). Small BLOCK_M (1-4)
   keeps one accumulator per activation row, so each code is unpacked once for all rows.
 - `_qgemm_kernel` (more rows: batches and prefill chunks): the weight tile is dequantized in
@@ -134,20 +138,22 @@ class QWeight:
 
 def pack_codes(q: torch.Tensor, planes: tuple[int, ...]) -> list[torch.Tensor]:
     """q uint8 [n, kp] (codes < 2^sum(planes), kp a multiple of 32) -> one int32 [n, kp*p/32]
-    per plane, as described above. Runs on q's device."""
+    per plane, tile-interleaved as described above. Runs on q's device."""
     n, kp = q.shape
     require(kp % K_ALIGN == 0, f"{kp} codes per row are not a multiple of {K_ALIGN}")
     out = [torch.empty(n, kp * p // 32, dtype=torch.int32, device=q.device) for p in planes]
     step = max(1, (1 << 24) // kp)  # rows at a time: int32 temporaries of ~64 MB, not 4x the weight
     for r in range(0, n, step):
         qi, shift = q[r : r + step].to(torch.int32), 0
+        rows = qi.shape[0]
         for p, dst in zip(planes, out):
             per = 32 // p
-            c = ((qi >> shift) & ((1 << p) - 1)).view(-1, kp // per, per)
-            word = torch.zeros(c.shape[:2], dtype=torch.int32, device=q.device)
-            for j in range(per):  # bit shifts wrap into the sign bit for the top code: what we want
-                word |= c[:, :, j] << (p * j)
-            dst[r : r + step] = word
+            # code j*p + w of a 32-code tile -> field j of the tile's word w
+            c = ((qi >> shift) & ((1 << p) - 1)).view(rows, kp // 32, per, p)
+            word = torch.zeros((rows, kp // 32, p), dtype=torch.int32, device=q.device)
+            for j in range(per):  # bit shifts wrap into the sign bit for the top field: what we want
+                word |= c[:, :, j, :] << (p * j)
+            dst[r : r + step] = word.view(rows, kp * p // 32)
             shift += p
     return out
 
@@ -158,7 +164,8 @@ def unpack_codes(planes: list[torch.Tensor], bits: tuple[int, ...], kp: int) -> 
     for t, p in zip(planes, bits):
         per = 32 // p
         sh = torch.arange(per, device=t.device, dtype=torch.int32) * p
-        c = ((t[:, :, None] >> sh) & ((1 << p) - 1)).reshape(t.shape[0], kp)
+        words = t.view(t.shape[0], kp // 32, 1, p)  # [n, tiles, 1, words of a tile]
+        c = ((words >> sh[None, None, :, None]) & ((1 << p) - 1)).reshape(t.shape[0], kp)
         q = c << shift if q is None else q | (c << shift)
         shift += p
     return q.to(torch.uint8)
@@ -235,14 +242,90 @@ def _scale_min(sp, mp, subp, submp, rows, g, NG, NSUP,
     return s, m
 
 
+# float32 2^23: an integer < 2^23 OR-ed into its mantissa reads as 2^23 + the integer. Passed to
+# the GEMV as an argument, not a literal: in a register it lets every mask be LOP3's immediate
+# (as a literal, ptxas spent a MOV re-materializing each mask per use, ~1.3 instructions a code).
+MAGIC = 0x4B000000
+
+
 @jit
-def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, stride_xm, stride_om,
-                  P0: tl.constexpr, P1: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr,
-                  GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr, MIN_KIND: tl.constexpr,
-                  SUPER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EVEN: tl.constexpr):
-    C0: tl.constexpr = 32 // P0
-    W0: tl.constexpr = BLOCK_K // C0
+def _field(words, magic, J: tl.constexpr, P: tl.constexpr):
+    """Field J (bits P*J ..) of P-bit int32 words as float32 q * 2^B, without a shift or an
+    int-to-float conversion (a quarter-rate instruction on Hopper): the field is masked where it
+    lies and OR-ed into the mantissa of 2^23, and one subtraction leaves exactly q * 2^B. Fields
+    that end past bit 23 are read from the word shifted right by 12. B is `_field_shift(J, P)`;
+    callers multiply by x * 2^-B."""
+    if P * J + P <= 23:
+        f = (words & (((1 << P) - 1) << (P * J))) | magic
+    else:
+        f = ((words >> 12) & (((1 << P) - 1) << (P * J - 12))) | magic
+    return f.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@jit
+def _field_unit(J: tl.constexpr, P: tl.constexpr):
+    """2^-B for `_field(., J, P)` (a compile-time constant)."""
+    if P * J + P <= 23:
+        r = 1.0 / (1 << (P * J))
+    else:
+        r = 1.0 / (1 << (P * J - 12))
+    return r
+
+
+@jit
+def _plane_gemv(acc, wp, magic, xrow, sp, mp, subp, submp, rows, k0, K, KP, NG, NSUP, m_mask,
+                P: tl.constexpr, HI_SHIFT: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr,
+                ZERO: tl.constexpr, MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N, W] += one plane's BLOCK_K codes at k0 times x, scaled per group.
+    HI_SHIFT 0: the low plane (scale and min); else the high plane (codes count 2^HI_SHIFT each,
+    no min). Word i of the tile holds fields j = 0 .. 32/P - 1, codes k0 + (i // P) * 32 + j * P
+    + i % P (module docstring): for each field the thread's words need P (up to 4) consecutive
+    activations, one vector load shared by all its weight rows."""
+    C: tl.constexpr = 32 // P
+    W: tl.constexpr = BLOCK_K * P // 32
+    wi = tl.arange(0, W)
+    # a row is KP / 32 tiles of P words: a multiple of P words (16-byte rows for P >= 4)
+    row_words = tl.multiple_of(KP // 32 * P, P)
+    wptr = wp + rows[:, None] * row_words + (k0 // 32 * P + wi)[None, :]
+    kb = k0 + (wi // P) * 32 + wi % P  # the code in field 0 of each word [W]
+    if EVEN:
+        words = tl.load(wptr)
+    else:
+        words = tl.load(wptr, mask=(kb < KP)[None, :], other=0)
+    # fields per group: all of them when a group spans whole 32-code tiles, else (GROUP 16) half
+    L: tl.constexpr = C if (GROUP == 0 or GROUP >= 32) else GROUP // P
+    HAS_MIN: tl.constexpr = HI_SHIFT == 0 and (MIN_KIND != 0 or ZERO != 0)
+    for h in tl.static_range(C // L):
+        part = tl.zeros(acc.shape, dtype=tl.float32)
+        xs = tl.zeros((acc.shape[0], 1, W), dtype=tl.float32)
+        for jj in tl.static_range(L):
+            q = _field(words, magic, h * L + jj, P)
+            kx = kb + (h * L + jj) * P
+            if EVEN:
+                xv = tl.load(xrow + kx[None, None, :], mask=m_mask[:, None, None], other=0.0).to(tl.float32)
+            else:
+                xv = tl.load(xrow + kx[None, None, :], mask=m_mask[:, None, None] & (kx < K)[None, None, :],
+                             other=0.0).to(tl.float32)
+            part += q[None, :, :] * (xv * _field_unit(h * L + jj, P))
+            if HAS_MIN:
+                xs += xv
+        s, m = _scale_min(sp, mp, subp, submp, rows[:, None], ((kb + h * L * P) // GDIV)[None, :], NG, NSUP,
+                          GROUP, ZERO if HI_SHIFT == 0 else 0, MIN_KIND, SUPER)
+        if HI_SHIFT != 0:
+            acc += part * (s * (1 << HI_SHIFT))[None, :, :]
+        elif HAS_MIN:
+            acc += part * s[None, :, :] + m[None, :, :] * xs
+        else:
+            acc += part * s[None, :, :]
+    return acc
+
+
+@jit
+def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, stride_xm, stride_om, magic,
+                  P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr,
+                  MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -252,58 +335,16 @@ def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, st
     rows = tl.where(n_mask, offs_n, N - 1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    xrow = x + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-    wi0 = tl.arange(0, W0)
-    acc0 = tl.zeros((BLOCK_M, BLOCK_N, W0), dtype=tl.float32)
+    xrow = x + offs_m.to(tl.int64)[:, None, None] * stride_xm  # [BM, 1, 1]
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K * P0 // 32), dtype=tl.float32)
     if P1 > 0:
-        C1: tl.constexpr = 32 // P1
-        W1: tl.constexpr = BLOCK_K // C1
-        wi1 = tl.arange(0, W1)
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N, W1), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K * P1 // 32), dtype=tl.float32)
     for k0 in range(0, KP, BLOCK_K):
-        kw = k0 + wi0 * C0  # first code of each word [W0]
-        wptr = w0 + rows[:, None] * (KP // C0) + (k0 // C0 + wi0)[None, :]
-        if EVEN:
-            words = tl.load(wptr)
-        else:
-            words = tl.load(wptr, mask=(kw < KP)[None, :], other=0)
-        for h in tl.static_range(C0 // L0):  # chunks of one group within a word
-            part = tl.zeros((BLOCK_M, BLOCK_N, W0), dtype=tl.float32)
-            xs = tl.zeros((BLOCK_M, W0), dtype=tl.float32)
-            for j in tl.static_range(L0):
-                c = ((words >> (P0 * (h * L0 + j))) & ((1 << P0) - 1)).to(tl.float32)
-                kx = kw + (h * L0 + j)
-                if EVEN:
-                    xv = tl.load(xrow + kx[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
-                else:
-                    xv = tl.load(xrow + kx[None, :], mask=m_mask[:, None] & (kx < K)[None, :], other=0.0)
-                    xv = xv.to(tl.float32)
-                part += c[None, :, :] * xv[:, None, :]
-                xs += xv
-            s, m = _scale_min(sp, mp, subp, submp, rows[:, None], ((kw + h * L0) // GDIV)[None, :],
-                              NG, NSUP, GROUP, ZERO, MIN_KIND, SUPER)
-            acc0 += part * s[None, :, :] + m[None, :, :] * xs[:, None, :]
+        acc0 = _plane_gemv(acc0, w0, magic, xrow, sp, mp, subp, submp, rows, k0, K, KP, NG, NSUP, m_mask, P0, 0,
+                           GROUP, GDIV, ZERO, MIN_KIND, SUPER, BLOCK_K, EVEN)
         if P1 > 0:
-            kw1 = k0 + wi1 * C1
-            wptr1 = w1 + rows[:, None] * (KP // C1) + (k0 // C1 + wi1)[None, :]
-            if EVEN:
-                words1 = tl.load(wptr1)
-            else:
-                words1 = tl.load(wptr1, mask=(kw1 < KP)[None, :], other=0)
-            for h in tl.static_range(C1 // L1):
-                part1 = tl.zeros((BLOCK_M, BLOCK_N, W1), dtype=tl.float32)
-                for j in tl.static_range(L1):
-                    c1 = ((words1 >> (P1 * (h * L1 + j))) & ((1 << P1) - 1)).to(tl.float32)
-                    kx1 = kw1 + (h * L1 + j)
-                    if EVEN:
-                        xv1 = tl.load(xrow + kx1[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
-                    else:
-                        xv1 = tl.load(xrow + kx1[None, :], mask=m_mask[:, None] & (kx1 < K)[None, :], other=0.0)
-                        xv1 = xv1.to(tl.float32)
-                    part1 += c1[None, :, :] * xv1[:, None, :]
-                s1, _m1 = _scale_min(sp, mp, subp, submp, rows[:, None], ((kw1 + h * L1) // GDIV)[None, :],
-                                     NG, NSUP, GROUP, 0, MIN_KIND, SUPER)
-                acc1 += part1 * (s1 * (1 << P0))[None, :, :]  # the high plane's codes count 2^P0 each
+            acc1 = _plane_gemv(acc1, w1, magic, xrow, sp, mp, subp, submp, rows, k0, K, KP, NG, NSUP, m_mask, P1, P0,
+                               GROUP, GDIV, ZERO, MIN_KIND, SUPER, BLOCK_K, EVEN)
     y = tl.sum(acc0, axis=2)
     if P1 > 0:
         y += tl.sum(acc1, axis=2)
@@ -315,9 +356,10 @@ def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, st
 def _codes_tile(wp, rows, k0, KP, P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 EVEN: tl.constexpr):
     """int32 codes [BLOCK_K, BLOCK_N] of one plane (K-major, tl.dot's right operand), natural K
-    order: the words are loaded [W, BLOCK_N], split into [W, C, BLOCK_N] and merged along K.
-    Built K-major rather than as [BLOCK_N, BLOCK_K] then transposed: the transposed form took
-    ~255 registers and spilled in sm_90 compiles (benchmarks/compile_check_weights.py)."""
+    order: the words are loaded [W, BLOCK_N], viewed [tiles, P, BLOCK_N] (a 32-code tile's P
+    words), split into fields [tiles, 32/P, P, BLOCK_N], which is K order. Built K-major rather
+    than as [BLOCK_N, BLOCK_K] then transposed: the transposed form took ~255 registers and
+    spilled in sm_90 compiles (benchmarks/compile_check_weights.py)."""
     C: tl.constexpr = 32 // P
     W: tl.constexpr = BLOCK_K // C
     wi = tl.arange(0, W)
@@ -325,9 +367,10 @@ def _codes_tile(wp, rows, k0, KP, P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_
     if EVEN:
         words = tl.load(wptr)
     else:
-        words = tl.load(wptr, mask=(k0 + wi * C < KP)[:, None], other=0)
+        words = tl.load(wptr, mask=(k0 + (wi // P) * 32 < KP)[:, None], other=0)
+    words = tl.reshape(words, (BLOCK_K // 32, 1, P, BLOCK_N))
     sh = tl.arange(0, C) * P
-    c = (words[:, None, :] >> sh[None, :, None]) & ((1 << P) - 1)
+    c = (words >> sh[None, :, None, None]) & ((1 << P) - 1)
     return tl.reshape(c, (BLOCK_K, BLOCK_N))
 
 
@@ -481,12 +524,8 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     grid = (cdiv(w.n, bn), cdiv(M, bm))
     if kind == "gemv":
         require(bm <= 16, f"the GEMV keeps block_m <= 16 rows in registers, got {bm}")
-        lay = w.layout
-        g = lay.group or 1 << 30
-        l0 = min(32 // lay.planes[0], g)
-        l1 = min(32 // lay.planes[1], g) if len(lay.planes) > 1 else 1
-        _qgemv_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0),
-                            L0=l0, L1=l1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, num_warps=warps,
+        _qgemv_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC,
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, num_warps=warps,
                             num_stages=stages, **consts)
     else:
         require(bm >= 16, f"tl.dot needs block_m >= 16, got {bm}")
