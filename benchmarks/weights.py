@@ -215,7 +215,7 @@ def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), la
             ref = qm.qmatmul_ref(x, qw).float()
             for cfg in configs:
                 p = {"format": fmt, "layer": layer, "rows": M, "kernel": kind, "config": list(cfg),
-                     "default": cfg == qm.default_config(M, kind)}
+                     "default": cfg == qm.default_config(M, kind, qw.layout)}
                 try:
                     err = rel_err(qm.qmatmul(x, qw, kind=kind, config=cfg), ref)
                     if not err < CHECK_TOL:

@@ -24,7 +24,7 @@ the planes from codes):
   with the file's own bytes per weight (weights/gguf_blocks.py).
 
 Kernels (one `@triton.jit` kernel per strategy, chosen by the number of activation rows):
-- `_qgemv_kernel` (rows <= GEMV_MAX_ROWS = 4, decode): each program streams BLOCK_N whole weight rows
+- `_qgemv_kernel` (one activation row by default, GEMV_MAX_ROWS; up to 16 when asked; decode): each program streams BLOCK_N whole weight rows
   along K; each field becomes float32 q * 2^B with one mask-and-OR into the mantissa of 2^23 and
   one subtraction (`_field`: no shift, no quarter-rate int-to-float conversion), multiplied
   against x * 2^-B (computed once per thread for all its rows), accumulated per word, then
@@ -55,7 +55,7 @@ from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, jit, require, require_la
 PLANES = {8: (8,), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,), 1: (1,)}
 MIN_KINDS = ("none", "fp16", "sub", "nibble")
 K_ALIGN = 32  # Kp (stored codes per row) is a multiple of this (a 1-bit plane's word)
-GEMV_MAX_ROWS = 4  # the register GEMV's rows (one accumulator per row, so few)
+GEMV_MAX_ROWS = 1  # rows the register GEMV takes by default (see GEMV_CONFIGS)
 DEQUANT_MIN_ROWS = 512
 
 
@@ -444,10 +444,16 @@ def _dequant_kernel(out, w0, w1, sp, mp, subp, submp, N, K, KP, NG, NSUP, stride
 
 # ---- wrappers ----------------------------------------------------------------------------------
 
-# Launch tables: (block_m, block_n, block_k, num_warps, num_stages). First guesses, to be set from
-# benchmarks/weights.py on the target GPU (like kernels/gemv.py's). The GEMV's BLOCK_K is in codes;
-# a 4-bit row slab of 512 codes is 256 bytes per row.
-GEMV_CONFIGS = {1: (1, 4, 512, 4, 1), 2: (2, 4, 512, 4, 1), 4: (4, 4, 256, 4, 1)}
+# Launch tables: (block_m, block_n, block_k, num_warps, num_stages). The GEMV's BLOCK_K is in
+# codes. One activation row: the fastest configuration per low plane width in the H200 sweep
+# (benchmarks/results/weights-20261204-160337: every llama3-8b layer, 24 configurations each):
+# a whole 4096-code row slab per loop step, 4 warps, slabs of 4 (8-bit), 8 (4-bit; 4 with K-quant
+# super-blocks, whose sub-scales cost registers) or 16 (2- and 1-bit) rows. At 2-4 rows the
+# register GEMV (one accumulator per row) lost to the skinny tl.dot GEMM in that sweep, so
+# GEMV_MAX_ROWS is 1; its multi-row form stays for tests and sweeps.
+GEMV_CONFIGS = {1: (1, 8, 4096, 4, 1), 2: (2, 8, 2048, 4, 1), 4: (4, 8, 2048, 4, 1)}
+GEMV_ONE_ROW = {8: (1, 4, 2048, 4, 1), 4: (1, 8, 4096, 4, 1), 2: (1, 16, 4096, 4, 1), 1: (1, 16, 4096, 4, 1)}
+GEMV_ONE_ROW_SUPER = (1, 4, 4096, 4, 1)
 # The GEMM's candidates were compiled for sm_90 (benchmarks/compile_check_weights.py): these
 # keep 80 / 120 / 173 registers per thread and no spills for int4-g128 with bf16 activations.
 GEMM_CONFIGS = {16: (16, 64, 128, 4, 3), 64: (64, 64, 64, 8, 3), 256: (64, 128, 64, 8, 3)}
@@ -474,7 +480,9 @@ def _args(w: QWeight):
     return tensors, ng, nsup, consts
 
 
-def default_config(m: int, kind: str) -> tuple[int, int, int, int, int]:
+def default_config(m: int, kind: str, layout: QLayout | None = None) -> tuple[int, int, int, int, int]:
+    if kind == "gemv" and m == 1 and layout is not None:
+        return GEMV_ONE_ROW_SUPER if layout.super_block else GEMV_ONE_ROW[layout.planes[0]]
     table = GEMV_CONFIGS if kind == "gemv" else GEMM_CONFIGS
     rows = min((r for r in table if r >= m), default=max(table))
     return table[rows]
@@ -518,7 +526,7 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
         return out.copy_(x @ dequantize(w, x.dtype).t())  # a column slice of a wider output
     require_launchable(x, *w.tensors(), out)
     tensors, ng, nsup, consts = _args(w)
-    bm, bn, bk, warps, stages = config or default_config(M, kind)
+    bm, bn, bk, warps, stages = config or default_config(M, kind, w.layout)
     bk = _fit_block_k(bk, w, kind)
     even = w.kp % bk == 0 and w.k == w.kp
     grid = (cdiv(w.n, bn), cdiv(M, bm))
