@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import os
 import sys
 import time
@@ -53,12 +54,86 @@ def resources(kernel) -> str:
     return f"{m.group(1)} regs, stack {m.group(2)}, local {m.group(4)}, smem {kernel.metadata.shared}" if m else "?"
 
 
+# ----------------------------------------------------------------------------- SASS profile
+
+# Instruction classes for the decode loop's cost per byte. On Hopper the integer pipe (LOP3,
+# SHF, PRMT, IMAD...) issues at half the FP32 rate and conversions (I2F, F2F, F2FP) at 1/4 to
+# 1/8: unpacking codes is where a compressed-KV kernel spends its issue slots.
+SASS_CLASSES = {
+    "int": {"LOP3", "SHF", "PRMT", "IADD3", "IMAD", "LEA", "SEL", "ISETP", "VIADD", "IMNMX", "VIMNMX", "BMSK",
+            "SGXT", "IABS", "LOP", "IADD", "SHL", "SHR", "IMUL", "LEA.HI", "FLO", "POPC", "BREV", "ICMP"},
+    "conv": {"I2F", "F2I", "F2F", "F2FP", "I2FP", "F2IP", "FRND", "I2I", "I2IP"},
+    "fp32": {"FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "FSET", "FCHK", "FMNMX3"},
+    "half": {"HFMA2", "HADD2", "HMUL2", "HMNMX2", "HSET2", "HSETP2"},
+    "mufu": {"MUFU"},
+    "ldg": {"LDG", "LDGSTS", "LDGDEPBAR", "LD", "LDC"},
+    "smem": {"LDS", "STS", "LDSM", "STSM"},
+    "mma": {"HMMA", "HGMMA", "IMMA", "WARPGROUP", "WARPSYNC"},
+    "shfl": {"SHFL"},
+    "bar": {"BAR", "DEPBAR", "SYNCS", "ARRIVES"},
+    "uniform": {"UIADD3", "UMOV", "ULEA", "USHF", "UISETP", "ULDC", "R2UR", "S2UR", "UIMAD", "ULOP3", "USEL",
+                "UPRMT", "UFLO", "UPOPC", "UBMSK", "USGXT", "UIADD3.64", "VOTEU", "UMOV32I"},
+}
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*([^;]*);")
+
+
+def sass(kernel) -> str:
+    """The kernel's SASS, disassembled by the cuobjdump that Triton's wheel ships."""
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+
+
+def sass_loops(text: str) -> list[dict]:
+    """Loops of a SASS listing (a branch back to an earlier address), each with its per-class
+    instruction counts (one warp, one iteration, every instruction of the body counted once:
+    branches inside the body are taken as straight-line code)."""
+    ins = []
+    for line in text.splitlines():
+        m = _SASS_LINE.search(line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), (m.group(3) or ""), m.group(4)))
+    loops = []
+    for addr, op, mod, args in ins:
+        if op != "BRA":
+            continue
+        t = re.search(r"0x([0-9a-f]+)", args)
+        if t and int(t.group(1), 16) < addr:
+            lo = int(t.group(1), 16)
+            body = [(op2, mod2) for a, op2, mod2, _ in ins if lo <= a <= addr]
+            counts = {}
+            for op2, mod2 in body:
+                cls = next((c for c, ops in SASS_CLASSES.items() if op2 in ops), "other")
+                counts[cls] = counts.get(cls, 0) + 1
+                counts["op:" + op2] = counts.get("op:" + op2, 0) + 1
+            loops.append({"start": lo, "end": addr, "n": len(body), "counts": counts})
+    return loops
+
+
+def hot_loop_profile(kernel, bytes_per_iter: float, num_warps: int) -> dict:
+    """The first loop's (the decode kernels' page loop; the ring loop follows it) instructions
+    per KV byte it reads (all warps of the program), by class."""
+    loops = sass_loops(sass(kernel))
+    if not loops:
+        return {}
+    hot = min(loops, key=lambda l: l["start"])
+    per = {c: v * num_warps / bytes_per_iter for c, v in hot["counts"].items()}
+    per["total"] = hot["n"] * num_warps / bytes_per_iter
+    per["int+conv"] = per.get("int", 0) + per.get("conv", 0)
+    return {"loop_insts": hot["n"], "per_byte": per, "counts": hot["counts"]}
+
+
 def side_types(lay, is_k, dt):
     kind = lay.k_kind if is_k else lay.v_kind
     return {0: dt, 1: "i8", 2: "u8", 3: "u8"}[kind]
 
 
-def check(lay, dt: str, qg: int) -> list[tuple[str, object]]:
+def check(lay, dt: str, qg: int, num_warps: int = 4) -> list[tuple[str, object]]:
     p = lambda t: "*" + t  # noqa: E731
     c = A._consts(lay, torch.empty(0, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dt]))
     kc, vc = side_types(lay, True, dt), side_types(lay, False, dt)
@@ -67,9 +142,15 @@ def check(lay, dt: str, qg: int) -> list[tuple[str, object]]:
                   scale_log2="fp32", window="i32", bt_stride="i32")
     out = []
     dec = dict(common, part_m=p("fp32"), part_l=p("fp32"), part_acc=p("fp32"), num_splits="i32")
-    for single in (True, False):
-        out.append((f"decode single={single}", compile_kernel(A._quant_decode_kernel, dec, dict(
-            c, NUM_HEADS=qg * lay.num_kv_heads, QG=qg, QG_PAD=max(16, triton.next_power_of_2(qg)), SINGLE_SPLIT=single))))
+    for variant, kern in A.DECODE_VARIANTS.items():
+        types = dec
+        if variant == "planes":  # integer codes as int32 words
+            types = dict(dec, **{f"{s}_codes": "*i32" for s, kind in (("k", lay.k_kind), ("v", lay.v_kind))
+                                 if kind in (W.KIND_INT8, W.KIND_GROUP)})
+        for single in (True, False):
+            out.append((f"decode {variant} single={single}", compile_kernel(kern, types, dict(
+                c, NUM_HEADS=qg * lay.num_kv_heads, QG=qg, QG_PAD=max(16, triton.next_power_of_2(qg)),
+                SINGLE_SPLIT=single), num_warps=num_warps)))
     pre = dict(common, cu_seqlens_q=p("i32"), num_seqs="i32", k_new=p(dt), v_new=p(dt))
     out.append(("prefill", compile_kernel(A._quant_prefill_kernel, pre, dict(c, NUM_HEADS=qg * lay.num_kv_heads,
                                                                              BLOCK_M=64), num_warps=8)))

@@ -24,11 +24,11 @@ import math
 
 import torch
 
-from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, interpreting, jit, next_pow2, num_sms, require,
+from bitfold.kernels._triton import (FLOAT_DTYPES, HAS_TRITON, cdiv, interpreting, jit, next_pow2, num_sms, require,
                                      require_launchable, tl)
 from bitfold.kernels.paged_decode import _decode_merge_kernel, split_plan
 from bitfold.kernels.paged_prefill import tile_of_sequence
-from bitfold.kernels.quant_kv_write import KIND_GROUP, QuantLayout, dequantize_pages_ref
+from bitfold.kernels.quant_kv_write import KIND_GROUP, KIND_INT8, QuantLayout, dequantize_pages_ref
 
 _NO_WINDOW = 1 << 30
 
@@ -259,6 +259,323 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
             tl.store(part_acc + part[:, None] * D + VG + c[None, :], acc1, mask=mask2)
 
 
+# ----------------------------------------------------------------------------- decode, planes variant
+#
+# The decode kernel above unpacks a [D, BS] tile with one variable shift per element (each byte
+# fetched once per token in it) and spends ~0.6 SASS instructions per KV byte (int4; 1.1 for
+# int2) against the dense kernel's few hundredths. This one walks a page as P planes of R =
+# BS / P tokens {r * P + i} (benchmarks/compile_check.py --sass counts the difference):
+# - codes are loaded as int32 words (4 channels of one byte row), each byte once, and decoded two
+#   elements per instruction with the float16 magic-number trick on whole words: (w >> 8h) &
+#   (mask << f * bits) | 0x64006400 is two float16 1024 + code * 2**(f * bits), channels
+#   (4j + h, 4j + h + 2), no shift at all for half of them (every field of a byte fits float16's
+#   10-bit mantissa); int8 codes likewise (w ^ 0x80808080 first: 1152 + code);
+# - the tile's columns therefore hold the channels in the order 4j + h + 2e (PERM below): q is
+#   loaded in that order for K, and the output stored in it for V: free;
+# - the field's weight 2**(f * bits) and the magic offset come out of the scores as one FMA
+#   per score (K), and out of p's per-token factor (V); the page's K scale folds into q once
+#   per page, whatever the plane count;
+# - one online-softmax update per page over all its planes.
+# p x scale x SC keeps float16 operands out of subnormals; undone at the end
+SC = tl.constexpr(256.0) if HAS_TRITON else 256.0
+
+
+@jit
+def _perm(c):
+    """Channel held by column c of a word-decoded tile: 4j + 2h + e -> 4j + h + 2e."""
+    return (c // 4) * 4 + (c // 2) % 2 + (c % 2) * 2
+
+
+@jit
+def _side_tile(codes, ph, i: tl.constexpr, c0: tl.constexpr, ok, KIND: tl.constexpr, BITS: tl.constexpr,
+               KP: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, NC: tl.constexpr):
+    """Plane i (tokens r * P + i) of one page-head, columns [c0, c0 + NC): [BS // P, NC] in the
+    dot dtype. KIND 3: float16 1024 + code * 2**((i % KP) * BITS), channels in PERM order;
+    KIND 1: float16 1152 + code, PERM order; KIND 2: float16 (exact e4m3); KIND 0: as stored.
+    ok [R]: the plane's tokens that exist (a no-ring codec's last page may be partly written,
+    and an fp8 or dense garbage row could be NaN, which 0 x NaN would spread)."""
+    R: tl.constexpr = BS // P
+    r = tl.arange(0, R)
+    if KIND == 3 or KIND == 1:
+        J: tl.constexpr = NC // 4
+        row = r * (P // KP) + i // KP  # byte row holding token r * P + i
+        w = tl.load(codes + ph * (BS // KP * D // 4)  # codes: int32 words (the wrapper's view)
+                    + (row[:, None] * (D // 4) + c0 // 4 + tl.arange(0, J)[None, :]))
+        if KIND == 3:
+            M: tl.constexpr = (((1 << BITS) - 1) * 0x10001) << ((i % KP) * BITS)
+            x0 = (w & M) | 0x64006400
+            x1 = ((w >> 8) & M) | 0x64006400
+        else:
+            u = w ^ -0x7F7F7F80  # 0x80808080: int8 -> uint8 offset by 128, per byte
+            x0 = (u & 0x00FF00FF) | 0x64006400
+            x1 = ((u >> 8) & 0x00FF00FF) | 0x64006400
+        y = tl.join(x0, x1)  # [R, J, 2]: h
+        z = tl.join(y.to(tl.int16), (y >> 16).to(tl.int16))  # [R, J, 2, 2]: h, e
+        tile = tl.reshape(z, [R, NC]).to(tl.float16, bitcast=True)
+    else:
+        c = c0 + tl.arange(0, NC)
+        x = tl.load(codes + ph * (BS * D) + ((r * P + i)[:, None] * D + c[None, :]), mask=ok[:, None], other=0)
+        if KIND == 2:
+            tile = x.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        else:
+            tile = x
+    return tile
+
+
+@jit
+def _plane_scores(qk16, qh, qd, kbias, ksum, ph, i: tl.constexpr, t, k_codes, k_meta, scale_log2,
+                  K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, BS: tl.constexpr,
+                  D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores x log2(e) / sqrt(D) of plane i's tokens t [R] (in the page): float32 [M, R].
+    KIND 3: qk16 = q x the page's K scale, kbias = q . zero, ksum = sum of qk16 (the magic
+    offset's share); KIND 1: kbias = 1152 x sum of qh."""
+    kt = _side_tile(k_codes, ph, i, 0, t < BS, K_KIND, K_BITS, KP, P, BS, D, D)
+    if K_KIND == 3:
+        W: tl.constexpr = 1.0 / (1 << ((i % KP) * K_BITS))
+        s = tl.dot(qk16, tl.trans(kt)) * (W * scale_log2) + ((kbias - (1024.0 * W) * ksum) * scale_log2)[:, None]
+    elif K_KIND == 0:
+        s = tl.dot(qd, tl.trans(kt.to(qd.dtype)), input_precision=DOT_PREC) * scale_log2
+    else:
+        ksc = tl.load(k_meta + ph * BS + t).to(tl.float32) * scale_log2
+        s = tl.dot(qh, tl.trans(kt))
+        if K_KIND == 1:
+            s = s - kbias[:, None]
+        s = s * ksc[None, :]
+    return s
+
+
+@jit
+def _plane_pv(acc, vb, p, qd, ph, i: tl.constexpr, g: tl.constexpr, t, ok, v_codes, v_meta,
+              V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr, BS: tl.constexpr,
+              D: tl.constexpr, VG: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc [M, VG] (x SC) += p [M, R] times plane i's V, channels of group g; vb [M] (x SC): the
+    row bias the magic offsets and zero points leave. t [R]: the plane's tokens in the page."""
+    vt = _side_tile(v_codes, ph, i, g * VG, ok, V_KIND, V_BITS, VP, P, BS, D, VG)
+    if V_KIND == 3:
+        NG: tl.constexpr = D // VG
+        W: tl.constexpr = SC / (1 << ((i % VP) * V_BITS))
+        vmeta = v_meta + ph * (BS * 2 * NG) + g + t * (2 * NG)
+        vs = tl.load(vmeta).to(tl.float32)
+        vz = tl.load(vmeta + NG).to(tl.float32)
+        pg = (p * (vs * W)[None, :]).to(tl.float16)
+        acc = tl.dot(pg, vt, acc)
+        vb += tl.sum(p * (vz * SC)[None, :] - pg.to(tl.float32) * 1024.0, axis=1)
+    elif V_KIND == 0:
+        acc = tl.dot((p * SC).to(qd.dtype), vt.to(qd.dtype), acc, input_precision=DOT_PREC)
+    else:
+        vsc = tl.load(v_meta + ph * BS + t, mask=ok, other=0.0).to(tl.float32)
+        pg = (p * (vsc * SC)[None, :]).to(tl.float16)
+        acc = tl.dot(pg, vt, acc)
+        if V_KIND == 1:
+            vb -= 1152.0 * tl.sum(pg.to(tl.float32), axis=1)
+    return acc, vb
+
+
+@jit
+def _attend_page_planes(qk16, qh, qd, kbias, ksum, m_i, l_i, acc0, acc1, vb0, vb1, ph, p0, kv_len, qpos, window,
+                        k_codes, k_meta, v_codes, v_meta, scale_log2,
+                        K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
+                        V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr,
+                        BS: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One sealed page, all P planes, one online-softmax update (up to 4 planes)."""
+    NG: tl.constexpr = D // VG
+    R: tl.constexpr = BS // P
+    r = tl.arange(0, R)
+    t0 = r * P
+    # decode: every query row sits at qpos, so the mask is one [R] vector per plane
+    pos0 = p0 + t0
+    s0 = _plane_scores(qk16, qh, qd, kbias, ksum, ph, 0, t0, k_codes, k_meta, scale_log2, K_KIND, K_BITS, KP, P, BS, D,
+                       DOT_PREC)
+    s0 = tl.where(((pos0 < kv_len) & (qpos - pos0 < window))[None, :], s0, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s0, axis=1))
+    if P >= 2:
+        pos1 = pos0 + 1
+        s1 = _plane_scores(qk16, qh, qd, kbias, ksum, ph, 1, t0 + 1, k_codes, k_meta, scale_log2, K_KIND, K_BITS, KP, P, BS,
+                           D, DOT_PREC)
+        s1 = tl.where(((pos1 < kv_len) & (qpos - pos1 < window))[None, :], s1, float("-inf"))
+        m_new = tl.maximum(m_new, tl.max(s1, axis=1))
+    if P >= 4:
+        pos2 = pos0 + 2
+        s2 = _plane_scores(qk16, qh, qd, kbias, ksum, ph, 2, t0 + 2, k_codes, k_meta, scale_log2, K_KIND, K_BITS, KP, P, BS,
+                           D, DOT_PREC)
+        s2 = tl.where(((pos2 < kv_len) & (qpos - pos2 < window))[None, :], s2, float("-inf"))
+        pos3 = pos0 + 3
+        s3 = _plane_scores(qk16, qh, qd, kbias, ksum, ph, 3, t0 + 3, k_codes, k_meta, scale_log2, K_KIND, K_BITS, KP, P, BS,
+                           D, DOT_PREC)
+        s3 = tl.where(((pos3 < kv_len) & (qpos - pos3 < window))[None, :], s3, float("-inf"))
+        m_new = tl.maximum(m_new, tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: no NaN
+    alpha = tl.exp2(m_i - m_base)
+    acc0 = acc0 * alpha[:, None]
+    vb0 = vb0 * alpha
+    if NG == 2:
+        acc1 = acc1 * alpha[:, None]
+        vb1 = vb1 * alpha
+    p = tl.exp2(s0 - m_base[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc0, vb0 = _plane_pv(acc0, vb0, p, qd, ph, 0, 0, t0, p0 + t0 < kv_len, v_codes, v_meta, V_KIND, V_BITS, VP, P, BS, D, VG, DOT_PREC)
+    if NG == 2:
+        acc1, vb1 = _plane_pv(acc1, vb1, p, qd, ph, 0, 1, t0, p0 + t0 < kv_len, v_codes, v_meta, V_KIND, V_BITS, VP, P, BS, D, VG,
+                              DOT_PREC)
+    if P >= 2:
+        p = tl.exp2(s1 - m_base[:, None])
+        l_i += tl.sum(p, axis=1)
+        acc0, vb0 = _plane_pv(acc0, vb0, p, qd, ph, 1, 0, t0 + 1, p0 + t0 + 1 < kv_len, v_codes, v_meta, V_KIND, V_BITS, VP, P, BS, D, VG,
+                              DOT_PREC)
+        if NG == 2:
+            acc1, vb1 = _plane_pv(acc1, vb1, p, qd, ph, 1, 1, t0 + 1, p0 + t0 + 1 < kv_len, v_codes, v_meta, V_KIND, V_BITS, VP, P, BS, D,
+                                  VG, DOT_PREC)
+    if P >= 4:
+        p = tl.exp2(s2 - m_base[:, None])
+        l_i += tl.sum(p, axis=1)
+        acc0, vb0 = _plane_pv(acc0, vb0, p, qd, ph, 2, 0, t0 + 2, p0 + t0 + 2 < kv_len, v_codes, v_meta, V_KIND, V_BITS, VP, P, BS, D, VG,
+                              DOT_PREC)
+        if NG == 2:
+            acc1, vb1 = _plane_pv(acc1, vb1, p, qd, ph, 2, 1, t0 + 2, p0 + t0 + 2 < kv_len, v_codes, v_meta, V_KIND, V_BITS, VP, P, BS, D,
+                                  VG, DOT_PREC)
+        p = tl.exp2(s3 - m_base[:, None])
+        l_i += tl.sum(p, axis=1)
+        acc0, vb0 = _plane_pv(acc0, vb0, p, qd, ph, 3, 0, t0 + 3, p0 + t0 + 3 < kv_len, v_codes, v_meta, V_KIND, V_BITS, VP, P, BS, D, VG,
+                              DOT_PREC)
+        if NG == 2:
+            acc1, vb1 = _plane_pv(acc1, vb1, p, qd, ph, 3, 1, t0 + 3, p0 + t0 + 3 < kv_len, v_codes, v_meta, V_KIND, V_BITS, VP, P, BS, D,
+                                  VG, DOT_PREC)
+    return m_new, l_i, acc0, acc1, vb0, vb1
+
+
+@jit
+def _columns_to_perm(x, N: tl.constexpr, C: tl.constexpr):
+    """[N, C] tile in channel order -> the same tile in PERM column order (no memory access)."""
+    return tl.reshape(tl.permute(tl.reshape(x, [N, C // 4, 2, 2]), (0, 1, 3, 2)), [N, C])
+
+
+@jit
+def _attend_ring_perm(qn, m_i, l_i, acc0, acc1, r0, r_hi, qpos, window, kh, seq_slot, ring_k, ring_v, scale_log2,
+                      PERM_V: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+                      VG: tl.constexpr, CAP: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """`_attend_ring` with q in channel order (qn) and the output in the planes kernel's (acc x SC)."""
+    NG: tl.constexpr = D // VG
+    d = tl.arange(0, D)
+    pos = r0 + tl.arange(0, BN)
+    ok = pos < r_hi
+    off = ((seq_slot.to(tl.int64) * CAP + pos % CAP) * KVH + kh) * D
+    kt = tl.load(ring_k + off[None, :] + d[:, None], mask=ok[None, :], other=0.0)
+    s = tl.dot(qn, kt.to(qn.dtype), input_precision=DOT_PREC)
+    allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
+    s = tl.where(allowed, s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_base)
+    p = tl.exp2(s - m_base[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p = (p * SC).to(qn.dtype)
+    c = tl.arange(0, VG)
+    v0 = tl.load(ring_v + off[:, None] + c[None, :], mask=ok[:, None], other=0.0).to(qn.dtype)
+    if PERM_V:
+        v0 = _columns_to_perm(v0, BN, VG)
+    acc0 = acc0 * alpha[:, None] + tl.dot(p, v0, input_precision=DOT_PREC)
+    if NG == 2:
+        v1 = tl.load(ring_v + off[:, None] + VG + c[None, :], mask=ok[:, None], other=0.0).to(qn.dtype)
+        if PERM_V:
+            v1 = _columns_to_perm(v1, BN, VG)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=DOT_PREC)
+    return m_new, l_i, acc0, acc1
+
+
+@jit
+def _quant_decode_planes_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, block_tables, context_lens,
+                                seq_slots, out, part_m, part_l, part_acc, scale_log2, window, bt_stride, num_splits,
+                                K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
+                                V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr,
+                                NUM_HEADS: tl.constexpr, KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                                VG: tl.constexpr, RING: tl.constexpr, RESID: tl.constexpr, CAP: tl.constexpr,
+                                QG: tl.constexpr, QG_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+                                DOT_PREC: tl.constexpr, BF16: tl.constexpr):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(context_lens + b)
+    start = tl.maximum(seq_len - window, 0) // BS * BS
+    split_tokens = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BS) * BS
+    lo = start + split * split_tokens
+    hi = tl.minimum(lo + split_tokens, seq_len)
+    if lo >= hi:
+        return
+    if RING:
+        n_sealed = tl.maximum(seq_len - RESID, 0) // BS * BS
+    else:
+        n_sealed = seq_len
+    PERM_K: tl.constexpr = K_KIND == 1 or K_KIND == 3
+    PERM_V: tl.constexpr = V_KIND == 1 or V_KIND == 3
+    NG: tl.constexpr = D // VG
+    rows = tl.arange(0, QG_PAD)
+    d = tl.arange(0, D)
+    if PERM_K:
+        d = _perm(d)
+    q_mask = (rows[:, None] < QG) & (d[None, :] < D)
+    qd = tl.load(q + (b * NUM_HEADS + kh * QG + rows[:, None]) * D + d[None, :], mask=q_mask, other=0.0)
+    qf = qd.to(tl.float32)
+    qh = qd.to(tl.float16)
+    kbias = tl.zeros([QG_PAD], tl.float32)
+    ksum = tl.zeros([QG_PAD], tl.float32)
+    if K_KIND == 1:
+        kbias = 1152.0 * tl.sum(qh.to(tl.float32), axis=1)
+    qk16 = qh
+    qpos = seq_len - 1
+    m_i = tl.full([QG_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([QG_PAD], tl.float32)
+    acc0 = tl.zeros([QG_PAD, VG], tl.float32)
+    acc1 = tl.zeros([QG_PAD, VG], tl.float32)
+    vb0 = tl.zeros([QG_PAD], tl.float32)
+    vb1 = tl.zeros([QG_PAD], tl.float32)
+    for p0 in range(lo, tl.minimum(hi, n_sealed), BS):
+        page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
+        ph = page * KVH + kh
+        if K_KIND == 3:  # the page's per-channel scale folds into q, its zero point into a row bias
+            kmeta = k_meta + ph * (2 * D) + d
+            ks = tl.load(kmeta).to(tl.float32)
+            kz = tl.load(kmeta + D).to(tl.float32)
+            qk16 = (qf * ks[None, :]).to(tl.float16)
+            kbias = tl.sum(qf * kz[None, :], axis=1)
+            ksum = tl.sum(qk16.to(tl.float32), axis=1)
+        m_i, l_i, acc0, acc1, vb0, vb1 = _attend_page_planes(
+            qk16, qh, qd, kbias, ksum, m_i, l_i, acc0, acc1, vb0, vb1, ph, p0, seq_len, qpos, window,
+            k_codes, k_meta, v_codes, v_meta, scale_log2,
+            K_KIND, K_BITS, KP, V_KIND, V_BITS, VP, P, BS, D, VG, DOT_PREC)
+    acc0 += vb0[:, None]
+    if NG == 2:
+        acc1 += vb1[:, None]
+    if RING:
+        seq_slot = tl.load(seq_slots + b)
+        r_lo = tl.maximum(lo, n_sealed)
+        if seq_slot < 0:
+            r_lo = hi  # padding row of a CUDA graph: nothing in a ring
+        qpos_v = tl.zeros([QG_PAD], tl.int32) + qpos
+        dn = tl.arange(0, D)  # the ring is read in channel order, q with it
+        qn = tl.load(q + (b * NUM_HEADS + kh * QG + rows[:, None]) * D + dn[None, :],
+                     mask=(rows[:, None] < QG) & (dn[None, :] < D), other=0.0)
+        for r0 in range(r_lo, hi, BS):
+            m_i, l_i, acc0, acc1 = _attend_ring_perm(qn, m_i, l_i, acc0, acc1, r0, hi, qpos_v, window, kh, seq_slot,
+                                                     ring_k, ring_v, scale_log2, PERM_V, KVH, D, VG, CAP, BS, DOT_PREC)
+    c = tl.arange(0, VG)
+    if PERM_V:
+        c = _perm(c)
+    mask2 = (rows[:, None] < QG) & (c[None, :] < VG)
+    if SINGLE_SPLIT:
+        inv = 1.0 / (SC * tl.where(l_i > 0, l_i, 1.0))
+        o_off = (b * NUM_HEADS + kh * QG + rows[:, None]) * D + c[None, :]
+        tl.store(out + o_off, (acc0 * inv[:, None]).to(out.dtype.element_ty), mask=mask2)
+        if NG == 2:
+            tl.store(out + o_off + VG, (acc1 * inv[:, None]).to(out.dtype.element_ty), mask=mask2)
+    else:
+        part = (b * NUM_HEADS + kh * QG + rows) * num_splits + split
+        tl.store(part_m + part, m_i, mask=rows < QG)
+        tl.store(part_l + part, l_i, mask=rows < QG)
+        tl.store(part_acc + part[:, None] * D + c[None, :], acc0 * (1.0 / SC), mask=mask2)
+        if NG == 2:
+            tl.store(part_acc + part[:, None] * D + VG + c[None, :], acc1 * (1.0 / SC), mask=mask2)
+
+
 @jit
 def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, k_new, v_new, block_tables,
                           cu_seqlens_q, context_lens, seq_slots, out, scale_log2, window, bt_stride, num_seqs,
@@ -384,7 +701,7 @@ def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables:
                        context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
                        sliding_window: int = 0, *, max_context_len: int | None = None, num_splits: int | None = None,
                        min_split_tokens: int = 256, waves: int = 8, num_warps: int = 4,
-                       num_stages: int = 2) -> torch.Tensor:
+                       num_stages: int = 2, variant: str | None = None) -> torch.Tensor:
     """Attention of each sequence's newest token over its compressed paged context (new K/V
     already written by `write_quant_kv`).
 
@@ -392,8 +709,14 @@ def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables:
     `[B, max_blocks]`; context_lens int32 `[B]` (>= 1, counting the new token); seq_slots int32
     `[B]` (ring slot, -1 = a padding row) when the codec has a residual window. Returns
     `[B, num_heads, head_dim]` in q's dtype. Knobs as `paged_decode` (splits cover whole pages),
-    and `waves`: programs per SM the split plan aims for, over 2.
+    and `waves`: programs per SM the split plan aims for, over 2. `variant`: "planes" (word
+    decode, `_quant_decode_planes_kernel`) or "tiles" (the first kernel, byte tiles); None: planes
+    unless a side packs 4 tokens per byte (int2), where the planes kernel's per-plane softmax
+    reductions still cost more SASS per byte than its cheaper unpacking saves (compile_check).
     """
+    if variant is None:
+        variant = "tiles" if lay.planes >= 4 else "planes"
+    require(variant in DECODE_VARIANTS, f"variant must be one of {sorted(DECODE_VARIANTS)}, got {variant!r}")
     _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
     B, H, D = q.shape
     out = torch.empty_like(q)
@@ -417,8 +740,12 @@ def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables:
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
     slots = seq_slots if seq_slots is not None else context_lens
-    _quant_decode_kernel[(B, KVH, num_splits)](
-        q, storage.k, storage.k_meta, storage.v, storage.v_meta, storage.ring_k, storage.ring_v, block_tables,
+    k_codes, v_codes = storage.k, storage.v
+    if variant == "planes":  # integer codes are read as int32 words of 4 channels
+        k_codes = k_codes.view(torch.int32) if lay.k_kind in (KIND_INT8, KIND_GROUP) else k_codes
+        v_codes = v_codes.view(torch.int32) if lay.v_kind in (KIND_INT8, KIND_GROUP) else v_codes
+    DECODE_VARIANTS[variant][(B, KVH, num_splits)](
+        q, k_codes, storage.k_meta, v_codes, storage.v_meta, storage.ring_k, storage.ring_v, block_tables,
         context_lens, slots, out, part_m, part_l, part_acc, float(scale) * math.log2(math.e), window,
         block_tables.stride(0), num_splits, NUM_HEADS=H, QG=qg, QG_PAD=max(16, next_pow2(qg)), SINGLE_SPLIT=single,
         num_warps=num_warps, num_stages=num_stages, **_consts(lay, q))
@@ -427,6 +754,9 @@ def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables:
                                      NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=D, BLOCK_S=next_pow2(num_splits), BLOCK_N=BS,
                                      ALIGN=BS, num_warps=4)
     return out
+
+
+DECODE_VARIANTS = {"tiles": _quant_decode_kernel, "planes": _quant_decode_planes_kernel}
 
 
 def quant_paged_prefill(lay: QuantLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, storage,
