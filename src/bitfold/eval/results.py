@@ -21,8 +21,10 @@ def _command() -> str:
 
 
 def _git_commit() -> str:
-    """HEAD's hash, with '-dirty' when the working tree differs from it; GIT_COMMIT or 'unknown'
-    where there is no repository (a copied tree)."""
+    """GIT_COMMIT when set (a copied tree whose .git may be stale, as on the device machine), else
+    HEAD's hash with '-dirty' when the working tree differs from it, else 'unknown'."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
