@@ -128,6 +128,10 @@ def hot_loop_profile(kernel, bytes_per_iter: float, num_warps: int) -> dict:
     return {"loop_insts": hot["n"], "per_byte": per, "counts": hot["counts"]}
 
 
+# the wrapper's default (block_m 32, 8 warps) first, then alternatives
+PREFILL_CONFIGS = ((64, 8), (32, 8), (32, 4), (16, 4))
+
+
 def side_types(lay, is_k, dt):
     kind = lay.k_kind if is_k else lay.v_kind
     return {0: dt, 1: "i8", 2: "u8", 3: "u8"}[kind]
@@ -152,8 +156,9 @@ def check(lay, dt: str, qg: int, num_warps: int = 4) -> list[tuple[str, object]]
                 c, NUM_HEADS=qg * lay.num_kv_heads, QG=qg, QG_PAD=max(16, triton.next_power_of_2(qg)),
                 SINGLE_SPLIT=single), num_warps=num_warps)))
     pre = dict(common, cu_seqlens_q=p("i32"), num_seqs="i32", k_new=p(dt), v_new=p(dt))
-    out.append(("prefill", compile_kernel(A._quant_prefill_kernel, pre, dict(c, NUM_HEADS=qg * lay.num_kv_heads,
-                                                                             BLOCK_M=64), num_warps=8)))
+    for bm, warps in PREFILL_CONFIGS:
+        out.append((f"prefill m{bm} w{warps}", compile_kernel(A._quant_prefill_kernel, pre, dict(
+            c, NUM_HEADS=qg * lay.num_kv_heads, BLOCK_M=bm), num_warps=warps)))
     wc = dict(KVH=lay.num_kv_heads, BS=lay.block_size, D=lay.head_dim)
     if lay.ring:
         seal = dict(k_new=p(dt), v_new=p(dt), k_codes=p(kc), k_meta=p("fp16"), v_codes=p(vc), v_meta=p("fp16"),

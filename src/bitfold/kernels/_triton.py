@@ -35,9 +35,16 @@ class _MissingKernel:
         raise RuntimeError(f"{self.__name__} needs Triton, which is not installed; use the *_ref function")
 
 
-def jit(fn):
-    """`triton.jit`, or a stub that raises on launch when Triton is missing."""
-    return triton.jit(fn) if HAS_TRITON else _MissingKernel(fn)
+def jit(fn=None, *, do_not_specialize=()):
+    """`triton.jit`, or a stub that raises on launch when Triton is missing. `do_not_specialize`
+    names integer arguments that change from step to step (a batch's sequence count, the block
+    table's width): Triton would otherwise compile a variant for each of "== 1", "a multiple of
+    16" and "other", mid-run, seconds each for the big attention kernels."""
+    if fn is None:
+        return lambda f: jit(f, do_not_specialize=do_not_specialize)
+    if not HAS_TRITON:
+        return _MissingKernel(fn)
+    return triton.jit(fn, do_not_specialize=list(do_not_specialize)) if do_not_specialize else triton.jit(fn)
 
 
 def interpreting() -> bool:

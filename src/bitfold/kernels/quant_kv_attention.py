@@ -192,7 +192,7 @@ def _attend_ring(qd, m_i, l_i, acc0, acc1, r0, r_hi, qpos, window, kh, seq_slot,
     return m_new, l_i, acc0, acc1
 
 
-@jit
+@jit(do_not_specialize=('bt_stride', 'num_splits'))
 def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, block_tables, context_lens, seq_slots,
                          out, part_m, part_l, part_acc, scale_log2, window, bt_stride, num_splits,
                          K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
@@ -482,7 +482,7 @@ def _attend_ring_perm(qn, m_i, l_i, acc0, acc1, r0, r_hi, qpos, window, kh, seq_
     return m_new, l_i, acc0, acc1
 
 
-@jit
+@jit(do_not_specialize=('bt_stride', 'num_splits'))
 def _quant_decode_planes_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, block_tables, context_lens,
                                 seq_slots, out, part_m, part_l, part_acc, scale_log2, window, bt_stride, num_splits,
                                 K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
@@ -576,7 +576,7 @@ def _quant_decode_planes_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, rin
             tl.store(part_acc + part[:, None] * D + VG + c[None, :], acc1 * (1.0 / SC), mask=mask2)
 
 
-@jit
+@jit(do_not_specialize=('bt_stride', 'num_seqs'))
 def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, k_new, v_new, block_tables,
                           cu_seqlens_q, context_lens, seq_slots, out, scale_log2, window, bt_stride, num_seqs,
                           K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
@@ -761,14 +761,16 @@ DECODE_VARIANTS = {"tiles": _quant_decode_kernel, "planes": _quant_decode_planes
 
 def quant_paged_prefill(lay: QuantLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, storage,
                         block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                        seq_slots: torch.Tensor | None, scale: float, sliding_window: int = 0, *, block_m: int = 32,
+                        seq_slots: torch.Tensor | None, scale: float, sliding_window: int = 0, *, block_m: int = 64,
                         num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
     """Causal attention of the packed new tokens (q: `[T, num_heads, head_dim]`, their k, v:
     `[T, KVH, D]`, offsets cu_seqlens_q int32 `[B+1]`) over their sequences' compressed pages,
     rings and the new rows, as decoding would have seen it: query t reads positions below
     n_sealed(t + 1) from their pages (this step's pages sealed by `write_quant_kv(...,
     phase="seal")` first) and the rest exact (the ring, written only after this call, and the new
-    rows). Returns `[T, num_heads, head_dim]` in q's dtype."""
+    rows). Returns `[T, num_heads, head_dim]` in q's dtype. block_m 64 with 8 warps: compiled for
+    sm_90 (benchmarks/compile_check.py), int4's kernel spills 512 bytes of stack per thread there
+    against 1440 at block_m 32 (int8: none against 40); not yet timed on a GPU."""
     _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
     require(k.shape == v.shape == (q.shape[0], lay.num_kv_heads, lay.head_dim) and k.is_contiguous()
             and v.is_contiguous(), f"k, v must be contiguous [T, {lay.num_kv_heads}, {lay.head_dim}]")

@@ -212,7 +212,7 @@ def _load_page_tokens(ring, new, b_row0, seq_slot, page_start, len_old, kh,
     return tl.where(old, a, c)
 
 
-@jit
+@jit(do_not_specialize=('bt_stride',))
 def _seal_kernel(k_new, v_new, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, block_tables, cu_seqlens_q,
                  context_lens, seq_slots, bt_stride,
                  K_KIND: tl.constexpr, K_BITS: tl.constexpr, KP: tl.constexpr,
