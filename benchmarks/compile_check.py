@@ -29,13 +29,15 @@ from bitfold.kvcache.codecs.quant import QuantCodec  # noqa: E402
 _T = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8", torch.int8: "i8"}
 
 
-def compile_kernel(kern, types: dict, consts: dict, num_warps: int = 4):
+def compile_kernel(kern, types: dict, consts: dict, num_warps: int = 4, div16: tuple = (), num_stages: int | None = None):
     names = list(inspect.signature(kern.fn).parameters)
     sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
-    # As the JIT specializes at launch: every pointer 16-byte aligned (torch allocations are).
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    # As the JIT specializes at launch: every pointer 16-byte aligned (torch allocations are), and
+    # the integer arguments named in div16 multiples of 16 (real model shapes are).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in div16}
     src = ASTSource(kern, sig, {(names.index(k),): v for k, v in consts.items()}, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def resources(kernel) -> str:

@@ -56,22 +56,32 @@ def main():
         p1 = lay.planes[1] if len(lay.planes) > 1 else 0
         types = dict(x=DTYPES[args.dtype], out=DTYPES[args.dtype], w0="*i32", w1="*i32", sp="*fp16", mp="*fp16",
                      subp="*u8" if lay.min_kind == "nibble" else "*i8", submp="*u8", M="i32", N="i32", K="i32",
-                     KP="i32", NG="i32", NSUP="i32", stride_xm="i32", stride_om="i32", stride_on="i32")
+                     KP="i32", NG="i32", NSUP="i32", stride_xm="i32", stride_om="i32", stride_on="i32", magic="i32",
+                     magic16="i32")
         consts = dict(P0=lay.planes[0], P1=p1, GROUP=lay.group, GDIV=lay.group or 1, ZERO=lay.zero,
                       MIN_KIND=qm.MIN_KINDS.index(lay.min_kind), SUPER=lay.super_block)
-        jobs = [(f"gemv m<={m}", qm._qgemv_kernel, dict(consts, BLOCK_M=c[0], BLOCK_N=c[1],
+        one_row = qm.default_config(1, "gemv", lay)
+        jobs = [("gemv m=1", qm._qgemv_kernel, dict(consts, BLOCK_M=1, BLOCK_N=one_row[1], BLOCK_K=one_row[2],
+                                                     EVEN=True), one_row[3])]
+        jobs += [(f"gemv m<={m}", qm._qgemv_kernel, dict(consts, BLOCK_M=c[0], BLOCK_N=c[1],
                                                           BLOCK_K=c[2], EVEN=True), c[3])
                 for m, c in qm.GEMV_CONFIGS.items()]
         prec = "ieee" if args.dtype == "fp32" else "tf32"
         jobs += [(f"gemm m<={m}", qm._qgemm_kernel, dict(consts, PRECISION=prec, BLOCK_M=c[0], BLOCK_N=c[1],
                                                          BLOCK_K=c[2], EVEN=False), c[3])
                  for m, c in qm.GEMM_CONFIGS.items()]
+        if qm.tc_supported(lay):
+            bm, bn, bk, warps, _ = qm.TC_CONFIG
+            tc_types = {kk: v for kk, v in types.items() if kk != "w1"}
+            jobs.append(("tc", qm._qgemv_tc_kernel, dict(qm.consts_tc(consts), BLOCK_M=bm, BLOCK_N=bn,
+                                                          BLOCK_K=min(bk, lay.group or bk), EVEN=True), warps))
         bn, bk, warps = qm.DEQUANT_CONFIG
         jobs.append(("dequant", qm._dequant_kernel, dict(consts, BLOCK_N=bn, BLOCK_K=bk, EVEN=True), warps))
         for what, kern, cs, warps in jobs:
             t0 = time.time()
             try:
-                k = compile_kernel(kern, types, cs, warps)
+                # as launched on real shapes: N, K, KP and the row strides multiples of 16
+                k = compile_kernel(kern, types, cs, warps, div16=("N", "K", "KP", "stride_xm", "stride_om", "stride_on"))
                 print(f"{name:10} {what:12} ok  {resources(k)}  ({time.time() - t0:.1f}s)", flush=True)
             except Exception as e:  # report and go on: the point is to see every failure
                 failed += 1

@@ -149,6 +149,8 @@ def kernel_points(fmt: str, layer: str, qw: qm.QWeight, bw: float, reps: int, ge
         kinds = [qm.strategy(M)]
         if M <= qm.GEMV_MAX_ROWS:
             kinds.append("gemm")  # the skinny tl.dot path
+        if M <= 16 and qm.tc_supported(qw):
+            kinds.append("tc")  # 4-bit codes as float16 magic pairs on tensor cores (not yet a default)
         elif M >= 64:
             kinds += [kd for kd in ("gemm", "dequant") if kd not in kinds]
         for kind in kinds:
@@ -206,11 +208,16 @@ def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), la
                                                                       (128, 128, 4, 3), (64, 256, 4, 4))]),
             64: ("gemm", [(64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 64, 128, 4, 3)])}
     grid = {m: v for m, v in grid.items() if m in rows}
+    TC = [(16, 256, 128, 8, 2), (16, 256, 128, 8, 1), (16, 128, 128, 8, 1), (16, 512, 128, 16, 1),
+          (16, 512, 128, 8, 2), (16, 64, 128, 4, 3), (16, 128, 128, 4, 2)]  # kind "tc", if the format has it
     out = []
     for layer, fmt in [(lay, f) for lay in layers if lay in LAYERS for f in formats] or [(list(LAYERS)[0], formats[0])]:
         n, k = LAYERS[layer]
         qw = random_qweight(fmt, n, k, gen)
-        for M, (kind, configs) in grid.items():
+        jobs = list(grid.items())
+        if qm.tc_supported(qw):
+            jobs += [(M, ("tc", TC)) for M in (1, 16) if M in rows]
+        for M, (kind, configs) in jobs:
             x = torch.randn(M, k, device=DEV, dtype=DTYPE, generator=gen)
             ref = qm.qmatmul_ref(x, qw).float()
             for cfg in configs:

@@ -161,3 +161,20 @@ def test_empty_and_bad_inputs():
         qm.QWeight(w.layout, 8, 64, w.planes, w.scales, None)
     with pytest.raises(ValueError, match="planes must be"):
         qm.QLayout((3,), 32)
+
+
+@pytest.mark.parametrize("name", [n for n, lay in LAYOUTS.items() if lay.planes == (4,)] + ["int4-ch"])
+@pytest.mark.parametrize("M,config", [(1, None), (5, (16, 16, 64, 4, 1)), (17, (16, 32, 128, 4, 1))])
+def test_tensor_core_gemv_matches_oracle(name, M, config):
+    """kind="tc": 4-bit codes as float16 1024 + q pairs on tensor cores (float16 activations)."""
+    need_triton()
+    lay = LAYOUTS.get(name) or qm.QLayout((4,), 0)
+    n, k = 40, 296  # K not a multiple of 32 or of a tile: masked codes and activations
+    w, w64, _ = make_weight(n, k, lay, seed=M)
+    x = torch.randn(M, k, device=DEVICE)
+    y = qm.qmatmul(x, w, kind="tc", config=config)
+    ref = x.double() @ w64.to(x.device).T
+    # activations rounded to float16 (and x / 16 for the high fields) before exact products
+    torch.testing.assert_close(y.double().cpu(), ref.cpu(), rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+    assert not qm.tc_supported(make_weight(8, 64, LAYOUTS["int3-g64"])[0])
+    assert not qm.tc_supported(qm.QLayout((4,), 16))

@@ -35,6 +35,10 @@ Kernels (one `@triton.jit` kernel per strategy, chosen by the number of activati
   dtype and fed with the activation tile to `tl.dot` (tensor cores), float32 accumulation. Up to 16 rows it
   runs as a skinny GEMV (one 16-row tile, thin slabs of weight rows, like kernels/gemv.py's
   tl.dot path), beyond that with GEMM tiles.
+- `_qgemv_tc_kernel` (`kind="tc"`, one 4-bit plane only; not a default until timed on a GPU):
+  fields OR-ed two at a time into float16 1024.0 pairs (`0x64006400`), exact tiles of codes fed
+  to tensor cores against float16 activations (16-row tiles), offsets and group scales applied
+  after the dot, the activation sums it needs computed by the tensor cores too.
 - from DEQUANT_MIN_ROWS rows (long prefill), `_dequant_kernel` writes the weight in x's dtype
   and cuBLAS multiplies: at thousands of rows the matmul is compute-bound and the write of a
   dequantized copy costs a few percent of it.
@@ -442,6 +446,92 @@ def _dequant_kernel(out, w0, w1, sp, mp, subp, submp, N, K, KP, NG, NSUP, stride
     tl.store(o_ptrs, wt.to(out.dtype.element_ty), mask=n_mask[None, :] & (offs_k < K)[:, None])
 
 
+@jit
+def _nibble_pairs_tile(a, c):
+    """int32 words [W, BN] a, c, each two float16 bit patterns (low half, high half) -> float16
+    [4 W, BN]: flat row (w * 2 + s) * 2 + e holds half e of (a if s == 0 else c) of word w. Only
+    register moves: join, truncate to int16, bitcast."""
+    W: tl.constexpr = a.shape[0]
+    BN: tl.constexpr = a.shape[1]
+    y = tl.join(a, c)  # [W, BN, 2]
+    z = tl.join(y.to(tl.int16), (y >> 16).to(tl.int16))  # [W, BN, 2, 2]
+    z = tl.permute(z, (0, 2, 3, 1))  # [W, 2, 2, BN]
+    return tl.reshape(z, (4 * W, BN)).to(tl.float16, bitcast=True)
+
+
+@jit
+def _qgemv_tc_kernel(x, out, w0, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, stride_xm, stride_om, magic16,
+                     GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr, MIN_KIND: tl.constexpr,
+                     SUPER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN: tl.constexpr):
+    """A 4-bit plane (one plane of P = 4) times up to BLOCK_M rows on tensor cores, for decode at
+    small batch. Fields become float16 1024 + q (or 1024 + 16 q) two per integer op, `magic16` =
+    0x64006400 OR-ed into a masked word (fields 0/4 and 2/6 of a word in place or after one >> 8;
+    fields 1/5 and 3/7 stay x16 and meet x / 16); the tile of codes is exact, the activations
+    are float16, products and sums float32. 1024 x (sum of x) comes off once per tile, the group
+    scale and min once per row after the dot: BLOCK_K must not exceed the group (the wrapper
+    fits it)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.where(n_mask, offs_n, N - 1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    W: tl.constexpr = BLOCK_K // 8
+    wi = tl.arange(0, W)
+    row_words = tl.multiple_of(KP // 8, 4)
+    f = tl.arange(0, 4 * W)  # flat row of a tile: word f // 4, pair (f // 2) % 2, half f % 2
+    fw = f // 4
+    kf = (fw // 4) * 32 + fw % 4 + ((f // 2) % 2) * 8 + (f % 2) * 16  # fields 0, 2, 4, 6: codes 4j + w
+    xrow = x + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ones = tl.full((4 * W, BLOCK_N), 1.0, tl.float16)
+    for k0 in range(0, KP, BLOCK_K):
+        wptr = w0 + rows[None, :] * row_words + (k0 // 8 + wi)[:, None]
+        if EVEN:
+            words = tl.load(wptr)
+            x1 = tl.load(xrow + (k0 + kf)[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+            x2 = tl.load(xrow + (k0 + kf + 4)[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+        else:
+            words = tl.load(wptr, mask=(k0 + (wi // 4) * 32 < KP)[:, None], other=0)
+            x1 = tl.load(xrow + (k0 + kf)[None, :], mask=m_mask[:, None] & (k0 + kf < K)[None, :],
+                         other=0.0).to(tl.float32)
+            x2 = tl.load(xrow + (k0 + kf + 4)[None, :], mask=m_mask[:, None] & (k0 + kf + 4 < K)[None, :],
+                         other=0.0).to(tl.float32)
+        lo = _nibble_pairs_tile((words & 0x000F000F) | magic16, ((words >> 8) & 0x000F000F) | magic16)
+        hi = _nibble_pairs_tile((words & 0x00F000F0) | magic16, ((words >> 8) & 0x00F000F0) | magic16)
+        x1h = x1.to(tl.float16)
+        x2h = (x2 * 0.0625).to(tl.float16)
+        d = tl.dot(x1h, lo, input_precision="ieee")
+        d = tl.dot(x2h, hi, d, input_precision="ieee")
+        # sums of the activations, already broadcast over the tile's rows in the accumulator's
+        # layout, by the tensor cores (a row reduction would cost shuffles every step):
+        # so = sum(x1h) + sum(x2h) (the magic offset), sx = sum(x1h) + 16 sum(x2h) (sum of x)
+        so = tl.dot(x2h, ones, tl.dot(x1h, ones, input_precision="ieee"), input_precision="ieee")
+        sx = tl.dot(x2h, ones * 15.0, so, input_precision="ieee")
+        s, m = _scale_min(sp, mp, subp, submp, rows[None, :], (k0 // GDIV + tl.zeros((1, 1), tl.int32)), NG, NSUP,
+                          GROUP, ZERO, MIN_KIND, SUPER)
+        acc += (d - 1024.0 * so) * s + m * sx
+    o_ptrs = out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+MAGIC16 = 0x64006400  # two float16 1024.0: see _qgemv_tc_kernel
+# (block_m, block_n, block_k, num_warps, num_stages): from sm_90 compiles only (no GPU timing yet):
+# 256-row slabs, 8 warps, 2 stages: 127 registers, ~3.6 SASS instructions per code in the loop
+# (the register GEMV: ~6.5), as the tile's x work (16 rows, mostly masked at batch 1) is shared
+# by more weight rows. benchmarks/weights.py times it beside the GEMV and the GEMM.
+TC_CONFIG = (16, 256, 128, 8, 2)
+
+
+def tc_supported(w: QWeight) -> bool:
+    """`kind="tc"` takes one 4-bit plane (int4, Q4_0/Q4_1, Q4_K) in groups of >= 32 codes (a
+    tile is a whole number of 32-code tiles within one group)."""
+    lay = w.layout if isinstance(w, QWeight) else w
+    return lay.planes == (4,) and (lay.group == 0 or lay.group >= 32)
+
+
 # ---- wrappers ----------------------------------------------------------------------------------
 
 # Launch tables: (block_m, block_n, block_k, num_warps, num_stages). The GEMV's BLOCK_K is in
@@ -458,6 +548,10 @@ GEMV_ONE_ROW_SUPER = (1, 4, 4096, 4, 1)
 # keep 80 / 120 / 173 registers per thread and no spills for int4-g128 with bf16 activations.
 GEMM_CONFIGS = {16: (16, 64, 128, 4, 3), 64: (64, 64, 64, 8, 3), 256: (64, 128, 64, 8, 3)}
 DEQUANT_CONFIG = (64, 64, 8)  # (block_n, block_k, num_warps): ~70-80 registers, no spills (64x128x4 spilled)
+
+
+def consts_tc(consts: dict) -> dict:
+    return {k: v for k, v in consts.items() if k not in ("P0", "P1")}
 
 
 def _check(x: torch.Tensor, w: QWeight) -> None:
@@ -530,6 +624,16 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     bk = _fit_block_k(bk, w, kind)
     even = w.kp % bk == 0 and w.k == w.kp
     grid = (cdiv(w.n, bn), cdiv(M, bm))
+    if kind == "tc":
+        require(tc_supported(w), f"kind='tc' takes one 4-bit plane, not {w.layout.planes}")
+        bm, bn, bk, warps, stages = config or TC_CONFIG
+        g = w.layout.group or w.kp
+        bk = max(32, min(bk, g, 1 << (w.kp - 1).bit_length()))
+        even = w.kp % bk == 0 and w.k == w.kp
+        _qgemv_tc_kernel[(cdiv(w.n, bn), cdiv(M, bm))](
+            x, out, tensors[0], *tensors[2:], M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC16,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, num_warps=warps, num_stages=stages, **consts_tc(consts))
+        return out
     if kind == "gemv":
         require(bm <= 16, f"the GEMV keeps block_m <= 16 rows in registers, got {bm}")
         _qgemv_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC,
