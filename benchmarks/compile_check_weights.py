@@ -73,8 +73,10 @@ def main():
         if qm.tc_supported(lay):
             bm, bn, bk, warps, _ = qm.TC_CONFIG
             tc_types = {kk: v for kk, v in types.items() if kk != "w1"}
+            in_tile = 0 < lay.group < bk  # as the wrapper decides
             jobs.append(("tc", qm._qgemv_tc_kernel, dict(qm.consts_tc(consts), BLOCK_M=bm, BLOCK_N=bn,
-                                                          BLOCK_K=min(bk, lay.group or bk), EVEN=True), warps))
+                                                          BLOCK_K=bk if in_tile else min(bk, lay.group or bk),
+                                                          EVEN=True, IN_TILE=in_tile), warps))
         bn, bk, warps = qm.DEQUANT_CONFIG
         jobs.append(("dequant", qm._dequant_kernel, dict(consts, BLOCK_N=bn, BLOCK_K=bk, EVEN=True), warps))
         for what, kern, cs, warps in jobs:

@@ -164,9 +164,11 @@ def test_empty_and_bad_inputs():
 
 
 @pytest.mark.parametrize("name", [n for n, lay in LAYOUTS.items() if lay.planes == (4,)] + ["int4-ch"])
-@pytest.mark.parametrize("M,config", [(1, None), (5, (16, 16, 64, 4, 1)), (17, (16, 32, 128, 4, 1))])
+@pytest.mark.parametrize("M,config", [(1, None), (5, (16, 16, 64, 4, 1)), (17, (16, 32, 128, 4, 1)),
+                                      (3, (16, 16, 32, 4, 1))])
 def test_tensor_core_gemv_matches_oracle(name, M, config):
-    """kind="tc": 4-bit codes as float16 1024 + q pairs on tensor cores (float16 activations)."""
+    """kind="tc": 4-bit codes as float16 1024 + q pairs on tensor cores (float16 activations), the
+    group scale after the dot (groups >= the tile) or in the float16 tile (smaller groups)."""
     need_triton()
     lay = LAYOUTS.get(name) or qm.QLayout((4,), 0)
     n, k = 40, 296  # K not a multiple of 32 or of a tile: masked codes and activations

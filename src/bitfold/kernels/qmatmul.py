@@ -460,17 +460,31 @@ def _nibble_pairs_tile(a, c):
 
 
 @jit
+def _scaled_tile(t, s, m, GT: tl.constexpr):
+    """float16 tile [R, BN] of 1024 + q -> q * s + m, s and m float32 [GT, BN] for GT equal runs of
+    rows (one per group), in float16 (two operations per pair of codes)."""
+    R: tl.constexpr = t.shape[0]
+    BN: tl.constexpr = t.shape[1]
+    q = tl.reshape(t - 1024.0, (GT, R // GT, BN))
+    w = q * s.to(tl.float16)[:, None, :] + m.to(tl.float16)[:, None, :]
+    return tl.reshape(w, (R, BN))
+
+
+@jit
 def _qgemv_tc_kernel(x, out, w0, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, stride_xm, stride_om, magic16,
                      GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr, MIN_KIND: tl.constexpr,
                      SUPER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN: tl.constexpr):
+                     EVEN: tl.constexpr, IN_TILE: tl.constexpr):
     """A 4-bit plane (one plane of P = 4) times up to BLOCK_M rows on tensor cores, for decode at
-    small batch. Fields become float16 1024 + q (or 1024 + 16 q) two per integer op, `magic16` =
-    0x64006400 OR-ed into a masked word (fields 0/4 and 2/6 of a word in place or after one >> 8;
-    fields 1/5 and 3/7 stay x16 and meet x / 16); the tile of codes is exact, the activations
-    are float16, products and sums float32. 1024 x (sum of x) comes off once per tile, the group
-    scale and min once per row after the dot: BLOCK_K must not exceed the group (the wrapper
-    fits it)."""
+    small batch. Fields become float16 1024 + q two per integer op, `magic16` = 0x64006400 OR-ed
+    into a masked word (fields 0/4 and 2/6 of a word in place or after one >> 8; fields 1/5 and
+    3/7 in place as 1024 + 16 q, or after >> 4 and >> 12 with IN_TILE); activations in float16,
+    products and sums in float32. Two ways to apply the group's scale and min:
+    - IN_TILE 0 (groups of >= BLOCK_K codes): the tile stays exact, the x16 fields meet x / 16,
+      1024 x (sum of x) comes off after the dot, scale and min per row after it (the activation
+      sums by the tensor cores too: a row reduction would cost shuffles every step);
+    - IN_TILE 1 (smaller groups, e.g. GGUF's 32): the tile becomes q * s + m in float16 before the
+      dot (a dequantized float16 weight, as a dequantize + matmul would use)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -500,19 +514,26 @@ def _qgemv_tc_kernel(x, out, w0, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, str
             x2 = tl.load(xrow + (k0 + kf + 4)[None, :], mask=m_mask[:, None] & (k0 + kf + 4 < K)[None, :],
                          other=0.0).to(tl.float32)
         lo = _nibble_pairs_tile((words & 0x000F000F) | magic16, ((words >> 8) & 0x000F000F) | magic16)
-        hi = _nibble_pairs_tile((words & 0x00F000F0) | magic16, ((words >> 8) & 0x00F000F0) | magic16)
-        x1h = x1.to(tl.float16)
-        x2h = (x2 * 0.0625).to(tl.float16)
-        d = tl.dot(x1h, lo, input_precision="ieee")
-        d = tl.dot(x2h, hi, d, input_precision="ieee")
-        # sums of the activations, already broadcast over the tile's rows in the accumulator's
-        # layout, by the tensor cores (a row reduction would cost shuffles every step):
-        # so = sum(x1h) + sum(x2h) (the magic offset), sx = sum(x1h) + 16 sum(x2h) (sum of x)
-        so = tl.dot(x2h, ones, tl.dot(x1h, ones, input_precision="ieee"), input_precision="ieee")
-        sx = tl.dot(x2h, ones * 15.0, so, input_precision="ieee")
-        s, m = _scale_min(sp, mp, subp, submp, rows[None, :], (k0 // GDIV + tl.zeros((1, 1), tl.int32)), NG, NSUP,
-                          GROUP, ZERO, MIN_KIND, SUPER)
-        acc += (d - 1024.0 * so) * s + m * sx
+        if IN_TILE:
+            GT: tl.constexpr = BLOCK_K // GROUP  # groups in the tile (whole 32-code tiles each)
+            hi = _nibble_pairs_tile(((words >> 4) & 0x000F000F) | magic16, ((words >> 12) & 0x000F000F) | magic16)
+            g = k0 // GDIV + tl.arange(0, GT)
+            s, m = _scale_min(sp, mp, subp, submp, rows[None, :], g[:, None], NG, NSUP, GROUP, ZERO, MIN_KIND, SUPER)
+            acc = tl.dot(x1.to(tl.float16), _scaled_tile(lo, s, m, GT), acc, input_precision="ieee")
+            acc = tl.dot(x2.to(tl.float16), _scaled_tile(hi, s, m, GT), acc, input_precision="ieee")
+        else:
+            hi = _nibble_pairs_tile((words & 0x00F000F0) | magic16, ((words >> 8) & 0x00F000F0) | magic16)
+            x1h = x1.to(tl.float16)
+            x2h = (x2 * 0.0625).to(tl.float16)
+            d = tl.dot(x1h, lo, input_precision="ieee")
+            d = tl.dot(x2h, hi, d, input_precision="ieee")
+            # so = sum(x1h) + sum(x2h) (the magic offset), sx = sum(x1h) + 16 sum(x2h) (sum of x),
+            # already broadcast over the tile's rows in the accumulator's layout
+            so = tl.dot(x2h, ones, tl.dot(x1h, ones, input_precision="ieee"), input_precision="ieee")
+            sx = tl.dot(x2h, ones * 15.0, so, input_precision="ieee")
+            s, m = _scale_min(sp, mp, subp, submp, rows[None, :], (k0 // GDIV + tl.zeros((1, 1), tl.int32)), NG,
+                              NSUP, GROUP, ZERO, MIN_KIND, SUPER)
+            acc += (d - 1024.0 * so) * s + m * sx
     o_ptrs = out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -628,11 +649,15 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
         require(tc_supported(w), f"kind='tc' takes one 4-bit plane, not {w.layout.planes}")
         bm, bn, bk, warps, stages = config or TC_CONFIG
         g = w.layout.group or w.kp
-        bk = max(32, min(bk, g, 1 << (w.kp - 1).bit_length()))
+        in_tile = 0 < w.layout.group < bk  # smaller groups than the tile: scale the tile in float16
+        bk = max(32, min(bk, 1 << (w.kp - 1).bit_length()))
+        if not in_tile:
+            bk = min(bk, max(32, g))
         even = w.kp % bk == 0 and w.k == w.kp
         _qgemv_tc_kernel[(cdiv(w.n, bn), cdiv(M, bm))](
             x, out, tensors[0], *tensors[2:], M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC16,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, num_warps=warps, num_stages=stages, **consts_tc(consts))
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, IN_TILE=in_tile and bk > g, num_warps=warps,
+            num_stages=stages, **consts_tc(consts))
         return out
     if kind == "gemv":
         require(bm <= 16, f"the GEMV keeps block_m <= 16 rows in registers, got {bm}")
