@@ -213,6 +213,18 @@ def qmatmul_ref(x: torch.Tensor, w: QWeight) -> torch.Tensor:
 # ---- kernels -----------------------------------------------------------------------------------
 
 @jit
+def _program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's weight rows (grid axis 0) and activation rows (axis 1): offs_n, n_mask,
+    rows (int64; rows past N re-read row N-1 instead of masking, so loads stay unpredicated along
+    N and their results are never stored, as kernels/gemv.py does), offs_m, m_mask."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.where(n_mask, offs_n, N - 1).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_n, n_mask, rows, offs_m, offs_m < M
+
+
+@jit
 def _scale_min(sp, mp, subp, submp, rows, g, NG, NSUP,
                GROUP: tl.constexpr, ZERO: tl.constexpr, MIN_KIND: tl.constexpr, SUPER: tl.constexpr):
     """float32 (s, m - ZERO * s) of groups g of rows (int64 row indices; shapes broadcast).
@@ -330,15 +342,7 @@ def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, st
                   P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr,
                   MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    # Rows past N re-read row N-1 instead of masking (loads stay unpredicated along N; their
-    # results are never stored), as kernels/gemv.py does.
-    rows = tl.where(n_mask, offs_n, N - 1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
     xrow = x + offs_m.to(tl.int64)[:, None, None] * stride_xm  # [BM, 1, 1]
     acc0 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K * P0 // 32), dtype=tl.float32)
     if P1 > 0:
@@ -405,13 +409,7 @@ def _qgemm_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, st
                   P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr,
                   MIN_KIND: tl.constexpr, SUPER: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rows = tl.where(n_mask, offs_n, N - 1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -485,13 +483,7 @@ def _qgemv_tc_kernel(x, out, w0, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, str
       sums by the tensor cores too: a row reduction would cost shuffles every step);
     - IN_TILE 1 (smaller groups, e.g. GGUF's 32): the tile becomes q * s + m in float16 before the
       dot (a dequantized float16 weight, as a dequantize + matmul would use)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rows = tl.where(n_mask, offs_n, N - 1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
     W: tl.constexpr = BLOCK_K // 8
     wi = tl.arange(0, W)
     row_words = tl.multiple_of(KP // 8, 4)
