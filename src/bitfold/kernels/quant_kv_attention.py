@@ -600,8 +600,6 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, k
     q_mask = (offs_m[:, None] < q_len) & (d[None, :] < D)
     q_off = ((q_start + offs_m[:, None]).to(tl.int64) * NUM_HEADS + h) * D + d[None, :]
     qd = tl.load(q + q_off, mask=q_mask, other=0.0)
-    qf = qd.to(tl.float32)
-    qh = qd.to(tl.float16)
     kh = h // (NUM_HEADS // KVH)
     kv_hi = len_old + tl.minimum(m0 + BLOCK_M, q_len)
     kv_lo = tl.maximum(len_old + m0 - window + 1, 0) // BS * BS
@@ -639,7 +637,10 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, k
         noff = ((q_start + pos - len_old).to(tl.int64) * KVH + kh) * D
         s = tl.zeros([BLOCK_M, BS], tl.float32)
         if any_q:
-            s_q = _page_scores(qf, qd, qh, page, p0, seq_len, kh, k_codes, k_meta, K_KIND, K_BITS, KP, KVH, BS, D,
+            # q's float32 / float16 copies made per page, not held across the loop (registers: the
+            # int4 kernel spilled ~1.4 KB per thread with them held at 32-row tiles)
+            s_q = _page_scores(qd.to(tl.float32), qd, qd.to(tl.float16), page, p0, seq_len, kh, k_codes, k_meta,
+                               K_KIND, K_BITS, KP, KVH, BS, D,
                                DOT_PREC, BF16)
             s = tl.where(rows_q[:, None], s_q, s)
         if any_x:
