@@ -159,3 +159,25 @@ def test_checkpoint_on_gpu_storage_equals_dequantized(fmt, tmp_path, monkeypatch
     assert all(hasattr(m, "q_plane0") for m in r.model.modules() if isinstance(m, Linear))
     ids = list(range(1, 300, 19))
     assert rel_err(logits(r, ids), logits(dense, ids)) < 1e-5
+
+
+def test_per_row_int8_on_cpu_survives_a_massive_activation(monkeypatch):
+    """The CPU LUT kernel scales its int8 activation tables per group: a per-row int8 layer ran
+    with one scale for the whole input, so one activation of ~1e3 (Qwen2.5 has them) zeroed the
+    others (Qwen2.5-1.5B int8: perplexity +1794%). It now runs over table groups of <= 64."""
+    dev = _device("cpu", monkeypatch)
+    g = torch.Generator().manual_seed(8)
+    k, n = 1536, 48
+    w = torch.randn(n, k, generator=g) * 0.02
+    with torch.device(dev):
+        lin = Linear(k, {"a": n}, bias=False, fmt="int8", dtype=torch.float32)
+    lin.load_shard("a", w, False)
+    lin.fmt.process_after_loading(lin)
+    q, s, m = lin.fmt.codes(lin)
+    assert s.shape == (n, 1)  # still one scale per row as stored (and saved)
+    deq = dequantize(q, s, m, lin.in_padded)[:, :k].double()
+    x = torch.randn(4, k, generator=g)
+    x[:, 7] = 800.0
+    ref = x.double() @ deq.T
+    err = float((lin(x).double() - ref).norm() / ref.norm())
+    assert err < 0.05, err  # 0.031; with per-row tables 0.15
