@@ -146,19 +146,23 @@ class LayerRunner:
         return h + linear("down", F.silu(gate) * up)
 
 
-def calibrate(source, cfg, spec: LowBitSpec, calib: CalibConfig, log=sys.stderr) -> CalibResult:
+def calibrate(source, cfg, spec: LowBitSpec, calib: CalibConfig, log=None) -> CalibResult:
     """Codes of every decoder-layer linear weight of `source` (config `cfg`) in `spec` by
     `calib.method`, plus the float tensors AWQ's folds change."""
     from bitfold.eval.corpora import load_documents
     from bitfold.weights.packed import as_float
 
     t0 = time.perf_counter()
+    log = log or sys.stderr
     calib.validate()
     why = cal.supports(spec)
     if why is not None:
         raise BitfoldError(f"--method {calib.method} cannot produce {spec.name}: {why}")
     tokens = calibration_tokens(source.load_tokenizer(), load_documents(calib.corpus), calib.samples, calib.length,
                                 calib.seed)
+    if int(tokens.max()) >= cfg.vocab_size:
+        raise BitfoldError(f"{source.path}: its tokenizer gives ids up to {int(tokens.max())}, beyond the model's "
+                           f"{cfg.vocab_size} embeddings")
     weights = {n: as_float(t, t.shape[-1]).float() for n, t in source.weights()}
     runner = LayerRunner(cfg, weights, calib.length)
     result = CalibResult()
@@ -218,7 +222,7 @@ def _gptq_layer(runner: LayerRunner, i: int, h: torch.Tensor, spec: LowBitSpec, 
 
 def _awq_layer(runner: LayerRunner, i: int, h: torch.Tensor, spec: LowBitSpec, calib: CalibConfig,
                result: CalibResult) -> dict:
-    cfg, w, p = runner.cfg, runner.w, f"model.layers.{i}."
+    cfg, p = runner.cfg, f"model.layers.{i}."
     seen: dict = {}
 
     def visit(kind: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -237,23 +241,33 @@ def _awq_layer(runner: LayerRunner, i: int, h: torch.Tensor, spec: LowBitSpec, c
         s, info = cal.awq_scales(runner.linear_weight(i, kind), x, mean, spec)
         scales[kind] = s
         stats[kind] = {**info, "error_vs_rtn": info["error"] / max(info["rtn_error"], 1e-30)}
-    # Fold: every change below leaves the float layer's function as it was.
-    norm1, norm2 = p + "input_layernorm.weight", p + "post_attention_layernorm.weight"
-    result.dense[norm1] = w[norm1] / scales["qkv"]
-    result.dense[norm2] = w[norm2] / scales["gate_up"]
-    s_v = scales["o"].view(kvh, nh // kvh, d)[:, 0].reshape(-1)
-    s_up = scales["down"]
-    folded = {p + "self_attn.v_proj": s_v, p + "mlp.up_proj": s_up}
-    for name, s in folded.items():
-        if name + ".bias" in w:
-            result.dense[name + ".bias"] = w[name + ".bias"] / s
+    folded = awq_fold(runner, i, scales)
+    for name, t in folded.items():
+        if not name.endswith("_proj.weight"):  # norms and biases: float tensors of the checkpoint
+            result.dense[name] = t
     for kind in _LINEARS:
-        weight = runner.linear_weight(i, kind) * scales[kind]  # columns (inputs) scaled by s
-        row = 0
-        for n in _LINEARS[kind]:
-            rows = w[p + n + ".weight"].shape[0]
-            if p + n in folded:  # rows (outputs) divided by the next linear's scale
-                weight[row:row + rows] /= folded[p + n][:, None]
-            row += rows
+        weight = torch.cat([folded[f"{p}{n}.weight"] for n in _LINEARS[kind]])
         _store(result, runner, i, kind, quantize_rtn(_pad(weight, spec), spec))
     return stats
+
+
+def awq_fold(runner: LayerRunner, i: int, scales: dict) -> dict:
+    """Layer i's float tensors with AWQ's scales {kind: s [K]} folded in, by checkpoint name:
+    every linear weight's columns times s; the RMSNorm weights before qkv and gate_up divided
+    by their s; the v rows (and bias) divided by o's s and the up rows (and bias) by down's s.
+    The layer computes the same function with them (up to float rounding)."""
+    cfg, w, p = runner.cfg, runner.w, f"model.layers.{i}."
+    nh, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    out = {p + "input_layernorm.weight": w[p + "input_layernorm.weight"] / scales["qkv"],
+           p + "post_attention_layernorm.weight": w[p + "post_attention_layernorm.weight"] / scales["gate_up"]}
+    row_scales = {"self_attn.v_proj": scales["o"].view(kvh, nh // kvh, d)[:, 0].reshape(-1),
+                  "mlp.up_proj": scales["down"]}
+    for kind, names in _LINEARS.items():
+        for n in names:
+            t = w[f"{p}{n}.weight"] * scales[kind]
+            if n in row_scales:
+                t = t / row_scales[n][:, None]
+                if f"{p}{n}.bias" in w:
+                    out[f"{p}{n}.bias"] = w[f"{p}{n}.bias"] / row_scales[n]
+            out[f"{p}{n}.weight"] = t
+    return out

@@ -145,3 +145,28 @@ def test_calibration_forward_matches_transformers(kind, overrides, tmp_path):
         ref = hf(ids, output_hidden_states=True).hidden_states[-1]  # after the final norm
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + src.config.rms_norm_eps) * weights["model.norm.weight"]
     assert torch.allclose(h, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_awq_fold_keeps_the_float_layer(tmp_path):
+    """AWQ's folds (RMSNorm weights, v rows + bias for o under GQA, up rows + bias for down)
+    leave each layer's float function unchanged, whatever the scales."""
+    from bitfold.calibration import LayerRunner, awq_fold
+    from bitfold.loader import open_model
+    from tests.helpers import write_tiny_hf_model
+
+    write_tiny_hf_model("qwen2", tmp_path, mlp_bias=True)  # q/k/v biases, 4 query heads on 2 KV heads
+    src = open_model(str(tmp_path))
+    cfg = src.config
+    weights = dict(src.weights())
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, cfg.hidden_size, generator=g)
+    nh, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    s_o = torch.rand(kvh, 1, d, generator=g).add(0.5).expand(kvh, nh // kvh, d).reshape(-1)
+    scales = {"qkv": torch.rand(cfg.hidden_size, generator=g) + 0.5, "o": s_o,
+              "gate_up": torch.rand(cfg.hidden_size, generator=g) + 0.5,
+              "down": torch.rand(cfg.intermediate_size, generator=g) + 0.5}
+    plain = LayerRunner(cfg, weights, 9)
+    folded = LayerRunner(cfg, {**weights, **awq_fold(plain, 1, scales)}, 9)
+    same = lambda kind, x, w: w  # noqa: E731
+    with torch.no_grad():
+        assert torch.allclose(plain.forward(1, h, same), folded.forward(1, h, same), atol=1e-5, rtol=1e-5)
