@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue #12 part 4: rtn vs awq vs gptq quality with `bitfold eval ppl` on the CPU.
 # usage: benchmarks/calibrated_quality.sh NAME MODEL|default "FORMATS" "METHODS" [eval flags...]
-#   e.g. benchmarks/calibrated_quality.sh smollm2 default "int4 int3 int2" "gptq awq" --windows 32
+#   e.g. benchmarks/calibrated_quality.sh smollm2 default "int4-g64 int3-g64 int2-g64" "gptq awq" --windows 32
+# Name formats with their group: on a 4-bit GGUF a bare `--weights int4` keeps the file's own
+# blocks (no rounding at all), which is no round-to-nearest baseline.
 # Writes calibrated checkpoints to $CKPT (default /tmp/bitfold-calib/NAME-METHOD-FORMAT), then one
 # eval run over all of them in lockstep: fp32 dense (the reference: the checkpoint dequantized),
 # int8 and every format rounded to nearest at load (rtn), and each calibrated checkpoint.

@@ -43,6 +43,7 @@ from bitfold.weights.lowbit import LowBitSpec, quantize_rtn
 METHODS = ("rtn", "awq", "gptq")
 HOLDOUT = 0.1  # fraction of the corpus's documents (seed-0 order) never used for calibration
 AWQ_TOKENS = 2048  # tokens of each linear's inputs kept for AWQ's grid search (its mean |x| uses all)
+#                   and for the output errors printed per layer
 _LINEARS = {  # merged linear -> its checkpoint shards, in row order
     "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "o": ("self_attn.o_proj",),
@@ -211,8 +212,11 @@ def _gptq_layer(runner: LayerRunner, i: int, h: torch.Tensor, spec: LowBitSpec, 
         q, s, m, loss = cal.gptq_quantize(wp, H, spec, damp=calib.damp, act_order=calib.act_order)
         _store(result, runner, i, kind, (q, s, m))
         wq = cal.dequantize_codes(q, s, m, spec)
-        err = cal.output_error(wp, wq, H)
-        rtn = cal.output_error(wp, cal.dequantize_codes(*quantize_rtn(wp, spec), spec), H)
+        # the printed error vs rtn: on a sample of tokens (through H it cost N K^2 per linear)
+        xs = x[::max(1, x.shape[0] // AWQ_TOKENS)][:AWQ_TOKENS]
+        ref = xs @ w.t()
+        err = float((ref - xs @ wq[:, :K].t()).pow(2).sum())
+        rtn = float((ref - xs @ cal.dequantize_codes(*quantize_rtn(wp, spec), spec)[:, :K].t()).pow(2).sum())
         stats[kind] = {"error": err, "rtn_error": rtn, "error_vs_rtn": err / max(rtn, 1e-30), "gptq_loss": loss}
         return wq[:, :K]
 
