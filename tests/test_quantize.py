@@ -367,3 +367,63 @@ def test_smollm2_gguf_quantized_folder(smollm2_path, smollm2_int4, smollm2_int4_
                                                                                                theirs.add_bos)
     ids = theirs.encode("The capital of France is Paris. The capital of Germany is")
     assert_same_model(runner(out), smollm2_int4_at_load.engine.runner, ids)
+
+
+# ---- calibrated methods (--method awq|gptq) ----------------------------------------------------
+
+@pytest.fixture
+def tiny_calibration(monkeypatch):
+    """The tiny model's 320 ids cannot embed SmolLM2's tokenizer's ids: calibrate on random ids."""
+    import bitfold.calibration as calibration
+
+    def tokens(tokenizer, docs, samples, length, seed):
+        return torch.randint(0, 320, (samples, length), generator=torch.Generator().manual_seed(seed))
+
+    monkeypatch.setattr(calibration, "calibration_tokens", tokens)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_checkpoint_loads_and_differs_from_rtn(method, tiny_model_dir, tmp_path, tiny_calibration):
+    from bitfold.calibration import CalibConfig
+
+    out = tmp_path / method
+    s = quantize(str(tiny_model_dir), "int3-g32", str(out), calib=CalibConfig(method, samples=4, length=32))
+    assert s.method == method and s.linear_tensors == 3 * 7 + 1
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == f"{method}+rtn" and qc["calibration"]["samples"] == 4  # the head stays rtn
+    r, rtn = runner(out), runner(tiny_model_dir, weights="int3-g32")
+    la, lb = linears(r), linears(rtn)
+    assert any(not torch.equal(la[n].fmt.codes(la[n])[0], lb[n].fmt.codes(lb[n])[0]) for n in la)
+    assert torch.isfinite(logits(r, [1, 5, 9, 200])).all()
+    if method == "awq":  # the folded norms are stored
+        assert s.dense_dtypes.get("float32", 0) > 0
+
+
+def test_cli_calibration_errors(capsys, tiny_model_dir, tmp_path):
+    for argv, needle in (
+        (["--format", "int4", "--method", "sgd"], "--method 'sgd': expected one of rtn, awq, gptq"),
+        (["--format", "int4", "--method", "gptq", "--calib-len", "0"], "--calib-len must be at least 2"),
+        (["--format", "int4", "--method", "rtn", "--calib-len", "-3"], "--calib-len must be at least 2"),
+        (["--format", "int4", "--method", "awq", "--calib-samples", "0"], "--calib-samples must be positive"),
+        (["--format", "ternary", "--method", "gptq"], "cannot produce ternary-g64"),
+        (["--format", "int1-g32", "--method", "awq"], "cannot produce int1-g32"),
+    ):
+        assert main(["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bitfold: error: ") and needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_gptq_checkpoint_generates(smollm2_path, tmp_path, capsys):
+    """The default model by GPTQ on a little Wikipedia text: the folder `bitfold generate` loads
+    runs on the CPU LUT path (which words it picks moves with the threads' float sums in
+    calibration, so only that it generates is checked here; `bitfold eval` judges quality)."""
+    out = tmp_path / "gptq-int4"
+    assert main(["quantize", "--format", "int4-g128", "--method", "gptq", "--calib-samples", "2", "--calib-len", "64",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr()
+    assert "decoder layers by gptq" in text.out and "layer 30/30" in text.err
+    assert main(["generate", "The capital of France is", "--model", str(out), "--max-tokens", "8"]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("The capital of France is") and len(said.strip()) > len("The capital of France is")

@@ -55,6 +55,15 @@ def register(sub) -> None:
     p.add_argument("--dense-dtype", default="auto", choices=["auto", *DENSE_DTYPES],
                    help="embeddings, norms and biases: auto keeps their precision exactly; float16/bfloat16 "
                         "halve a float32 embedding at a rounding cost")
+    c = p.add_argument_group("calibration (--method awq|gptq; see bitfold/calibration.py)")
+    c.add_argument("--method", default="rtn",
+                   help="rtn: round to nearest over a searched range, no data; awq: activation-aware scales "
+                        "(arXiv 2306.00978) then rtn; gptq: error-compensating rounding (arXiv 2210.17323)")
+    c.add_argument("--calib-samples", type=int, default=64, help="calibration sequences of Wikipedia text")
+    c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")
+    c.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sample")
+    c.add_argument("--act-order", action="store_true",
+                   help="gptq: round columns by decreasing activation energy (group ranges fixed up front)")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -76,12 +85,15 @@ class QuantizeSummary:
     files: int
     disk_bytes: int
     seconds: float
+    method: str = "rtn"
 
     def lines(self) -> list[str]:
         mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
         head = f"; lm_head {self.head_format}" if self.head_format and self.head_format != self.format else ""
         how = (f"{self.converted} converted from GGUF blocks, {self.linear_tensors - self.converted} rounded to nearest"
                if self.converted else "rounded to nearest")
+        if self.method != "rtn":
+            how = f"decoder layers by {self.method}, the output layer rounded to nearest"
         params = self.linear_params + self.dense_params
         return [
             f"[bitfold] quantized {self.source} -> {self.out} ({self.format}) in {self.seconds:.1f}s",
@@ -95,8 +107,16 @@ class QuantizeSummary:
 
 
 def cmd_quantize(args) -> None:
+    from bitfold.calibration import METHODS, CalibConfig
+
+    if args.method not in METHODS:
+        raise BitfoldError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
+    calib = CalibConfig(method=args.method if args.method != "rtn" else "gptq", samples=args.calib_samples,
+                        length=args.calib_len, seed=args.calib_seed, act_order=args.act_order)
+    calib.validate()  # bad calibration flags are refused even where rtn would not read them
+    calib = None if args.method == "rtn" else calib
     summary = quantize(args.model, args.format, args.out, max_shard_bytes=parse_size(args.max_shard_size),
-                       dense_dtype=args.dense_dtype)
+                       dense_dtype=args.dense_dtype, calib=calib)
     print("\n".join(summary.lines()))
 
 
@@ -108,8 +128,10 @@ def parse_size(text: str) -> int:
 
 
 def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 10**9,
-             dense_dtype: str = "auto") -> QuantizeSummary:
-    """Quantize `model` (HF folder, .gguf, None = the default model) into folder `out`."""
+             dense_dtype: str = "auto", calib=None) -> QuantizeSummary:
+    """Quantize `model` (HF folder, .gguf, None = the default model) into folder `out`; with
+    `calib` (a calibration.CalibConfig) the decoder layers' linears by AWQ or GPTQ on calibration
+    text, the output layer still by round to nearest."""
     from bitfold.engine import warn_if_rounding_breaks
     from bitfold.loader import open_model
     from bitfold.models import MODELS
@@ -126,6 +148,13 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
         raise BitfoldError(f"--dense-dtype {dense_dtype!r}: expected auto, {', '.join(DENSE_DTYPES)}")
     if max_shard_bytes < 1:
         raise BitfoldError("--max-shard-size must be positive")
+    if calib is not None:
+        from bitfold.weights.calibrate import supports
+
+        calib.validate()
+        why = supports(spec)
+        if why is not None:
+            raise BitfoldError(f"--method {calib.method} cannot produce {spec.name}: {why}")
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise BitfoldError(f"{out}: already exists and is not an empty folder; choose a new --out")
@@ -140,19 +169,31 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    warn_if_rounding_breaks(fmt, None, flag="--format")
+    if calib is None:  # the warning is about data-free rounding
+        warn_if_rounding_breaks(fmt, None, flag="--format")
     configure_threads()  # rounding is parallel torch code: as many threads as there are free cores
+    calibrated = None
+    if calib is not None:  # before the temp folder: a missing corpus fails with nothing to clean up
+        from bitfold.calibration import calibrate
+
+        calibrated = calibrate(source, cfg, spec, calib)
     tmp = tempfile.mkdtemp(prefix=".bitfold-quantize-", dir=parent)
     try:
         _write_tokenizer(source, tmp)
-        stats = _write_weights(source, skeleton, spec.name, tmp, max_shard_bytes, dense_dtype)
+        stats = _write_weights(source, skeleton, spec.name, tmp, max_shard_bytes, dense_dtype, calibrated)
         head = skeleton.lm_head.fmt.spec.name  # a low-bit model always quantizes its output layer
-        converted, rounded = stats["converted"], stats["linear_tensors"] - stats["converted"]
+        converted, calibrated_n = stats["converted"], stats["calibrated"]
+        rounded = stats["linear_tensors"] - converted - calibrated_n
         qc = {"quant_method": "bitfold", "format": spec.name, "bits": spec.bits, "group_size": spec.group,
               "ternary": spec.ternary, "lm_head_format": head, "packing": "bitplanes-le",
-              "method": "+".join(m for m, n in (("rtn", rounded), ("gguf-blocks", converted)) if n)}
-        if rounded:  # how the rounded tensors' ranges were chosen (see lowbit.quantize_rtn)
+              "method": "+".join(m for m, n in ((calib and calib.method, calibrated_n), ("rtn", rounded),
+                                               ("gguf-blocks", converted)) if n)}
+        if rounded or calibrated_n:  # how the rounded tensors' ranges were chosen (see lowbit.quantize_rtn)
             qc["rounding"] = ROUNDINGS[0]
+        if calib is not None:
+            qc["calibration"] = {"method": calib.method, "corpus": calib.corpus, "samples": calib.samples,
+                                 "length": calib.length, "seed": calib.seed, "damp": calib.damp,
+                                 "act_order": calib.act_order, "seconds": round(calibrated.seconds, 1)}
         config = _hf_config(source, model_cls.config_overrides, cfg)
         config["quantization_config"] = qc
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -168,8 +209,10 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     files = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    stats.pop("calibrated")
     return QuantizeSummary(
         source=source.path, out=out, format=spec.name, head_format=head, layers=cfg.num_layers,
+        method=calib.method if calib is not None else "rtn",
         files=len(files), disk_bytes=sum(os.path.getsize(os.path.join(out, f)) for f in files),
         seconds=time.perf_counter() - t0, **stats)
 
@@ -190,7 +233,8 @@ def _write_tokenizer(source, folder: str) -> None:
 
 
 def _linear_codes(name: str, weight, linear, shard: str, origin: str):
-    """(q, scale, min, converted) for one linear weight, as Linear.load_shard would load it."""
+    """(q, scale, min, converted) for one linear weight, as Linear.load_shard would load it
+    (round to nearest, or a GGUF block's codes)."""
     from bitfold.weights.packed import PackedWeight
     from bitfold.weights.lowbit import quantize_rtn
 
@@ -225,17 +269,27 @@ def _dense(weight, dense_dtype: str) -> torch.Tensor:
     return t
 
 
-def _write_weights(source, skeleton, fmt: str, folder: str, max_shard_bytes: int, dense_dtype: str) -> dict:
+def _write_weights(source, skeleton, fmt: str, folder: str, max_shard_bytes: int, dense_dtype: str,
+                   calibrated=None) -> dict:
+    """Stream the source's weights into safetensors shards. `calibrated` (a CalibResult) supplies
+    the codes of the linears it covers and the float tensors its folds changed."""
     from bitfold.layers.linear import Linear
     from bitfold.weights.packed import pack_bitplanes
 
     writer = _ShardWriter(folder, max_shard_bytes)
     todo = {(id(m), s) for m in skeleton.modules() if isinstance(m, Linear) for s in m.shard_offsets}
-    stats = dict(linear_tensors=0, linear_params=0, linear_bytes=0, converted=0, dense_tensors=0, dense_params=0,
-                 dense_bytes=0, dense_dtypes={})
+    stats = dict(linear_tensors=0, linear_params=0, linear_bytes=0, converted=0, calibrated=0, dense_tensors=0,
+                 dense_params=0, dense_bytes=0, dense_dtypes={})
+    codes = calibrated.codes if calibrated is not None else {}
+    replaced = calibrated.dense if calibrated is not None else {}
 
     def add_linear(name: str, weight, linear: Linear, shard: str) -> None:
-        q, s, m, converted = _linear_codes(name, weight, linear, shard, source.path)
+        if name in codes:
+            q, s, m = codes[name]
+            converted = False
+            stats["calibrated"] += 1
+        else:
+            q, s, m, converted = _linear_codes(name, weight, linear, shard, source.path)
         tensors = {"qweight": pack_bitplanes(q, linear.fmt.spec.bits), "scales": s.half().contiguous(),
                    "mins": m.half().contiguous()}
         base = name.removesuffix(".weight")
@@ -253,7 +307,7 @@ def _write_weights(source, skeleton, fmt: str, folder: str, max_shard_bytes: int
             if target is not None:
                 add_linear(name, weight, *target)
             else:
-                t = _dense(weight, dense_dtype)
+                t = _dense(replaced.get(name, weight), dense_dtype)
                 writer.add({name: t.contiguous()})
                 stats["dense_tensors"] += 1
                 stats["dense_params"] += t.numel()
