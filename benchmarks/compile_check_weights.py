@@ -72,7 +72,6 @@ def main():
                  for m, c in qm.GEMM_CONFIGS.items()]
         if qm.tc_supported(lay):
             bm, bn, bk, warps, _ = qm.TC_CONFIG
-            tc_types = {kk: v for kk, v in types.items() if kk != "w1"}
             in_tile = 0 < lay.group < bk  # as the wrapper decides
             jobs.append(("tc", qm._qgemv_tc_kernel, dict(qm.consts_tc(consts), BLOCK_M=bm, BLOCK_N=bn,
                                                           BLOCK_K=bk if in_tile else min(bk, lay.group or bk),

@@ -588,6 +588,8 @@ def _args(w: QWeight):
 
 
 def default_config(m: int, kind: str, layout: QLayout | None = None) -> tuple[int, int, int, int, int]:
+    if kind == "tc":
+        return TC_CONFIG
     if kind == "gemv" and m == 1 and layout is not None:
         return GEMV_ONE_ROW_SUPER if layout.super_block else GEMV_ONE_ROW[layout.planes[0]]
     table = GEMV_CONFIGS if kind == "gemv" else GEMM_CONFIGS
@@ -605,9 +607,14 @@ def strategy(m: int) -> str:
 
 
 def _fit_block_k(bk: int, w: QWeight, kind: str) -> int:
-    """A tile of whole words for every plane, whole groups (or a divisor of one), within kp."""
-    bk = max(bk, 32)
+    """A tile of whole words for every plane, whole groups (or a divisor of one), within kp. The
+    tensor-core kernel takes a tile within one group, or (groups smaller than the tile) whole
+    groups that it scales in the tile: `0 < group < block_k` says which."""
     g = w.layout.group
+    if kind == "tc":
+        bk = max(32, min(bk, 1 << (w.kp - 1).bit_length()))
+        return bk if 0 < g < bk else min(bk, max(32, g or w.kp))
+    bk = max(bk, 32)
     if kind == "gemm" and g and g < bk:
         bk = max(bk // g, 1) * g
     return min(bk, max(32, 1 << (w.kp - 1).bit_length()))
@@ -639,19 +646,11 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     grid = (cdiv(w.n, bn), cdiv(M, bm))
     if kind == "tc":
         require(tc_supported(w), f"kind='tc' takes one 4-bit plane, not {w.layout.planes}")
-        bm, bn, bk, warps, stages = config or TC_CONFIG
-        g = w.layout.group or w.kp
-        in_tile = 0 < w.layout.group < bk  # smaller groups than the tile: scale the tile in float16
-        bk = max(32, min(bk, 1 << (w.kp - 1).bit_length()))
-        if not in_tile:
-            bk = min(bk, max(32, g))
-        even = w.kp % bk == 0 and w.k == w.kp
-        _qgemv_tc_kernel[(cdiv(w.n, bn), cdiv(M, bm))](
-            x, out, tensors[0], *tensors[2:], M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC16,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, IN_TILE=in_tile and bk > g, num_warps=warps,
-            num_stages=stages, **consts_tc(consts))
-        return out
-    if kind == "gemv":
+        _qgemv_tc_kernel[grid](x, out, tensors[0], *tensors[2:], M, w.n, w.k, w.kp, ng, nsup, x.stride(0),
+                               out.stride(0), MAGIC16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even,
+                               IN_TILE=0 < w.layout.group < bk, num_warps=warps, num_stages=stages,
+                               **consts_tc(consts))
+    elif kind == "gemv":
         require(bm <= 16, f"the GEMV keeps block_m <= 16 rows in registers, got {bm}")
         _qgemv_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC,
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, num_warps=warps,
