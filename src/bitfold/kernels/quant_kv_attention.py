@@ -165,22 +165,32 @@ def _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, kv_len, qpos, windo
 
 
 @jit
-def _attend_ring(qd, m_i, l_i, acc0, acc1, r0, r_hi, qpos, window, kh, seq_slot, ring_k, ring_v, scale_log2,
-                 KVH: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, CAP: tl.constexpr, BN: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
-    """Positions [r0, min(r0 + BN, r_hi)) from the sequence's 16-bit ring."""
-    NG: tl.constexpr = D // VG
+def _ring_scores(q, m_i, r0, r_hi, qpos, window, kh, seq_slot, ring_k, scale_log2,
+                 KVH: tl.constexpr, D: tl.constexpr, CAP: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores x log2(e) / sqrt(D) of q [M, D] against ring positions [r0, min(r0 + BN, r_hi)),
+    masked causally and to the window, and the online-softmax update they make: (ring offsets,
+    ok, s, m_new, m_base, alpha). The ring attention of both decode kernels starts here."""
     d = tl.arange(0, D)
     pos = r0 + tl.arange(0, BN)
     ok = pos < r_hi
     off = ((seq_slot.to(tl.int64) * CAP + pos % CAP) * KVH + kh) * D
     kt = tl.load(ring_k + off[None, :] + d[:, None], mask=ok[None, :], other=0.0)
-    s = tl.dot(qd, kt.to(qd.dtype), input_precision=DOT_PREC)
+    s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC)
     allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
     s = tl.where(allowed, s * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_base)
+    return off, ok, s, m_new, m_base, tl.exp2(m_i - m_base)
+
+
+@jit
+def _attend_ring(qd, m_i, l_i, acc0, acc1, r0, r_hi, qpos, window, kh, seq_slot, ring_k, ring_v, scale_log2,
+                 KVH: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, CAP: tl.constexpr, BN: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """Positions [r0, min(r0 + BN, r_hi)) from the sequence's 16-bit ring."""
+    NG: tl.constexpr = D // VG
+    off, ok, s, m_new, m_base, alpha = _ring_scores(qd, m_i, r0, r_hi, qpos, window, kh, seq_slot, ring_k, scale_log2,
+                                                    KVH, D, CAP, BN, DOT_PREC)
     p = tl.exp2(s - m_base[:, None]).to(qd.dtype)
     l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
     c = tl.arange(0, VG)
@@ -455,17 +465,8 @@ def _attend_ring_perm(qn, m_i, l_i, acc0, acc1, r0, r_hi, qpos, window, kh, seq_
                       VG: tl.constexpr, CAP: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
     """`_attend_ring` with q in channel order (qn) and the output in the planes kernel's (acc x SC)."""
     NG: tl.constexpr = D // VG
-    d = tl.arange(0, D)
-    pos = r0 + tl.arange(0, BN)
-    ok = pos < r_hi
-    off = ((seq_slot.to(tl.int64) * CAP + pos % CAP) * KVH + kh) * D
-    kt = tl.load(ring_k + off[None, :] + d[:, None], mask=ok[None, :], other=0.0)
-    s = tl.dot(qn, kt.to(qn.dtype), input_precision=DOT_PREC)
-    allowed = ok[None, :] & (pos[None, :] <= qpos[:, None]) & (qpos[:, None] - pos[None, :] < window)
-    s = tl.where(allowed, s * scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_base)
+    off, ok, s, m_new, m_base, alpha = _ring_scores(qn, m_i, r0, r_hi, qpos, window, kh, seq_slot, ring_k, scale_log2,
+                                                    KVH, D, CAP, BN, DOT_PREC)
     p = tl.exp2(s - m_base[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     p = (p * SC).to(qn.dtype)
