@@ -65,6 +65,28 @@ def randomize(storage) -> None:
                 part.copy_((torch.randn(part.shape, device=t.device) * 4).to(torch.float8_e4m3fn).view(torch.uint8))
 
 
+# llama3-8b's attention shape for the one-layer kernel scripts (tune_kv_attention.py,
+# kv_decode_variants.py): 32 q heads, 8 kv heads, head_dim 128.
+LLAMA3_8B = ModelConfig("LlamaForCausalLM", 128256, 4096, 14336, 32, 32, 8, 128)
+
+
+def paged_storage(name: str, batch: int, tokens: int, kvh: int, d: int, dev, dtype=torch.bfloat16, *,
+                  block_size: int | None = None, shuffle: bool = True, extra_blocks: int = 0):
+    """(codec, storage, block tables [batch, pages]) of `batch` sequences with room for `tokens`
+    each, random valid contents, in the codec's default page size unless `block_size`; with
+    `shuffle` each sequence's pages are scattered through the pool (as a real cache's are);
+    `extra_blocks` more pages in the pool that no table uses."""
+    codec = make_codec(name, dtype)
+    bs = block_size or codec.default_block_size
+    nb = -(-tokens // bs)
+    st = codec.allocate(batch * nb + extra_blocks, bs, kvh, d, dev, batch)
+    randomize(st)
+    tables = torch.arange(batch * nb, dtype=torch.int32, device=dev).view(batch, nb)
+    if shuffle:
+        tables = tables[:, torch.randperm(nb, device=dev)].contiguous()
+    return codec, st, tables
+
+
 def spec_for(name: str, mc: ModelConfig, num_seqs: int, dtype=torch.bfloat16) -> KVCacheSpec:
     codec = make_codec(name, dtype)
     bs = codec.default_block_size
@@ -95,13 +117,9 @@ def kernel_points(codecs, mc: ModelConfig, points, bw, reps) -> list[dict]:
     for B, ctx in points:
         base = None
         for name in codecs:
-            codec = make_codec(name, torch.bfloat16)
+            # room for the token the step writes; pages scattered
+            codec, st, tables = paged_storage(name, B, ctx + 1, KVH, D, dev, extra_blocks=1)
             bs = codec.default_block_size
-            nb_seq = -(-(ctx + 1) // bs)
-            st = codec.allocate(B * nb_seq + 1, bs, KVH, D, dev, B)
-            randomize(st)
-            tables = torch.arange(B * nb_seq, dtype=torch.int32, device=dev).view(B, nb_seq)
-            tables = tables[:, torch.randperm(nb_seq, device=dev)].contiguous()  # scattered pages
             ctx_lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
             slots = torch.arange(B, dtype=torch.int32, device=dev)
             slot_map = (tables[:, (ctx - 1) // bs].long() * bs + (ctx - 1) % bs).contiguous()

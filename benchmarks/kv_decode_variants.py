@@ -23,14 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import environment, graph_time, md_table, write_results  # noqa: E402
 from decode import copy_bandwidth  # noqa: E402
-from kv import randomize, spec_for  # noqa: E402
+from kv import LLAMA3_8B, paged_storage, spec_for  # noqa: E402
 
-from bitfold.config import ModelConfig  # noqa: E402
 from bitfold.kernels.paged_decode import paged_decode  # noqa: E402
 from bitfold.kernels.quant_kv_attention import quant_paged_decode, quant_paged_decode_ref  # noqa: E402
-from bitfold.kvcache.codecs import make_codec  # noqa: E402
 
-LLAMA3_8B = ModelConfig("LlamaForCausalLM", 128256, 4096, 14336, 32, 32, 8, 128)
 # (variant, num_warps, num_stages, waves): the old kernel at its tuned default, the new one at a few
 CONFIGS = [("tiles", 4, 2, 8), ("planes", 4, 2, 8), ("planes", 4, 3, 8), ("planes", 8, 2, 8), ("planes", 4, 1, 8),
            ("planes", 4, 2, 4)]
@@ -68,11 +65,8 @@ def main():
         q = torch.randn(B, H, D, device=dev, dtype=dt)
         lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
         slots = torch.arange(B, dtype=torch.int32, device=dev)
-        codec = make_codec("bf16", dt)
-        nb = -(-ctx // 16)
-        st = codec.allocate(B * nb, 16, KVH, D, dev)
-        randomize(st)
-        tables = torch.arange(B * nb, dtype=torch.int32, device=dev).view(B, nb)
+        # dense reference point: 16-token pages in order
+        _, st, tables = paged_storage("bf16", B, ctx, KVH, D, dev, dt, block_size=16, shuffle=False)
         t_dense = timer([lambda: paged_decode(q, st.k, st.v, tables, lens, scale, max_context_len=ctx)], args.reps)
         dense_bytes = B * ctx * 2 * KVH * D * 2
         r = {"codec": "bf16", "batch": B, "context": ctx, "variant": "dense", "warps": 4, "stages": 2, "waves": "",
@@ -85,14 +79,8 @@ def main():
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         for name in args.codecs.split(","):
-            codec = make_codec(name, dt)
-            bs = codec.default_block_size
-            nb = -(-ctx // bs)
-            st = codec.allocate(B * nb, bs, KVH, D, dev, B)
-            randomize(st)
+            _, st, tables = paged_storage(name, B, ctx, KVH, D, dev, dt)  # scattered pages
             lay = st.layout
-            tables = torch.arange(B * nb, dtype=torch.int32, device=dev).view(B, nb)
-            tables = tables[:, torch.randperm(nb, device=dev)].contiguous()
             n = min(B, args.check_seqs)
             ref = quant_paged_decode_ref(lay, q[:n], st, tables[:n], lens[:n], slots[:n], scale).float()
             kv_bytes = B * spec_for(name, mc, B).bytes_per_token(ctx) * ctx / mc.num_layers

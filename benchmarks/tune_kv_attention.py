@@ -20,14 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import environment, graph_time, md_table, write_results  # noqa: E402
 from decode import copy_bandwidth  # noqa: E402
-from kv import randomize, spec_for  # noqa: E402
+from kv import LLAMA3_8B, paged_storage, spec_for  # noqa: E402
 
-from bitfold.config import ModelConfig  # noqa: E402
 from bitfold.kernels.paged_decode import paged_decode  # noqa: E402
 from bitfold.kernels.quant_kv_attention import quant_paged_decode, quant_paged_decode_ref  # noqa: E402
-from bitfold.kvcache.codecs import make_codec  # noqa: E402
-
-LLAMA3_8B = ModelConfig("LlamaForCausalLM", 128256, 4096, 14336, 32, 32, 8, 128)
 
 
 def main():
@@ -52,25 +48,15 @@ def main():
         q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
         lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
         slots = torch.arange(B, dtype=torch.int32, device=dev)
-        # dense reference point
-        codec = make_codec("bf16", torch.bfloat16)
-        nb = -(-ctx // 16)
-        st = codec.allocate(B * nb, 16, KVH, D, dev)
-        randomize(st)
-        tables = torch.arange(B * nb, dtype=torch.int32, device=dev).view(B, nb)
+        # dense reference point: 16-token pages in order
+        _, st, tables = paged_storage("bf16", B, ctx, KVH, D, dev, torch.bfloat16, block_size=16, shuffle=False)
         t_dense = graph_time([lambda: paged_decode(q, st.k, st.v, tables, lens, scale, max_context_len=ctx)], args.reps)
         dense_bytes = B * ctx * 2 * KVH * D * 2
         print(f"[tune] B={B} ctx={ctx} dense bf16: {t_dense * 1e6:.1f} us ({dense_bytes / t_dense / 1e9:.0f} GB/s)", flush=True)
         del st
         for name in args.codecs.split(","):
-            codec = make_codec(name, torch.bfloat16)
-            bs = codec.default_block_size
-            nb = -(-ctx // bs)
-            st = codec.allocate(B * nb, bs, KVH, D, dev, B)
-            randomize(st)
+            _, st, tables = paged_storage(name, B, ctx, KVH, D, dev, torch.bfloat16)  # scattered pages
             lay = st.layout
-            tables = torch.arange(B * nb, dtype=torch.int32, device=dev).view(B, nb)
-            tables = tables[:, torch.randperm(nb, device=dev)].contiguous()
             ref = quant_paged_decode_ref(lay, q[:1], st, tables[:1], lens[:1], slots[:1], scale) if ctx <= 65536 else None
             kv_bytes = B * spec_for(name, mc, B).bytes_per_token(ctx) * ctx / mc.num_layers
             best = None
