@@ -198,7 +198,7 @@ GEMV_SWEEP = [(1, bn, bk, wp, st) for bn in (2, 4, 8, 16) for bk in (1024, 2048,
 
 
 def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), layers=("gate_up", "o"),
-          rows=(1, 16, 64), on_layer=None) -> list[dict]:
+          rows=(1, 16, 64), on_layer=None, kinds=None) -> list[dict]:
     """Launch configurations per format at 1 (the register GEMV's grid), 16 and 64 rows on
     gate|up (wide) and o (square) by default."""
     grid = {1: ("gemv", GEMV_SWEEP),
@@ -217,6 +217,8 @@ def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), la
         jobs = list(grid.items())
         if qm.tc_supported(qw):
             jobs += [(M, ("tc", TC)) for M in (1, 16) if M in rows]
+        if kinds:
+            jobs = [j for j in jobs if j[1][0] in kinds]
         for M, (kind, configs) in jobs:
             x = torch.randn(M, k, device=DEV, dtype=DTYPE, generator=gen)
             ref = qm.qmatmul_ref(x, qw).float()
@@ -396,6 +398,7 @@ def main():
                     help="only the launch-config sweep, for these formats (comma-separated), e.g. int4-g128,q4_k")
     ap.add_argument("--sweep-layers", default="gate_up,o")
     ap.add_argument("--sweep-rows", default="1,16,64")
+    ap.add_argument("--sweep-kinds", default=None, help="only these kernels' configurations (gemv,gemm,tc)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test of the script (tiny shapes, interpreter)")
     args = ap.parse_args()
@@ -436,7 +439,8 @@ def main():
     if args.sweep_only:
         payload["sweep"] = sweep(bw, args.reps, gen, args.sweep_only.split(","), args.sweep_layers.split(","),
                                  [int(r) for r in args.sweep_rows.split(",")],
-                                 on_layer=lambda pts: (payload.__setitem__("sweep", pts), save()))
+                                 on_layer=lambda pts: (payload.__setitem__("sweep", pts), save()),
+                                 kinds=args.sweep_kinds.split(",") if args.sweep_kinds else None)
         print(*save())
         return
     for layer, (n, k) in LAYERS.items():
