@@ -149,6 +149,8 @@ def kernel_points(fmt: str, layer: str, qw: qm.QWeight, bw: float, reps: int, ge
         kinds = [qm.strategy(M)]
         if M <= qm.GEMV_MAX_ROWS:
             kinds.append("gemm")  # the skinny tl.dot path
+        if M <= 16 and qm.dp4a_supported(qw):
+            kinds.append("dp4a")  # int8 activations, integer dot products (not yet a default)
         if M <= 16 and qm.tc_supported(qw):
             kinds.append("tc")  # 4-bit codes as float16 magic pairs on tensor cores (not yet a default)
         elif M >= 64:
@@ -208,6 +210,9 @@ def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), la
                                                                       (128, 128, 4, 3), (64, 256, 4, 4))]),
             64: ("gemm", [(64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 64, 128, 4, 3)])}
     grid = {m: v for m, v in grid.items() if m in rows}
+    DP4A = {1: [(1, bn, bk, wp, 1) for bn in (4, 8, 16) for bk in (2048, 4096) for wp in (4, 8)],
+            4: [(4, bn, bk, 4, 1) for bn in (4, 8, 16) for bk in (512, 1024, 2048)],
+            16: [(16, bn, bk, 4, 1) for bn in (2, 4, 8) for bk in (256, 512, 1024)] + [(8, 8, 512, 4, 1)]}
     TC = [(16, 256, 128, 8, 2), (16, 256, 128, 8, 1), (16, 128, 128, 8, 1), (16, 512, 128, 16, 1),
           (16, 512, 128, 8, 2), (16, 64, 128, 4, 3), (16, 128, 128, 4, 2)]  # kind "tc", if the format has it
     out = []
@@ -217,6 +222,8 @@ def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), la
         jobs = list(grid.items())
         if qm.tc_supported(qw):
             jobs += [(M, ("tc", TC)) for M in (1, 16) if M in rows]
+        if qm.dp4a_supported(qw):
+            jobs += [(M, ("dp4a", DP4A[M])) for M in DP4A if M in rows]
         if kinds:
             jobs = [j for j in jobs if j[1][0] in kinds]
         for M, (kind, configs) in jobs:
@@ -296,6 +303,17 @@ def model_bytes(model) -> int:
 
 
 def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
+    """One format end to end; "<format>+dp4a" runs it with the int8-activation GEMV as the
+    default up to 16 rows (qmatmul.DP4A_MAX_ROWS)."""
+    if fmt.endswith("+dp4a"):
+        qm.DP4A_MAX_ROWS = 16
+        try:
+            rows = e2e(fmt[: -len("+dp4a")], args, bw, mm_rate)
+        finally:
+            qm.DP4A_MAX_ROWS = 0
+        for r in rows:
+            r["format"] = fmt
+        return rows
     mc = model_config(args.prefill + 256)
     weights = {"bf16": "dense", "q4_k_m": "auto"}.get(fmt, fmt)
     cfg = EngineConfig(device=DEV, dtype="bfloat16", weights=weights, max_model_len=mc.max_position_embeddings,

@@ -180,3 +180,63 @@ def test_tensor_core_gemv_matches_oracle(name, M, config):
     torch.testing.assert_close(y.double().cpu(), ref.cpu(), rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
     assert not qm.tc_supported(make_weight(8, 64, LAYOUTS["int3-g64"])[0])
     assert not qm.tc_supported(qm.QLayout((4,), 16))
+
+
+def test_quantize_x_matches_reference():
+    """_quant_x_kernel's packed int8 bytes, tile scales and sums against quantize_x_ref, with K
+    not a multiple of 32 (zero-padded codes), a zero tile (scale 0, codes 0) and a large outlier."""
+    need_triton()
+    k, kp = 300, 320
+    x = torch.randn(3, k, device=DEVICE)
+    x[1, 32:64] = 0.0
+    x[2, 5] = 900.0
+    xq, xs, xsum = qm.quantize_x(x, kp)
+    q, xs_ref, xsum_ref = qm.quantize_x_ref(x, kp)
+    words = xq.cpu().view(3, kp // 32, 8)
+    got = torch.zeros(3, kp)
+    for b in range(4):  # word u of tile t, byte b: x[32 t + 8 b + u]
+        byte = ((words << (24 - 8 * b)) >> 24).float()
+        got.view(3, kp // 32, 4, 8)[:, :, b, :] = byte
+    assert torch.equal(got, q.cpu())
+    assert q.abs().max() <= 127 and torch.equal(q[1, 32:64].cpu(), torch.zeros(32))
+    torch.testing.assert_close(xs.cpu(), xs_ref.cpu(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(xsum.cpu(), xsum_ref.cpu(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n, lay in LAYOUTS.items() if qm.dp4a_supported(lay)] + ["int4-ch"])
+@pytest.mark.parametrize("M,config", [(1, None), (1, (1, 8, 64, 4, 1)), (3, (4, 4, 128, 4, 1)),
+                                      (17, (16, 8, 32, 4, 1))])
+def test_dp4a_gemv_matches_reference(name, M, config):
+    """kind="dp4a": int8 activations (per 32-code tile) against the weight fields in integer dot
+    products. The kernel equals qmatmul_dp4a_ref up to float32 sums; that reference is within
+    the int8 activations' rounding of the exact float64 product."""
+    need_triton()
+    lay = LAYOUTS.get(name) or qm.QLayout((4,), 0)
+    n, k = 36, 296
+    w, w64, _ = make_weight(n, k, lay, seed=M)
+    x = torch.randn(M, k, device=DEVICE)
+    y = qm.qmatmul(x, w, kind="dp4a", config=config)
+    ref = qm.qmatmul_dp4a_ref(x, w)
+    exact = x.double() @ w64.to(x.device).T
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(y.double().cpu(), ref.double().cpu(), rtol=1e-5, atol=1e-5 * scale)
+    # int8 activations: ~0.6% relative rounding per value, not a bug-sized error
+    rel = float((ref.double() - exact).norm() / exact.norm())
+    assert rel < 0.03, rel
+
+
+def test_dp4a_default_and_refusals():
+    need_triton()
+    w, _, _ = make_weight(8, 64, LAYOUTS["int4-g32"])
+    x = torch.randn(1, 64, device=DEVICE)
+    assert torch.equal(qm.qmatmul(x, w), qm.qmatmul(x, w, kind="gemv"))  # DP4A_MAX_ROWS 0: not a default
+    old = qm.DP4A_MAX_ROWS
+    try:
+        qm.DP4A_MAX_ROWS = 16
+        assert torch.equal(qm.qmatmul(x, w), qm.qmatmul(x, w, kind="dp4a"))
+        w16, _, _ = make_weight(8, 64, LAYOUTS["q6_k"])  # groups of 16: the float GEMV instead
+        assert torch.equal(qm.qmatmul(x, w16), qm.qmatmul(x, w16, kind="gemv"))
+    finally:
+        qm.DP4A_MAX_ROWS = old
+    with pytest.raises(ValueError, match="groups of >= 32"):
+        qm.qmatmul(x, make_weight(8, 64, LAYOUTS["int1-g16"])[0], kind="dp4a")

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, jit, require, require_launchable, tl
+from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, interpreting, jit, require, require_launchable, tl
 
 PLANES = {8: (8,), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,), 1: (1,)}
 MIN_KINDS = ("none", "fp16", "sub", "nibble")
@@ -530,12 +530,185 @@ def _qgemv_tc_kernel(x, out, w0, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, str
     tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+# ---- integer GEMV: int8 activations, dp4a (kind="dp4a") ----------------------------------------
+# llama.cpp's mmvq idea in this layout: the activations are quantized to int8 per 32-code tile
+# (absmax / 127, as GGUF's Q8_1), so a weight word's fields meet them in integer dot products of
+# four bytes (dp4a: four multiply-adds in one instruction). A plane of P bits has 32/P fields per
+# word; (word >> d*P) & MASK holds fields d, d + 8/P, d + 16/P, d + 24/P as four bytes, i.e.
+# (module docstring's code 32t + P*j + w) codes 32t + 8b + P*d + w for bytes b = 0..3: so one
+# packing of x serves every plane width, word u (0..7) of a tile holding bytes x[32t + u + 8b].
+# Per 32 codes of a 4-bit plane: 4 weight words, 8 dp4a, ~6 mask/shift ops, one int->float and two
+# FMAs per tile for the scale, the min and x's scale: under one instruction per code (the float
+# GEMV: ~6.5).
+I8_MAGIC = 12582912.0  # 1.5 * 2^23: v + this, bitcast, minus its bits = round-half-even(v)
+
+
+@jit
+def _quant_x_kernel(x, xq, xs, xsum, K, KP, stride_xm, BLOCK_T: tl.constexpr):
+    """x [M, K] float -> xq int32 [M, KP / 4] (tile t's word u: bytes x[32t + u + 8b] / scale,
+    rounded, b = 0..3), xs float32 [M, KP / 32] (the tile's absmax / 127) and xsum float32
+    [M, KP / 32] (the tile's sum of x, for the groups' mins)."""
+    m = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.arange(0, 4)
+    u = tl.arange(0, 8)
+    k = t[:, None, None] * 32 + b[None, :, None] * 8 + u[None, None, :]  # [T, 4, 8]
+    v = tl.load(x + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(v), axis=2), axis=1)  # [T]
+    scale = amax / 127.0
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    r = (v * inv[:, None, None] + I8_MAGIC).to(tl.int32, bitcast=True) - 0x4B400000  # in [-127, 127]
+    word = tl.sum((r & 0xFF) << (b * 8)[None, :, None], axis=1)  # [T, 8]: disjoint bytes, the sum is an OR
+    tmask = t < KP // 32
+    tl.store(xq + m * (KP // 4) + t[:, None] * 8 + u[None, :], word, mask=tmask[:, None])
+    tl.store(xs + m * (KP // 32) + t, scale, mask=tmask)
+    tl.store(xsum + m * (KP // 32) + t, tl.sum(tl.sum(v, axis=2), axis=1), mask=tmask)
+
+
+@jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + sum over bytes i of a's unsigned byte i times b's signed byte i (int32 tensors of one
+    shape). ASM: PTX dp4a.u32.s32; else the same in integer ops (Triton's interpreter runs no PTX)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = c
+        for i in tl.static_range(4):
+            r += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+        return r
+
+
+@jit
+def _plane_dp4a(wp, xqrow, rows, k0, KP, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+    """int32 [BLOCK_M, BLOCK_N, BLOCK_K / 32]: per 32-code tile, the sum of one plane's codes
+    times the int8 activations (xqrow [BLOCK_M, 1, 1, 1] row pointers into xq)."""
+    NT: tl.constexpr = BLOCK_K // 32
+    D: tl.constexpr = 8 // P  # dp4a per weight word
+    MASK: tl.constexpr = (1 << P) - 1 if P == 8 else ((1 << P) - 1) * 0x01010101
+    wi = tl.arange(0, NT * P)
+    row_words = tl.multiple_of(KP // 32 * P, P)
+    wptr = wp + rows[:, None] * row_words + (k0 // 32 * P + wi)[None, :]
+    t = tl.arange(0, NT)
+    w = tl.arange(0, P)
+    if EVEN:
+        words = tl.load(wptr)
+    else:
+        words = tl.load(wptr, mask=(k0 + (wi // P) * 32 < KP)[None, :], other=0)
+    words = tl.reshape(words, (1, BLOCK_N, NT, P))
+    acc = tl.zeros((BLOCK_M, BLOCK_N, NT, P), dtype=tl.int32)
+    for d in tl.static_range(D):
+        xo = (k0 // 32 + t)[:, None] * 8 + (P * d + w)[None, :]  # [NT, P]
+        if EVEN:
+            xw = tl.load(xqrow + xo[None, None, :, :])
+        else:
+            xw = tl.load(xqrow + xo[None, None, :, :], mask=(k0 + t * 32 < KP)[None, None, :, None], other=0)
+        if P == 8:
+            a = words
+        else:
+            a = (words >> (d * P)) & MASK
+        acc = _dp4a(tl.broadcast_to(a, acc.shape), tl.broadcast_to(xw, acc.shape), acc, ASM)
+    return tl.sum(acc, axis=3)
+
+
+@jit
+def _qgemv_dp4a_kernel(xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, KP, NG, NSUP, stride_om,
+                       P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr,
+                       ZERO: tl.constexpr, MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+    """BLOCK_N weight rows times BLOCK_M int8 activation rows (`_quant_x_kernel`'s xq, xs, xsum):
+    per tile, an integer dot per plane (the high plane's codes count 2^P0), then
+    acc += float(dot) * x_scale * s + m * sum(x) with the group's scale s and min m (groups of >= 32
+    codes: one per tile)."""
+    offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
+    mrow = tl.where(m_mask, offs_m, M - 1).to(tl.int64)  # rows past M re-read row M-1, never stored
+    NT: tl.constexpr = BLOCK_K // 32
+    xqrow = xq + mrow[:, None, None, None] * (KP // 4)
+    t = tl.arange(0, NT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, NT), dtype=tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        isum = _plane_dp4a(w0, xqrow, rows, k0, KP, P0, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM)
+        if P1 > 0:
+            isum += _plane_dp4a(w1, xqrow, rows, k0, KP, P1, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM) << P0
+        to = mrow[:, None, None] * (KP // 32) + (k0 // 32 + t)[None, None, :]
+        if EVEN:
+            xsc = tl.load(xs + to)
+            xsm = tl.load(xsum + to)
+        else:
+            tm = (k0 + t * 32 < KP)[None, None, :]
+            xsc = tl.load(xs + to, mask=tm, other=0.0)
+            xsm = tl.load(xsum + to, mask=tm, other=0.0)
+        s, m = _scale_min(sp, mp, subp, submp, rows[:, None], ((k0 + t * 32) // GDIV)[None, :], NG, NSUP,
+                          GROUP, ZERO, MIN_KIND, SUPER)
+        acc += isum.to(tl.float32) * xsc * s[None, :, :] + m[None, :, :] * xsm
+    y = tl.sum(acc, axis=2)
+    o_ptrs = out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, y.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def quantize_x(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_quant_x_kernel`: (xq int32 [M, kp / 4], xs, xsum float32 [M, kp / 32])."""
+    M, K = x.shape
+    xq = torch.empty((M, kp // 4), dtype=torch.int32, device=x.device)
+    xs = torch.empty((M, kp // 32), dtype=torch.float32, device=x.device)
+    xsum = torch.empty_like(xs)
+    bt = min(QUANT_X_TILES, 1 << (kp // 32 - 1).bit_length())
+    _quant_x_kernel[(M, cdiv(kp // 32, bt))](x, xq, xs, xsum, K, kp, x.stride(0), BLOCK_T=bt, num_warps=4)
+    return xq, xs, xsum
+
+
+def quantize_x_ref(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch `quantize_x`, but with the int8 values unpacked: (q float [M, kp] in natural order,
+    xs [M, kp / 32], xsum [M, kp / 32])."""
+    M, K = x.shape
+    v = torch.zeros((M, kp), dtype=torch.float32, device=x.device)
+    v[:, :K] = x.float()
+    v = v.view(M, kp // 32, 32)
+    amax = v.abs().amax(dim=2)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(v * inv[..., None])  # half to even, as the kernel's magic add
+    return q.view(M, kp), amax / 127.0, v.sum(dim=2)
+
+
+def qmatmul_dp4a_ref(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """What kind="dp4a" computes, in float64: sum over tiles of s * x_scale * (codes . int8 x)
+    + m' * sum(x), with m' = m - zero * s (exact up to the kernel's float32 sums)."""
+    _check(x, w)
+    q, xs, xsum = quantize_x_ref(x, w.kp)
+    codes = unpack_codes(w.planes, w.layout.planes, w.kp).double().to(x.device)
+    s, m = group_scales(w)
+    g = w.layout.group or w.kp
+    s = s.double().to(x.device).repeat_interleave(g, dim=1)  # per code
+    m = torch.zeros_like(s) if m is None else m.double().to(x.device).repeat_interleave(g, dim=1)
+    m = m - w.layout.zero * s
+    xhat = q.double() * xs.double().repeat_interleave(32, dim=1)
+    part = xhat @ (codes * s).T
+    # the min meets each tile's exact sum of x: m' is constant over a tile (groups >= 32)
+    mins = xsum.double() @ m.view(w.n, w.kp // 32, 32)[:, :, 0].T
+    return (part + mins).to(x.dtype)
+
+
+def dp4a_supported(w: QWeight) -> bool:
+    """kind="dp4a" takes every plane split with groups of >= 32 codes (or one per row): a 32-code
+    tile then has one scale and one min."""
+    lay = w.layout if isinstance(w, QWeight) else w
+    return lay.group == 0 or lay.group >= 32
+
+
 MAGIC16 = 0x64006400  # two float16 1024.0: see _qgemv_tc_kernel
 # (block_m, block_n, block_k, num_warps, num_stages): from sm_90 compiles only (no GPU timing yet):
 # 256-row slabs, 8 warps, 2 stages: 127 registers, ~3.6 SASS instructions per code in the loop
 # (the register GEMV: ~6.5), as the tile's x work (16 rows, mostly masked at batch 1) is shared
 # by more weight rows. benchmarks/weights.py times it beside the GEMV and the GEMM.
 TC_CONFIG = (16, 256, 128, 8, 2)
+# kind="dp4a" by activation rows, from sm_90 compiles (not yet timed): ~1.4 instructions per code
+# at one row (int4-g128, 64 registers), ~0.9 per code and row at 4, ~0.65 at 16.
+DP4A_CONFIGS = {1: (1, 8, 4096, 4, 1), 4: (4, 8, 1024, 4, 1), 16: (16, 8, 512, 4, 1)}
+# qmatmul's default takes kind="dp4a" up to this many rows where the layout allows (0: never;
+# the int8 activations cost ~0.5% relative error per product, see qmatmul_dp4a_ref)
+DP4A_MAX_ROWS = 0
+QUANT_X_TILES = 32  # 32-code tiles per program of _quant_x_kernel
 
 
 def tc_supported(w: QWeight) -> bool:
@@ -590,6 +763,8 @@ def _args(w: QWeight):
 def default_config(m: int, kind: str, layout: QLayout | None = None) -> tuple[int, int, int, int, int]:
     if kind == "tc":
         return TC_CONFIG
+    if kind == "dp4a":
+        return DP4A_CONFIGS[min((r for r in DP4A_CONFIGS if r >= m), default=max(DP4A_CONFIGS))]
     if kind == "gemv" and m == 1 and layout is not None:
         return GEMV_ONE_ROW_SUPER if layout.super_block else GEMV_ONE_ROW[layout.planes[0]]
     table = GEMV_CONFIGS if kind == "gemv" else GEMM_CONFIGS
@@ -615,6 +790,8 @@ def _fit_block_k(bk: int, w: QWeight, kind: str) -> int:
         bk = max(32, min(bk, 1 << (w.kp - 1).bit_length()))
         return bk if 0 < g < bk else min(bk, max(32, g or w.kp))
     bk = max(bk, 32)
+    if kind == "dp4a":  # whole 32-code tiles (every group >= 32 is whole tiles)
+        return min(bk, max(32, 1 << (w.kp - 1).bit_length()))
     if kind == "gemm" and g and g < bk:
         bk = max(bk // g, 1) * g
     return min(bk, max(32, 1 << (w.kp - 1).bit_length()))
@@ -633,7 +810,8 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     require(out.shape == (M, w.n) and out.stride(1) == 1 and out.dtype == x.dtype, "out must be [M, n] in x's dtype")
     if M == 0:
         return out
-    kind = kind or strategy(M)
+    if kind is None:
+        kind = "dp4a" if M <= DP4A_MAX_ROWS and dp4a_supported(w) else strategy(M)
     if kind == "dequant":
         if out.is_contiguous():
             return torch.matmul(x, dequantize(w, x.dtype).t(), out=out)
@@ -650,6 +828,13 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
                                out.stride(0), MAGIC16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even,
                                IN_TILE=0 < w.layout.group < bk, num_warps=warps, num_stages=stages,
                                **consts_tc(consts))
+    elif kind == "dp4a":
+        require(dp4a_supported(w), f"kind='dp4a' takes groups of >= 32 codes, not {w.layout.group}")
+        require(bm <= 16, f"the dp4a GEMV keeps block_m <= 16 rows in registers, got {bm}")
+        xq, xs, xsum = quantize_x(x, w.kp)
+        _qgemv_dp4a_kernel[grid](xq, xs, xsum, out, *tensors, M, w.n, w.kp, ng, nsup, out.stride(0), BLOCK_M=bm,
+                                 BLOCK_N=bn, BLOCK_K=bk, EVEN=w.kp % bk == 0, ASM=not interpreting(),
+                                 num_warps=warps, num_stages=stages, **consts)
     elif kind == "gemv":
         require(bm <= 16, f"the GEMV keeps block_m <= 16 rows in registers, got {bm}")
         _qgemv_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC,
