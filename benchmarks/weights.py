@@ -402,7 +402,7 @@ def report(payload: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer formats, no launch-config sweep")
-    ap.add_argument("--formats", default=None, help="kernel formats (comma-separated)")
+    ap.add_argument("--formats", default=None, help="kernel formats (comma-separated; '' for none)")
     ap.add_argument("--e2e-formats", default=None, help="end-to-end formats (comma-separated; '' for none)")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--context", type=int, default=512)
@@ -428,7 +428,8 @@ def main():
         sys.exit("benchmarks/weights.py needs a CUDA GPU (or --smoke)")
     start = time.perf_counter()
     args.batches = [int(b) for b in args.batches.split(",")]
-    kformats = args.formats.split(",") if args.formats else (QUICK_KERNEL_FORMATS if args.quick else KERNEL_FORMATS)
+    kformats = ([f for f in args.formats.split(",") if f] if args.formats is not None
+                else (QUICK_KERNEL_FORMATS if args.quick else KERNEL_FORMATS))  # '' for none
     eformats = ([f for f in args.e2e_formats.split(",") if f] if args.e2e_formats is not None
                 else (QUICK_E2E_FORMATS if args.quick else E2E_FORMATS))
     if args.quick:
@@ -461,7 +462,7 @@ def main():
                                  kinds=args.sweep_kinds.split(",") if args.sweep_kinds else None)
         print(*save())
         return
-    for layer, (n, k) in LAYERS.items():
+    for layer, (n, k) in LAYERS.items() if kformats else ():
         if time.perf_counter() - start > args.kernel_budget_s:
             payload["skipped"].append(f"kernels of {layer} (past --kernel-budget-s {args.kernel_budget_s:.0f})")
             continue
@@ -479,7 +480,7 @@ def main():
         del w
         save()
         print(f"[bench] kernels {layer} done at {time.perf_counter() - start:.0f}s", flush=True)
-    if not args.quick and time.perf_counter() - start < args.kernel_budget_s + 30:
+    if kformats and not args.quick and time.perf_counter() - start < args.kernel_budget_s + 30:
         payload["sweep"] = sweep(bw, args.reps, gen)
         print(f"[bench] sweep done at {time.perf_counter() - start:.0f}s", flush=True)
         save()
