@@ -540,7 +540,8 @@ def _qgemv_tc_kernel(x, out, w0, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, str
 # Per 32 codes of a 4-bit plane: 4 weight words, 8 dp4a, ~6 mask/shift ops, one int->float and two
 # FMAs per tile for the scale, the min and x's scale: under one instruction per code (the float
 # GEMV: ~6.5).
-I8_MAGIC = 12582912.0  # 1.5 * 2^23: v + this, bitcast, minus its bits = round-half-even(v)
+# 12582912.0 = 1.5 * 2^23: v + it, bitcast, minus its bits (0x4B400000) = round-half-even(v) (a literal
+# in the kernel: Triton 3.6 refuses non-constexpr globals)
 
 
 @jit
@@ -557,7 +558,7 @@ def _quant_x_kernel(x, xq, xs, xsum, K, KP, stride_xm, BLOCK_T: tl.constexpr):
     amax = tl.max(tl.max(tl.abs(v), axis=2), axis=1)  # [T]
     scale = amax / 127.0
     inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    r = (v * inv[:, None, None] + I8_MAGIC).to(tl.int32, bitcast=True) - 0x4B400000  # in [-127, 127]
+    r = (v * inv[:, None, None] + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000  # in [-127, 127]
     word = tl.sum((r & 0xFF) << (b * 8)[None, :, None], axis=1)  # [T, 8]: disjoint bytes, the sum is an OR
     tmask = t < KP // 32
     tl.store(xq + m * (KP // 4) + t[:, None] * 8 + u[None, :], word, mask=tmask[:, None])
