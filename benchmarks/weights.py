@@ -303,24 +303,18 @@ def model_bytes(model) -> int:
 
 
 def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
-    """One format end to end; "<format>+dp4a" runs it with the int8-activation GEMV as the
-    default up to 16 rows (qmatmul.DP4A_MAX_ROWS)."""
-    if fmt.endswith("+dp4a"):
-        qm.DP4A_MAX_ROWS = 16
-        try:
-            rows = e2e(fmt[: -len("+dp4a")], args, bw, mm_rate)
-        finally:
-            qm.DP4A_MAX_ROWS = 0
-        for r in rows:
-            r["format"] = fmt
-        return rows
+    """One format end to end; "<format>+float" runs it with float activations in the low-bit GEMV
+    (EngineConfig.int8_activations off; the default rounds them to int8 for dp4a at 1-4 rows)."""
+    base, _, variant = fmt.partition("+")
+    if variant not in ("", "float"):
+        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format> or <format>+float")
     mc = model_config(args.prefill + 256)
-    weights = {"bf16": "dense", "q4_k_m": "auto"}.get(fmt, fmt)
-    cfg = EngineConfig(device=DEV, dtype="bfloat16", weights=weights, max_model_len=mc.max_position_embeddings,
-                       max_num_seqs=max(args.batches), max_num_batched_tokens=args.prefill,
+    weights = {"bf16": "dense", "q4_k_m": "auto"}.get(base, base)
+    cfg = EngineConfig(device=DEV, dtype="bfloat16", weights=weights, int8_activations="off" if variant else "auto",
+                       max_model_len=mc.max_position_embeddings, max_num_seqs=max(args.batches), max_num_batched_tokens=args.prefill,
                        gpu_memory_utilization=0.85, kv_cache_memory_gb=None if DEV == "cuda" else 0.05)
     t0 = time.perf_counter()
-    eng = LLMEngine(cfg, source=random_source(fmt, mc))
+    eng = LLMEngine(cfg, source=random_source(base, mc))
     load_s = time.perf_counter() - t0
     for storage in eng.runner.kv_caches:  # random K/V: timings on zeros can mislead
         for t in storage:

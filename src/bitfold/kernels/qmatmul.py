@@ -703,12 +703,16 @@ MAGIC16 = 0x64006400  # two float16 1024.0: see _qgemv_tc_kernel
 # (the register GEMV: ~6.5), as the tile's x work (16 rows, mostly masked at batch 1) is shared
 # by more weight rows. benchmarks/weights.py times it beside the GEMV and the GEMM.
 TC_CONFIG = (16, 256, 128, 8, 2)
-# kind="dp4a" by activation rows, from sm_90 compiles (not yet timed): ~1.4 instructions per code
-# at one row (int4-g128, 64 registers), ~0.9 per code and row at 4, ~0.65 at 16.
-DP4A_CONFIGS = {1: (1, 8, 4096, 4, 1), 4: (4, 8, 1024, 4, 1), 16: (16, 8, 512, 4, 1)}
-# qmatmul's default takes kind="dp4a" up to this many rows where the layout allows (0: never;
-# the int8 activations cost ~0.5% relative error per product, see qmatmul_dp4a_ref)
+# kind="dp4a" by activation rows: ~1.4 instructions per code at one row in the sm_90 compile
+# (int4-g128, 64 registers; ~0.9 per code and row at 4). The H200 sweep's best per row count.
+DP4A_CONFIGS = {1: (1, 4, 4096, 4, 1), 4: (4, 8, 1024, 4, 1), 16: (16, 8, 1024, 4, 1)}
+# qmatmul's default takes kind="dp4a" up to DP4A_MAX_ROWS rows where the layout allows (0: never,
+# the module default, so kernel tests see exact activations). The GPU runner sets DP4A_ROWS unless
+# EngineConfig.int8_activations is "off": in the H200 sweep (benchmarks/results/weights-20261204-
+# 182848) dp4a beat the float GEMV at one row on every llama3-8b layer (int4-g128 gate|up 47.2 ->
+# 26.9 us, down 24.7 -> 11.5) and the tl.dot GEMM at 4 rows, and lost to the GEMM at 16.
 DP4A_MAX_ROWS = 0
+DP4A_ROWS = 4
 QUANT_X_TILES = 32  # 32-code tiles per program of _quant_x_kernel
 
 

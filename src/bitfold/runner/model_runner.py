@@ -74,6 +74,10 @@ class ModelRunner:
             self.model = model_cls(self.model_config, dtype, max_positions=max_model_len, fmt=fmt)
         self.model.load_weights(source.weights(), source.path)
         self.model.eval().requires_grad_(False)
+        if device.type == "cuda":  # before any CUDA graph is captured: the graphs keep the kernel
+            from bitfold.kernels import qmatmul
+
+            qmatmul.DP4A_MAX_ROWS = 0 if cfg.int8_activations == "off" else qmatmul.DP4A_ROWS
         self.fused_steps = FusedSteps(self.model) if cfg.cpu_fused_step and device.type == "cpu" else None
 
         mc = self.model_config
