@@ -159,8 +159,9 @@ def check(lay, dt: str, qg: int, num_warps: int = 4) -> list[tuple[str, object]]
                 SINGLE_SPLIT=single), num_warps=num_warps)))
     pre = dict(common, cu_seqlens_q=p("i32"), num_seqs="i32", k_new=p(dt), v_new=p(dt))
     for bm, warps in PREFILL_CONFIGS:
-        out.append((f"prefill m{bm} w{warps}", compile_kernel(A._quant_prefill_kernel, pre, dict(
-            c, NUM_HEADS=qg * lay.num_kv_heads, BLOCK_M=bm), num_warps=warps)))
+        gp = A.gqa_pack(qg, bm)
+        out.append((f"prefill m{bm} w{warps} gqa-pack {gp}", compile_kernel(A._quant_prefill_kernel, pre, dict(
+            c, NUM_HEADS=qg * lay.num_kv_heads, BLOCK_M=bm, GP=gp), num_warps=warps)))
     wc = dict(KVH=lay.num_kv_heads, BS=lay.block_size, D=lay.head_dim)
     if lay.ring:
         seal = dict(k_new=p(dt), v_new=p(dt), k_codes=p(kc), k_meta=p("fp16"), v_codes=p(vc), v_meta=p("fp16"),

@@ -711,8 +711,13 @@ DP4A_CONFIGS = {1: (1, 4, 4096, 4, 1), 4: (4, 8, 1024, 4, 1), 16: (16, 8, 1024, 
 # EngineConfig.int8_activations is "off": in the H200 sweep (benchmarks/results/weights-20261204-
 # 182848) dp4a beat the float GEMV at one row on every llama3-8b layer (int4-g128 gate|up 47.2 ->
 # 26.9 us, down 24.7 -> 11.5) and the tl.dot GEMM at 4 rows, and lost to the GEMM at 16.
+# DP4A_MAX_BITS: the widest weights it takes by default. The int8 activations' rounding is what
+# an 8-bit weight's own rounding costs, or more (SmolLM2-135M teacher-forced decode, H200: +1.1%
+# perplexity from int8 activations on the same weights), so "auto" keeps 8-bit weights on float
+# activations, where dp4a also gains least (~20% per GEMV).
 DP4A_MAX_ROWS = 0
 DP4A_ROWS = 4
+DP4A_MAX_BITS = 8
 QUANT_X_TILES = 32  # 32-code tiles per program of _quant_x_kernel
 
 
@@ -816,7 +821,8 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     if M == 0:
         return out
     if kind is None:
-        kind = "dp4a" if M <= DP4A_MAX_ROWS and dp4a_supported(w) else strategy(M)
+        kind = ("dp4a" if M <= DP4A_MAX_ROWS and dp4a_supported(w) and w.layout.bits <= DP4A_MAX_BITS
+                else strategy(M))
     if kind == "dequant":
         if out.is_contiguous():
             return torch.matmul(x, dequantize(w, x.dtype).t(), out=out)

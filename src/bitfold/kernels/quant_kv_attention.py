@@ -584,25 +584,32 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, k
                           V_KIND: tl.constexpr, V_BITS: tl.constexpr, VP: tl.constexpr, P: tl.constexpr,
                           NUM_HEADS: tl.constexpr, KVH: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
                           VG: tl.constexpr, RING: tl.constexpr, RESID: tl.constexpr, CAP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, BF16: tl.constexpr):
+                          BLOCK_M: tl.constexpr, GP: tl.constexpr, DOT_PREC: tl.constexpr, BF16: tl.constexpr):
     """Each query row t sees exactly what decoding token by token would have shown it: keys
     before n_sealed(t + 1) from their (sealed) pages, the rest exact, from the ring (positions
     cached before this step: the ring is written after this kernel) or from this step's new
-    rows. So a sequence's outputs do not depend on how its prompt was chunked or batched."""
-    h = tl.program_id(1)
-    b, q_start, q_len, m0 = tile_of_sequence(cu_seqlens_q, num_seqs, tl.program_id(0), BLOCK_M)
+    rows. So a sequence's outputs do not depend on how its prompt was chunked or batched.
+
+    A program takes BLOCK_M rows = BLOCK_M / GP tokens x GP query heads of one KV head (GQA
+    packing, row r = token r // GP, head r % GP of the program's GP): each page's codes are
+    unpacked, scaled and fed to the tensor cores once for GP heads, not once per head."""
+    TOK: tl.constexpr = BLOCK_M // GP
+    GROUPS: tl.constexpr = NUM_HEADS // KVH // GP  # programs per KV head
+    kh = tl.program_id(1) // GROUPS
+    b, q_start, q_len, m0 = tile_of_sequence(cu_seqlens_q, num_seqs, tl.program_id(0), TOK)
     if m0 >= q_len:
         return
     seq_len = tl.load(context_lens + b)
     len_old = seq_len - q_len
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + r // GP  # [M] each row's token
+    hrow = tl.program_id(1) * GP + r % GP  # [M] each row's query head
     qpos = len_old + offs_m
     d = tl.arange(0, D)
     q_mask = (offs_m[:, None] < q_len) & (d[None, :] < D)
-    q_off = ((q_start + offs_m[:, None]).to(tl.int64) * NUM_HEADS + h) * D + d[None, :]
+    q_off = ((q_start + offs_m[:, None]).to(tl.int64) * NUM_HEADS + hrow[:, None]) * D + d[None, :]
     qd = tl.load(q + q_off, mask=q_mask, other=0.0)
-    kh = h // (NUM_HEADS // KVH)
-    kv_hi = len_old + tl.minimum(m0 + BLOCK_M, q_len)
+    kv_hi = len_old + tl.minimum(m0 + TOK, q_len)
     kv_lo = tl.maximum(len_old + m0 - window + 1, 0) // BS * BS
     NG: tl.constexpr = D // VG
     t = tl.arange(0, BS)
@@ -670,7 +677,7 @@ def _quant_prefill_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, k
                        + tl.load(v_new + noff[:, None] + VG + c[None, :], mask=from_new[:, None], other=0.0))
                 acc1 += tl.dot(px, vx1.to(qd.dtype), input_precision=DOT_PREC)
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
-    o_off = ((q_start + offs_m[:, None]).to(tl.int64) * NUM_HEADS + h) * D + c[None, :]
+    o_off = ((q_start + offs_m[:, None]).to(tl.int64) * NUM_HEADS + hrow[:, None]) * D + c[None, :]
     o_mask = (offs_m[:, None] < q_len) & (c[None, :] < VG)
     tl.store(out + o_off, (acc0 * inv[:, None]).to(out.dtype.element_ty), mask=o_mask)
     if NG == 2:
@@ -761,6 +768,15 @@ def quant_paged_decode(lay: QuantLayout, q: torch.Tensor, storage, block_tables:
 DECODE_VARIANTS = {"tiles": _quant_decode_kernel, "planes": _quant_decode_planes_kernel}
 
 
+def gqa_pack(group: int, block_m: int) -> int:
+    """Query heads of one KV head that a prefill program takes together: the largest power of two
+    dividing the GQA group, at most block_m / 16 (a tile keeps >= 16 tokens)."""
+    gp = 1
+    while group % (gp * 2) == 0 and gp * 2 <= block_m // 16:
+        gp *= 2
+    return gp
+
+
 def quant_paged_prefill(lay: QuantLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, storage,
                         block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                         seq_slots: torch.Tensor | None, scale: float, sliding_window: int = 0, *, block_m: int = 64,
@@ -770,9 +786,11 @@ def quant_paged_prefill(lay: QuantLayout, q: torch.Tensor, k: torch.Tensor, v: t
     rings and the new rows, as decoding would have seen it: query t reads positions below
     n_sealed(t + 1) from their pages (this step's pages sealed by `write_quant_kv(...,
     phase="seal")` first) and the rest exact (the ring, written only after this call, and the new
-    rows). Returns `[T, num_heads, head_dim]` in q's dtype. block_m 64 with 8 warps: compiled for
-    sm_90 (benchmarks/compile_check.py), int4's kernel spills 512 bytes of stack per thread there
-    against 1440 at block_m 32 (int8: none against 40); not yet timed on a GPU."""
+    rows). Returns `[T, num_heads, head_dim]` in q's dtype. A program's block_m rows are block_m /
+    GP tokens x GP query heads sharing a KV head (`gqa_pack`): the H200 step profile of a 24 x
+    3072-token int4 load (benchmarks/results/step-profile-llama3-8b-20261204-183355) spent 13.8 ms
+    per 1024-token chunk in this kernel against bf16's 1.8, unpacking every page once per head.
+    block_m 64 with 8 warps: int4's sm_90 compile spills 264 bytes per thread (int8: none)."""
     _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
     require(k.shape == v.shape == (q.shape[0], lay.num_kv_heads, lay.head_dim) and k.is_contiguous()
             and v.is_contiguous(), f"k, v must be contiguous [T, {lay.num_kv_heads}, {lay.head_dim}]")
@@ -784,11 +802,13 @@ def quant_paged_prefill(lay: QuantLayout, q: torch.Tensor, k: torch.Tensor, v: t
     require_launchable(q, storage.k, block_tables, context_lens, cu_seqlens_q)
     require(block_m >= 16 and block_m & (block_m - 1) == 0, f"block_m must be a power of two >= 16, got {block_m}")
     slots = seq_slots if seq_slots is not None else context_lens
-    _quant_prefill_kernel[(T // block_m + B, H)](
+    group = H // lay.num_kv_heads
+    gp = gqa_pack(group, block_m)
+    _quant_prefill_kernel[(T // (block_m // gp) + B, H // gp)](
         q, storage.k, storage.k_meta, storage.v, storage.v_meta, storage.ring_k, storage.ring_v, k, v, block_tables,
         cu_seqlens_q, context_lens, slots, out, float(scale) * math.log2(math.e),
         sliding_window if sliding_window > 0 else _NO_WINDOW, block_tables.stride(0), B,
-        NUM_HEADS=H, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages, **_consts(lay, q))
+        NUM_HEADS=H, BLOCK_M=block_m, GP=gp, num_warps=num_warps, num_stages=num_stages, **_consts(lay, q))
     return out
 
 

@@ -78,6 +78,7 @@ class ModelRunner:
             from bitfold.kernels import qmatmul
 
             qmatmul.DP4A_MAX_ROWS = 0 if cfg.int8_activations == "off" else qmatmul.DP4A_ROWS
+            qmatmul.DP4A_MAX_BITS = 8 if cfg.int8_activations == "on" else 6
         self.fused_steps = FusedSteps(self.model) if cfg.cpu_fused_step and device.type == "cpu" else None
 
         mc = self.model_config
