@@ -66,3 +66,27 @@ def test_empty_and_bad_inputs():
             fn(q, k, positions, cache[:, :32].contiguous())
         with pytest.raises(ValueError, match="cos_sin_cache must be float32"):
             fn(q, k, positions, cache.double())
+
+
+@pytest.mark.parametrize("fn", ["kernel", "ref"])
+def test_strided_tokens_from_a_fused_qkv_row(fn):
+    """q and k as views of a fused q|k|v output (tokens a whole row apart, heads contiguous), as
+    the attention layer passes them: same result as contiguous copies, contiguous outputs; a
+    layout whose heads are not contiguous within a token is refused."""
+    if fn == "kernel":
+        need_triton()
+    f = rotary if fn == "kernel" else rotary_ref
+    T, H, Hkv, D = 5, 4, 2, 64
+    q, k, positions, cache = _inputs(T, H, Hkv, D, torch.float32)
+    fused = torch.cat([q.reshape(T, -1), k.reshape(T, -1), randn(T, Hkv * D, dtype=torch.float32)], dim=1)
+    qv = fused[:, : H * D].reshape(T, H, D)
+    kv = fused[:, H * D : (H + Hkv) * D].reshape(T, Hkv, D)
+    assert not qv.is_contiguous()
+    q_out, k_out = f(qv, kv, positions, cache)
+    q_ref, k_ref = rotary_ref(q, k, positions, cache)
+    assert q_out.is_contiguous() and k_out.is_contiguous()
+    torch.testing.assert_close(q_out, q_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k_out, k_ref, rtol=1e-6, atol=1e-6)
+    if fn == "kernel":
+        with pytest.raises(ValueError, match="contiguous within a token"):
+            f(q.transpose(0, 1).contiguous().transpose(0, 1), k, positions, cache)

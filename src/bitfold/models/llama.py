@@ -40,8 +40,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head before rotary
             q = self.q_norm(q.reshape(-1, self.d).contiguous())
             k = self.k_norm(k.reshape(-1, self.d).contiguous())
-        q, k = apply_rotary(q.reshape(T, self.h, self.d).contiguous(), k.reshape(T, self.kvh, self.d).contiguous(),
-                            ctx.positions, rope)
+        # views of the fused q|k|v rows: rotary reads them strided and writes contiguous q, k (no copies)
+        q, k = apply_rotary(q.reshape(T, self.h, self.d), k.reshape(T, self.kvh, self.d), ctx.positions, rope)
         o = ctx.backend.forward(q, k, v.reshape(T, self.kvh, self.d).contiguous(), kv, ctx.attn, self.scale, self.window)
         return self.o(o.reshape(T, self.h * self.d))
 
