@@ -139,6 +139,10 @@ def random_qweight(fmt: str, n: int, k: int, gen: torch.Generator) -> qm.QWeight
 
 # ---- 1. kernels -------------------------------------------------------------------------------
 
+# pseudo-kinds: qmatmul arguments
+KIND_ARGS = {"dp4a_fx": {"kind": "dp4a", "fuse_x": True}, "dp4a": {"kind": "dp4a", "fuse_x": False}}
+
+
 def kernel_points(fmt: str, layer: str, qw: qm.QWeight, bw: float, reps: int, gen: torch.Generator) -> list[dict]:
     n, k = qw.n, qw.k
     x_all = torch.randn(max(ROWS), k, device=DEV, dtype=DTYPE, generator=gen)
@@ -150,7 +154,7 @@ def kernel_points(fmt: str, layer: str, qw: qm.QWeight, bw: float, reps: int, ge
         if M <= qm.GEMV_MAX_ROWS:
             kinds.append("gemm")  # the skinny tl.dot path
         if M <= 16 and qm.dp4a_supported(qw):
-            kinds.append("dp4a")  # int8 activations, integer dot products (not yet a default)
+            kinds += [k for k in ("dp4a", "dp4a_fx") if k not in kinds]  # int8 activations; _fx: quantized in the GEMV
         if M <= 16 and qm.tc_supported(qw):
             kinds.append("tc")  # 4-bit codes as float16 magic pairs on tensor cores (not yet a default)
         elif M >= 64:
@@ -159,14 +163,15 @@ def kernel_points(fmt: str, layer: str, qw: qm.QWeight, bw: float, reps: int, ge
             point = {"format": fmt, "layer": layer, "N": n, "K": k, "rows": M, "kernel": kind,
                      "default": kind == kinds[0], "weight_MB": round(qw.nbytes / 1e6, 2)}
             try:
-                err = rel_err(qm.qmatmul(x, qw, kind=kind), ref_all[:M])
+                kw = KIND_ARGS.get(kind, {"kind": kind})
+                err = rel_err(qm.qmatmul(x, qw, **kw), ref_all[:M])
                 point["check_rel_err"] = float(f"{err:.2e}")
                 if not err < CHECK_TOL:
                     point["error"] = f"check failed: rel err {err:.3g} >= {CHECK_TOL}"
                     rows.append(point)
                     continue
                 out = torch.empty(M, n, device=DEV, dtype=DTYPE)
-                t = timed([lambda: qm.qmatmul(x, qw, kind=kind, out=out)], reps)
+                t = timed([lambda: qm.qmatmul(x, qw, **kw, out=out)], reps)
             except Exception as e:  # recorded, the run goes on
                 point["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 rows.append(point)
@@ -224,6 +229,8 @@ def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), la
             jobs += [(M, ("tc", TC)) for M in (1, 16) if M in rows]
         if qm.dp4a_supported(qw):
             jobs += [(M, ("dp4a", DP4A[M])) for M in DP4A if M in rows]
+            jobs += [(M, ("dp4a_fx", DP4A[M] + [(1, 16, 2048, 4, 1), (1, 16, 4096, 8, 1)] * (M == 1)))
+                     for M in DP4A if M in rows]
         if kinds:
             jobs = [j for j in jobs if j[1][0] in kinds]
         for M, (kind, configs) in jobs:
@@ -233,11 +240,12 @@ def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), la
                 p = {"format": fmt, "layer": layer, "rows": M, "kernel": kind, "config": list(cfg),
                      "default": cfg == qm.default_config(M, kind, qw.layout)}
                 try:
-                    err = rel_err(qm.qmatmul(x, qw, kind=kind, config=cfg), ref)
+                    kw = KIND_ARGS.get(kind, {"kind": kind})
+                    err = rel_err(qm.qmatmul(x, qw, **kw, config=cfg), ref)
                     if not err < CHECK_TOL:
                         p["error"] = f"check failed: rel err {err:.3g}"
                     else:
-                        t = timed([lambda: qm.qmatmul(x, qw, kind=kind, config=cfg)], reps)
+                        t = timed([lambda: qm.qmatmul(x, qw, **kw, config=cfg)], reps)
                         moved = qw.nbytes + 2 * M * (k + n)
                         p.update(us=round(t * 1e6, 2), pct_copy_bw=round(100 * moved / t / bw, 1))
                 except Exception as e:
@@ -306,11 +314,20 @@ def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
     """One format end to end; "<format>+float" runs it with float activations in the low-bit GEMV
     (EngineConfig.int8_activations off; the default rounds them to int8 for dp4a at 1-4 rows)."""
     base, _, variant = fmt.partition("+")
-    if variant not in ("", "float"):
-        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format> or <format>+float")
+    if variant not in ("", "float", "fx"):
+        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>, <format>+float or <format>+fx")
+    if variant == "fx":  # the activations quantized inside the dp4a GEMV (qmatmul.DP4A_FUSE_X)
+        qm.DP4A_FUSE_X = True
+        try:
+            rows = e2e(base, args, bw, mm_rate)
+        finally:
+            qm.DP4A_FUSE_X = False
+        for r in rows:
+            r["format"] = fmt
+        return rows
     mc = model_config(args.prefill + 256)
     weights = {"bf16": "dense", "q4_k_m": "auto"}.get(base, base)
-    cfg = EngineConfig(device=DEV, dtype="bfloat16", weights=weights, int8_activations="off" if variant else "auto",
+    cfg = EngineConfig(device=DEV, dtype="bfloat16", weights=weights, int8_activations="off" if variant == "float" else "auto",
                        max_model_len=mc.max_position_embeddings, max_num_seqs=max(args.batches), max_num_batched_tokens=args.prefill,
                        gpu_memory_utilization=0.85, kv_cache_memory_gb=None if DEV == "cuda" else 0.05)
     t0 = time.perf_counter()

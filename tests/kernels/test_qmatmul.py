@@ -204,9 +204,9 @@ def test_quantize_x_matches_reference():
 
 
 @pytest.mark.parametrize("name", [n for n, lay in LAYOUTS.items() if qm.dp4a_supported(lay)] + ["int4-ch"])
-@pytest.mark.parametrize("M,config", [(1, None), (1, (1, 8, 64, 4, 1)), (3, (4, 4, 128, 4, 1)),
-                                      (17, (16, 8, 32, 4, 1))])
-def test_dp4a_gemv_matches_reference(name, M, config):
+@pytest.mark.parametrize("M,config,fuse", [(1, None, False), (1, (1, 8, 64, 4, 1), False), (3, (4, 4, 128, 4, 1), False),
+                                           (17, (16, 8, 32, 4, 1), False), (1, None, True), (3, (4, 4, 128, 4, 1), True)])
+def test_dp4a_gemv_matches_reference(name, M, config, fuse):
     """kind="dp4a": int8 activations (per 32-code tile) against the weight fields in integer dot
     products. The kernel equals qmatmul_dp4a_ref up to float32 sums; that reference is within
     the int8 activations' rounding of the exact float64 product."""
@@ -215,7 +215,7 @@ def test_dp4a_gemv_matches_reference(name, M, config):
     n, k = 36, 296
     w, w64, _ = make_weight(n, k, lay, seed=M)
     x = torch.randn(M, k, device=DEVICE)
-    y = qm.qmatmul(x, w, kind="dp4a", config=config)
+    y = qm.qmatmul(x, w, kind="dp4a", config=config, fuse_x=fuse)  # fuse: x quantized in the GEMV
     ref = qm.qmatmul_dp4a_ref(x, w)
     exact = x.double() @ w64.to(x.device).T
     scale = float(exact.abs().max())

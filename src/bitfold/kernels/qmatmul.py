@@ -581,10 +581,75 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @jit
-def _plane_dp4a(wp, xqrow, rows, k0, KP, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+def _x_slab(xrow, k, K, off: tl.constexpr, EVEN: tl.constexpr):
+    if EVEN:
+        v = tl.load(xrow + (k + off)[None, :, :])
+    else:
+        v = tl.load(xrow + (k + off)[None, :, :], mask=(k + off < K)[None, :, :], other=0.0)
+    return v.to(tl.float32)
+
+
+@jit
+def _x_byte(v, inv):
+    """round(v * inv) (|.| <= 127) as its low byte, in an int32."""
+    return ((v * inv + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000) & 0xFF
+
+
+@jit
+def _x_tiles(xrow, k0, K, NT: tl.constexpr, EVEN: tl.constexpr):
+    """In-kernel `_quant_x_kernel` for the NT tiles at k0 (xrow [BLOCK_M, 1, 1] row pointers):
+    (words int32 [BLOCK_M, NT, 8], word u of tile t holding bytes x[32t + u + 8b] / scale
+    rounded, scale and sum float32 [BLOCK_M, NT]). Loaded as four [NT, 8] slabs (b = 0..3), so a
+    tile's 32 values sit in one thread and its absmax, sum and byte packing need no shuffles."""
+    t = tl.arange(0, NT)
+    u = tl.arange(0, 8)
+    k = k0 + t[:, None] * 32 + u[None, :]  # [NT, 8]: byte 0 of every word
+    v0 = _x_slab(xrow, k, K, 0, EVEN)
+    v1 = _x_slab(xrow, k, K, 8, EVEN)
+    v2 = _x_slab(xrow, k, K, 16, EVEN)
+    v3 = _x_slab(xrow, k, K, 24, EVEN)
+    amax = tl.max(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))), axis=2)
+    total = tl.sum(v0 + v1 + v2 + v3, axis=2)
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)[:, :, None]
+    words = (_x_byte(v0, inv) | (_x_byte(v1, inv) << 8)) | ((_x_byte(v2, inv) << 16) | (_x_byte(v3, inv) << 24))
+    return words, amax / 127.0, total
+
+
+@jit
+def _x_slice(words, P: tl.constexpr, d: tl.constexpr):
+    """Words [BM, NT, 8] -> [BM, NT, P]: words P*d .. P*d + P - 1 of each tile (what dp4a d of a
+    P-bit plane's word w meets), by register moves (reshape, permute, split)."""
+    BM: tl.constexpr = words.shape[0]
+    NT: tl.constexpr = words.shape[1]
+    if P == 8:
+        out = words
+    else:
+        y = tl.permute(tl.reshape(words, (BM, NT, 8 // P, P)), (0, 1, 3, 2))  # [BM, NT, P, D]
+        if P == 4:
+            a, b = tl.split(y)
+            out = b if d == 1 else a
+        elif P == 2:
+            lo, hi = tl.split(tl.reshape(y, (BM, NT, P, 2, 2)))  # d = 2 * d_hi + d_lo
+            a, b = tl.split(hi if d % 2 == 1 else lo)
+            out = b if d >= 2 else a
+        else:  # P == 1, D == 8: d = 4 d2 + 2 d1 + d0
+            y = tl.reshape(y, (BM, NT, P, 2, 2, 2))
+            lo, hi = tl.split(y)
+            z = hi if d % 2 == 1 else lo
+            lo, hi = tl.split(z)
+            z = hi if (d // 2) % 2 == 1 else lo
+            lo, hi = tl.split(z)
+            out = hi if d >= 4 else lo
+    return out
+
+
+@jit
+def _plane_dp4a(wp, xqrow, xwords, rows, k0, KP, P: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
+                FUSE_X: tl.constexpr):
     """int32 [BLOCK_M, BLOCK_N, BLOCK_K / 32]: per 32-code tile, the sum of one plane's codes
-    times the int8 activations (xqrow [BLOCK_M, 1, 1, 1] row pointers into xq)."""
+    times the int8 activations: read from xq (xqrow [BLOCK_M, 1, 1, 1] row pointers), or with
+    FUSE_X sliced from this program's own packed words (xwords [BLOCK_M, NT, 8], `_x_tiles`)."""
     NT: tl.constexpr = BLOCK_K // 32
     D: tl.constexpr = 8 // P  # dp4a per weight word
     MASK: tl.constexpr = (1 << P) - 1 if P == 8 else ((1 << P) - 1) * 0x01010101
@@ -600,11 +665,14 @@ def _plane_dp4a(wp, xqrow, rows, k0, KP, P: tl.constexpr, BLOCK_M: tl.constexpr,
     words = tl.reshape(words, (1, BLOCK_N, NT, P))
     acc = tl.zeros((BLOCK_M, BLOCK_N, NT, P), dtype=tl.int32)
     for d in tl.static_range(D):
-        xo = (k0 // 32 + t)[:, None] * 8 + (P * d + w)[None, :]  # [NT, P]
-        if EVEN:
-            xw = tl.load(xqrow + xo[None, None, :, :])
+        if FUSE_X:
+            xw = tl.expand_dims(_x_slice(xwords, P, d), 1)
         else:
-            xw = tl.load(xqrow + xo[None, None, :, :], mask=(k0 + t * 32 < KP)[None, None, :, None], other=0)
+            xo = (k0 // 32 + t)[:, None] * 8 + (P * d + w)[None, :]  # [NT, P]
+            if EVEN:
+                xw = tl.load(xqrow + xo[None, None, :, :])
+            else:
+                xw = tl.load(xqrow + xo[None, None, :, :], mask=(k0 + t * 32 < KP)[None, None, :, None], other=0)
         if P == 8:
             a = words
         else:
@@ -614,32 +682,43 @@ def _plane_dp4a(wp, xqrow, rows, k0, KP, P: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @jit
-def _qgemv_dp4a_kernel(xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, KP, NG, NSUP, stride_om,
-                       P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr,
+def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, stride_xm,
+                       stride_om, P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr,
                        ZERO: tl.constexpr, MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
-    """BLOCK_N weight rows times BLOCK_M int8 activation rows (`_quant_x_kernel`'s xq, xs, xsum):
-    per tile, an integer dot per plane (the high plane's codes count 2^P0), then
-    acc += float(dot) * x_scale * s + m * sum(x) with the group's scale s and min m (groups of >= 32
-    codes: one per tile)."""
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
+                       FUSE_X: tl.constexpr):
+    """BLOCK_N weight rows times BLOCK_M int8 activation rows: per tile, an integer dot per plane
+    (the high plane's codes count 2^P0), then acc += float(dot) * x_scale * s + m * sum(x) with the
+    group's scale s and min m (groups of >= 32 codes: one per tile). The activations come
+    quantized (`_quant_x_kernel`'s xq, xs, xsum) or, FUSE_X, are quantized here from x by every
+    program (no second launch; the same bytes as the separate kernel)."""
     offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
     mrow = tl.where(m_mask, offs_m, M - 1).to(tl.int64)  # rows past M re-read row M-1, never stored
     NT: tl.constexpr = BLOCK_K // 32
     xqrow = xq + mrow[:, None, None, None] * (KP // 4)
+    xrow = x + mrow[:, None, None] * stride_xm
     t = tl.arange(0, NT)
     acc = tl.zeros((BLOCK_M, BLOCK_N, NT), dtype=tl.float32)
     for k0 in range(0, KP, BLOCK_K):
-        isum = _plane_dp4a(w0, xqrow, rows, k0, KP, P0, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM)
-        if P1 > 0:
-            isum += _plane_dp4a(w1, xqrow, rows, k0, KP, P1, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM) << P0
-        to = mrow[:, None, None] * (KP // 32) + (k0 // 32 + t)[None, None, :]
-        if EVEN:
-            xsc = tl.load(xs + to)
-            xsm = tl.load(xsum + to)
+        if FUSE_X:
+            xwords, xsc, xsm = _x_tiles(xrow, k0, K, NT, EVEN)
+            xsc = xsc[:, None, :]
+            xsm = xsm[:, None, :]
         else:
-            tm = (k0 + t * 32 < KP)[None, None, :]
-            xsc = tl.load(xs + to, mask=tm, other=0.0)
-            xsm = tl.load(xsum + to, mask=tm, other=0.0)
+            xwords = tl.zeros((BLOCK_M, NT, 8), dtype=tl.int32)
+        isum = _plane_dp4a(w0, xqrow, xwords, rows, k0, KP, P0, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM, FUSE_X)
+        if P1 > 0:
+            isum += _plane_dp4a(w1, xqrow, xwords, rows, k0, KP, P1, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM,
+                                FUSE_X) << P0
+        if not FUSE_X:
+            to = mrow[:, None, None] * (KP // 32) + (k0 // 32 + t)[None, None, :]
+            if EVEN:
+                xsc = tl.load(xs + to)
+                xsm = tl.load(xsum + to)
+            else:
+                tm = (k0 + t * 32 < KP)[None, None, :]
+                xsc = tl.load(xs + to, mask=tm, other=0.0)
+                xsm = tl.load(xsum + to, mask=tm, other=0.0)
         s, m = _scale_min(sp, mp, subp, submp, rows[:, None], ((k0 + t * 32) // GDIV)[None, :], NG, NSUP,
                           GROUP, ZERO, MIN_KIND, SUPER)
         acc += isum.to(tl.float32) * xsc * s[None, :, :] + m[None, :, :] * xsm
@@ -718,6 +797,9 @@ DP4A_CONFIGS = {1: (1, 4, 4096, 4, 1), 4: (4, 8, 1024, 4, 1), 16: (16, 8, 1024, 
 DP4A_MAX_ROWS = 0
 DP4A_ROWS = 4
 DP4A_MAX_BITS = 8
+# Quantize the activations inside the dp4a GEMV (each program redoes its K range's tiles) instead
+# of one `_quant_x_kernel` launch per product: not yet timed, so off.
+DP4A_FUSE_X = False
 QUANT_X_TILES = 32  # 32-code tiles per program of _quant_x_kernel
 
 
@@ -808,9 +890,10 @@ def _fit_block_k(bk: int, w: QWeight, kind: str) -> int:
 
 
 def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
-            config: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+            config: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
+            fuse_x: bool | None = None) -> torch.Tensor:
     """x: [M, k] float (contiguous along K) -> x @ W.T [M, n] in x's dtype, W dequantized on the
-    fly. `kind` forces "gemv" / "gemm" / "dequant" (default `strategy(M)`); `config` (block_m,
+    fly. `fuse_x` (kind "dp4a"): quantize the activations inside the GEMV (default DP4A_FUSE_X). `kind` forces "gemv" / "gemm" / "dequant" (default `strategy(M)`); `config` (block_m,
     block_n, block_k, num_warps, num_stages) overrides the launch table; `out` an optional
     [M, n] buffer."""
     _check(x, w)
@@ -842,10 +925,12 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     elif kind == "dp4a":
         require(dp4a_supported(w), f"kind='dp4a' takes groups of >= 32 codes, not {w.layout.group}")
         require(bm <= 16, f"the dp4a GEMV keeps block_m <= 16 rows in registers, got {bm}")
-        xq, xs, xsum = quantize_x(x, w.kp)
-        _qgemv_dp4a_kernel[grid](xq, xs, xsum, out, *tensors, M, w.n, w.kp, ng, nsup, out.stride(0), BLOCK_M=bm,
-                                 BLOCK_N=bn, BLOCK_K=bk, EVEN=w.kp % bk == 0, ASM=not interpreting(),
-                                 num_warps=warps, num_stages=stages, **consts)
+        fuse = DP4A_FUSE_X if fuse_x is None else fuse_x
+        xq, xs, xsum = (x, x, x) if fuse else quantize_x(x, w.kp)  # fused: unused pointers
+        _qgemv_dp4a_kernel[grid](x, xq, xs, xsum, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0),
+                                 out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                 EVEN=w.kp % bk == 0 and (not fuse or w.k == w.kp), ASM=not interpreting(),
+                                 FUSE_X=fuse, num_warps=warps, num_stages=stages, **consts)
     elif kind == "gemv":
         require(bm <= 16, f"the GEMV keeps block_m <= 16 rows in registers, got {bm}")
         _qgemv_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC,
