@@ -782,9 +782,9 @@ MAGIC16 = 0x64006400  # two float16 1024.0: see _qgemv_tc_kernel
 # (the register GEMV: ~6.5), as the tile's x work (16 rows, mostly masked at batch 1) is shared
 # by more weight rows. benchmarks/weights.py times it beside the GEMV and the GEMM.
 TC_CONFIG = (16, 256, 128, 8, 2)
-# kind="dp4a" by activation rows: ~1.4 instructions per code at one row in the sm_90 compile
-# (int4-g128, 64 registers; ~0.9 per code and row at 4). The H200 sweep's best per row count.
-DP4A_CONFIGS = {1: (1, 4, 4096, 4, 1), 4: (4, 8, 1024, 4, 1), 16: (16, 8, 1024, 4, 1)}
+# kind="dp4a" by activation rows, with the activations quantized in the GEMV: the H200 sweep's
+# best per row count over the llama3-8b layers (benchmarks/results/weights-20261204-185435).
+DP4A_CONFIGS = {1: (1, 8, 4096, 4, 1), 4: (4, 16, 1024, 4, 1), 16: (16, 8, 1024, 4, 1)}
 # qmatmul's default takes kind="dp4a" up to DP4A_MAX_ROWS rows where the layout allows (0: never,
 # the module default, so kernel tests see exact activations). The GPU runner sets DP4A_ROWS unless
 # EngineConfig.int8_activations is "off": in the H200 sweep (benchmarks/results/weights-20261204-
@@ -798,8 +798,9 @@ DP4A_MAX_ROWS = 0
 DP4A_ROWS = 4
 DP4A_MAX_BITS = 8
 # Quantize the activations inside the dp4a GEMV (each program redoes its K range's tiles) instead
-# of one `_quant_x_kernel` launch per product: not yet timed, so off.
-DP4A_FUSE_X = False
+# of one `_quant_x_kernel` launch per product. H200, int4-g128, one row (weights-20261204-185329):
+# q|k|v 8.25 -> 6.73 us, o 6.68 -> 4.90, gate|up 27.2 -> 24.1; end to end 382 -> 427 tok/s.
+DP4A_FUSE_X = True
 QUANT_X_TILES = 32  # 32-code tiles per program of _quant_x_kernel
 
 
