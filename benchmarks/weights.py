@@ -314,8 +314,17 @@ def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
     """One format end to end; "<format>+float" runs it with float activations in the low-bit GEMV
     (EngineConfig.int8_activations off; the default rounds them to int8 for dp4a at 1-4 rows)."""
     base, _, variant = fmt.partition("+")
-    if variant not in ("", "float", "fx", "sep"):
-        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+float|+fx|+sep]")
+    if variant not in ("", "float", "fx", "sep", "noact"):
+        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+float|+fx|+sep|+noact]")
+    if variant == "noact":  # SiLU-and-multiply as its own kernel before the down projection
+        qm.DP4A_FUSE_ACT = False
+        try:
+            rows = e2e(base, args, bw, mm_rate)
+        finally:
+            qm.DP4A_FUSE_ACT = True
+        for r in rows:
+            r["format"] = fmt
+        return rows
     if variant in ("fx", "sep"):  # the activations quantized inside the dp4a GEMV or by a kernel of their own
         old, qm.DP4A_FUSE_X = qm.DP4A_FUSE_X, variant == "fx"
         try:

@@ -240,3 +240,29 @@ def test_dp4a_default_and_refusals():
         qm.DP4A_MAX_ROWS = old
     with pytest.raises(ValueError, match="groups of >= 32"):
         qm.qmatmul(x, make_weight(8, 64, LAYOUTS["int1-g16"])[0], kind="dp4a")
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "q4_k", "int3-g64"])
+@pytest.mark.parametrize("M", [1, 3])
+def test_silu_mul_fused_into_dp4a(name, M):
+    """act="silu_mul": SwiGLU's down projection reads gate | up and computes silu(gate) * up in
+    the dp4a GEMV's activation load; equal to the reference on silu(gate) * up computed first.
+    Other kernels run the SiLU-and-multiply kernel first and then the product."""
+    need_triton()
+    from bitfold.kernels.silu_mul import silu_and_mul_ref
+
+    n, k = 36, 296
+    w, _, _ = make_weight(n, k, LAYOUTS[name], seed=M)
+    h = torch.randn(M, 2 * k, device=DEVICE)
+    a = silu_and_mul_ref(h)
+    y = qm.qmatmul(h, w, kind="dp4a", fuse_x=True, act="silu_mul")
+    ref = qm.qmatmul_dp4a_ref(a, w)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(y.double().cpu(), ref.double().cpu(), rtol=1e-4, atol=1e-4 * scale)
+    for kind, fuse in (("gemv", None), ("dp4a", False)):
+        y2 = qm.qmatmul(h, w, kind=kind, fuse_x=fuse, act="silu_mul")
+        torch.testing.assert_close(y2, qm.qmatmul(qm._silu_mul(h), w, kind=kind, fuse_x=fuse), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gate \\| up"):
+        qm.qmatmul(a, w, kind="dp4a", act="silu_mul")
+    with pytest.raises(ValueError, match="unknown activation"):
+        qm.qmatmul(h, w, act="gelu")

@@ -143,3 +143,33 @@ def test_quantized_embedding_rows(gpu_storage):
         dense = Embedding(64, 256, torch.float32, "dense")
     dense.load(blocks)  # a format that cannot gather: the float table
     assert dense.table is None and torch.equal(dense(ids).cpu(), want)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "int4-g64"])
+def test_down_projection_takes_silu_mul(gpu_storage, monkeypatch, fmt):
+    """Linear(h, act="silu_mul") (SwiGLU's down, gate | up in) on a GPU layout: with the dp4a
+    default on, the kernel computes silu(gate) * up itself; off, the SiLU kernel runs first. Both
+    equal the layer applied to silu(gate) * up (within the int8 activations' rounding)."""
+    from bitfold.kernels import qmatmul as qm
+    from bitfold.kernels.silu_mul import silu_and_mul_ref
+    from bitfold.weights.gguf_blocks import GGUFBlocks
+    from tests.loader.test_gguf_types import craft_k_quant
+
+    rng = np.random.default_rng(7)
+    with torch.device(DEVICE):
+        lin = Linear(256, {"down": 32}, False, fmt, torch.float32)
+    if fmt == "gguf":
+        lin.load_shard("down", GGUFBlocks(craft_k_quant(32, Q.Q4_K, rng), Q.Q4_K, "down"), False)
+    else:
+        lin.load_shard("down", torch.randn(32, 256) * 0.05, False)
+    lin.fmt.process_after_loading(lin)
+    h = torch.randn(2, 512).to(DEVICE)
+    want = lin(silu_and_mul_ref(h))
+    got = {}
+    for rows in (0, 4):
+        monkeypatch.setattr(qm, "DP4A_MAX_ROWS", rows)
+        got[rows] = lin(h, act="silu_mul")
+        assert rel_err(got[rows].cpu(), want.cpu()) < (0.03 if rows else 1e-5)
+    assert not torch.equal(got[0], got[4])  # the int8 path really ran
+    with pytest.raises(ValueError, match="unknown activation"):
+        lin(h, act="gelu")

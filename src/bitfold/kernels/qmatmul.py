@@ -581,12 +581,20 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @jit
-def _x_slab(xrow, k, K, off: tl.constexpr, EVEN: tl.constexpr):
+def _x_slab(xrow, k, K, off: tl.constexpr, EVEN: tl.constexpr, ACT: tl.constexpr):
+    """Activations at k + off (float32); ACT 1: silu(x[k]) * x[K + k] (SwiGLU's gate | up row)."""
     if EVEN:
-        v = tl.load(xrow + (k + off)[None, :, :])
+        v = tl.load(xrow + (k + off)[None, :, :]).to(tl.float32)
     else:
-        v = tl.load(xrow + (k + off)[None, :, :], mask=(k + off < K)[None, :, :], other=0.0)
-    return v.to(tl.float32)
+        v = tl.load(xrow + (k + off)[None, :, :], mask=(k + off < K)[None, :, :], other=0.0).to(tl.float32)
+    if ACT == 1:
+        if EVEN:
+            up = tl.load(xrow + (K + k + off)[None, :, :]).to(tl.float32)
+        else:
+            up = tl.load(xrow + (K + k + off)[None, :, :], mask=(k + off < K)[None, :, :], other=0.0).to(tl.float32)
+        # silu(v) = v / (1 + e^-v): ex2 and an approximate division (two MUFU ops), not IEEE's
+        v = tl.fdiv(v, 1.0 + tl.exp2(v * -1.4426950408889634), ieee_rounding=False) * up
+    return v
 
 
 @jit
@@ -596,7 +604,7 @@ def _x_byte(v, inv):
 
 
 @jit
-def _x_tiles(xrow, k0, K, NT: tl.constexpr, EVEN: tl.constexpr):
+def _x_tiles(xrow, k0, K, NT: tl.constexpr, EVEN: tl.constexpr, ACT: tl.constexpr):
     """In-kernel `_quant_x_kernel` for the NT tiles at k0 (xrow [BLOCK_M, 1, 1] row pointers):
     (words int32 [BLOCK_M, NT, 8], word u of tile t holding bytes x[32t + u + 8b] / scale
     rounded, scale and sum float32 [BLOCK_M, NT]). Loaded as four [NT, 8] slabs (b = 0..3), so a
@@ -604,10 +612,10 @@ def _x_tiles(xrow, k0, K, NT: tl.constexpr, EVEN: tl.constexpr):
     t = tl.arange(0, NT)
     u = tl.arange(0, 8)
     k = k0 + t[:, None] * 32 + u[None, :]  # [NT, 8]: byte 0 of every word
-    v0 = _x_slab(xrow, k, K, 0, EVEN)
-    v1 = _x_slab(xrow, k, K, 8, EVEN)
-    v2 = _x_slab(xrow, k, K, 16, EVEN)
-    v3 = _x_slab(xrow, k, K, 24, EVEN)
+    v0 = _x_slab(xrow, k, K, 0, EVEN, ACT)
+    v1 = _x_slab(xrow, k, K, 8, EVEN, ACT)
+    v2 = _x_slab(xrow, k, K, 16, EVEN, ACT)
+    v3 = _x_slab(xrow, k, K, 24, EVEN, ACT)
     amax = tl.max(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))), axis=2)
     total = tl.sum(v0 + v1 + v2 + v3, axis=2)
     inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)[:, :, None]
@@ -686,12 +694,13 @@ def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, 
                        stride_om, P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr,
                        ZERO: tl.constexpr, MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-                       FUSE_X: tl.constexpr):
+                       FUSE_X: tl.constexpr, ACT: tl.constexpr):
     """BLOCK_N weight rows times BLOCK_M int8 activation rows: per tile, an integer dot per plane
     (the high plane's codes count 2^P0), then acc += float(dot) * x_scale * s + m * sum(x) with the
     group's scale s and min m (groups of >= 32 codes: one per tile). The activations come
     quantized (`_quant_x_kernel`'s xq, xs, xsum) or, FUSE_X, are quantized here from x by every
-    program (no second launch; the same bytes as the separate kernel)."""
+    program (no second launch; the same bytes as the separate kernel), ACT 1 from a gate | up row
+    [2K] as silu(gate) * up in float32 (SwiGLU's down projection: no activation kernel either)."""
     offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
     mrow = tl.where(m_mask, offs_m, M - 1).to(tl.int64)  # rows past M re-read row M-1, never stored
     NT: tl.constexpr = BLOCK_K // 32
@@ -701,7 +710,7 @@ def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, 
     acc = tl.zeros((BLOCK_M, BLOCK_N, NT), dtype=tl.float32)
     for k0 in range(0, KP, BLOCK_K):
         if FUSE_X:
-            xwords, xsc, xsm = _x_tiles(xrow, k0, K, NT, EVEN)
+            xwords, xsc, xsm = _x_tiles(xrow, k0, K, NT, EVEN, ACT)
             xsc = xsc[:, None, :]
             xsm = xsm[:, None, :]
         else:
@@ -725,6 +734,12 @@ def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, 
     y = tl.sum(acc, axis=2)
     o_ptrs = out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(o_ptrs, y.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _silu_mul(x: torch.Tensor) -> torch.Tensor:
+    from bitfold.kernels.silu_mul import silu_and_mul, silu_and_mul_ref
+
+    return silu_and_mul(x) if x.is_cuda or interpreting() else silu_and_mul_ref(x)
 
 
 def quantize_x(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -801,6 +816,12 @@ DP4A_MAX_BITS = 8
 # of one `_quant_x_kernel` launch per product. H200, int4-g128, one row (weights-20261204-185329):
 # q|k|v 8.25 -> 6.73 us, o 6.68 -> 4.90, gate|up 27.2 -> 24.1; end to end 382 -> 427 tok/s.
 DP4A_FUSE_X = True
+# act="silu_mul" (SwiGLU's down projection) computes silu(gate) * up in the fused GEMV's load
+# instead of a SiLU-and-multiply kernel: ~0.9 more instructions per code (two MUFU ops and the
+# conversions per activation, redone by every program), one launch fewer per layer; 16-row
+# programs at one activation row amortize it (sm_90: 2.4 instructions per code, 248 registers).
+DP4A_FUSE_ACT = True
+DP4A_ACT_CONFIGS = {1: (1, 16, 4096, 4, 1), 4: (4, 16, 1024, 4, 1), 16: (16, 8, 1024, 4, 1)}
 QUANT_X_TILES = 32  # 32-code tiles per program of _quant_x_kernel
 
 
@@ -892,12 +913,27 @@ def _fit_block_k(bk: int, w: QWeight, kind: str) -> int:
 
 def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
             config: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
-            fuse_x: bool | None = None) -> torch.Tensor:
+            fuse_x: bool | None = None, act: str | None = None) -> torch.Tensor:
     """x: [M, k] float (contiguous along K) -> x @ W.T [M, n] in x's dtype, W dequantized on the
-    fly. `fuse_x` (kind "dp4a"): quantize the activations inside the GEMV (default DP4A_FUSE_X). `kind` forces "gemv" / "gemm" / "dequant" (default `strategy(M)`); `config` (block_m,
+    fly. `fuse_x` (kind "dp4a"): quantize the activations inside the GEMV (default DP4A_FUSE_X).
+    `act` "silu_mul": x is [M, 2k] (gate | up) and the product is silu(gate) * up @ W.T, computed
+    inside the fused dp4a GEMV in float32, else by the SiLU-and-multiply kernel first (rounded to
+    x's dtype). `kind` forces "gemv" / "gemm" / "dequant" (default `strategy(M)`); `config` (block_m,
     block_n, block_k, num_warps, num_stages) overrides the launch table; `out` an optional
     [M, n] buffer."""
-    _check(x, w)
+    if act is not None:
+        require(act == "silu_mul", f"unknown activation {act!r}; known: silu_mul")
+        require(x.dim() == 2 and x.shape[1] == 2 * w.k and x.stride(1) == 1 and x.dtype in FLOAT_DTYPES,
+                f"act='silu_mul' takes x [M, 2 * K = {2 * w.k}] (gate | up), got {tuple(x.shape)}")
+        M = x.shape[0]
+        k_ = kind or ("dp4a" if M <= DP4A_MAX_ROWS and dp4a_supported(w) and w.layout.bits <= DP4A_MAX_BITS
+                      else strategy(M))
+        if not (k_ == "dp4a" and (DP4A_FUSE_X if fuse_x is None else fuse_x) and DP4A_FUSE_ACT):
+            return qmatmul(_silu_mul(x), w, kind=kind, config=config, out=out, fuse_x=fuse_x)
+        if config is None:
+            config = DP4A_ACT_CONFIGS[min((r for r in DP4A_ACT_CONFIGS if r >= M), default=max(DP4A_ACT_CONFIGS))]
+    else:
+        _check(x, w)
     M = x.shape[0]
     if out is None:
         out = torch.empty((M, w.n), dtype=x.dtype, device=x.device)
@@ -931,7 +967,7 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
         _qgemv_dp4a_kernel[grid](x, xq, xs, xsum, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0),
                                  out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                  EVEN=w.kp % bk == 0 and (not fuse or w.k == w.kp), ASM=not interpreting(),
-                                 FUSE_X=fuse, num_warps=warps, num_stages=stages, **consts)
+                                 FUSE_X=fuse, ACT=1 if act else 0, num_warps=warps, num_stages=stages, **consts)
     elif kind == "gemv":
         require(bm <= 16, f"the GEMV keeps block_m <= 16 rows in registers, got {bm}")
         _qgemv_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC,

@@ -49,6 +49,13 @@ class Linear(nn.Module):
         (dense layers; a low-bit format of another kind re-rounds it)."""
         self.fmt.load_packed(self, packed, self.shard_offsets[shard][0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fmt.apply(self, x)
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        """act "silu_mul": x is [T, 2 * in_features] (gate | up) and the layer multiplies
+        silu(gate) * up, computed by the weight format's kernel where it can (SwiGLU's down)."""
+        if act is None:
+            y = self.fmt.apply(self, x)
+        elif act == "silu_mul":
+            y = self.fmt.apply_silu_mul(self, x)
+        else:
+            raise ValueError(f"unknown activation {act!r}; known: silu_mul")
         return y if self.bias is None else y + self.bias

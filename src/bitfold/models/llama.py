@@ -12,7 +12,6 @@ from torch import nn
 
 from bitfold.config import ModelConfig
 from bitfold.errors import ModelLoadError
-from bitfold.kernels.ops import silu_and_mul_op
 from bitfold.layers.embedding import Embedding
 from bitfold.layers.linear import Linear
 from bitfold.layers.norm import RMSNorm
@@ -54,7 +53,7 @@ class MLP(nn.Module):
         self.down = Linear(i, {"down": cfg.hidden_size}, cfg.mlp_bias, fmt, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(silu_and_mul_op(self.gate_up(x)))
+        return self.down(self.gate_up(x), act="silu_mul")  # the format may fuse silu(gate) * up into down
 
 
 class DecoderLayer(nn.Module):

@@ -49,6 +49,13 @@ class WeightFormat(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in_features] -> [T, out_features] (bias added by the caller)."""
 
+    def apply_silu_mul(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """h: [T, 2 * in_features] (gate | up) -> apply(silu(gate) * up). Formats whose kernel
+        can compute the activation as it reads its input override this (one launch fewer)."""
+        from bitfold.kernels.ops import silu_and_mul_op
+
+        return self.apply(layer, silu_and_mul_op(h))
+
 
 WEIGHT_FORMATS: Registry[type[WeightFormat]] = Registry("weight format")
 

@@ -157,6 +157,15 @@ class GGUFFormat(WeightFormat):
                 self._run(layer, run, x2, y[:, run[0] : run[1]])
         return y.view(*shape[:-1], self._args[1])
 
+    def apply_silu_mul(self, layer, h):
+        if not (hasattr(self, "_runs") and len(self._runs) == 1 and self._runs[0][2] is not None):
+            return super().apply_silu_mul(layer, h)
+        shape = h.shape
+        h2 = h.reshape(-1, shape[-1])
+        if h2.stride(-1) != 1:
+            h2 = h2.contiguous()
+        return qm.qmatmul(h2, self._runs[0][2], act="silu_mul").view(*shape[:-1], self._args[1])
+
     @staticmethod
     def _run(layer, run, x, out):
         _, _, qw, name = run

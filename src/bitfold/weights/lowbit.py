@@ -363,6 +363,15 @@ class LowBitFormat(WeightFormat):
         r = self._group // self._lut_group  # back to one scale per group (the copies are equal)
         return q, s[:, ::r].contiguous(), m[:, ::r].contiguous()
 
+    def apply_silu_mul(self, layer, h):
+        if not self._gpu:
+            return super().apply_silu_mul(layer, h)
+        shape = h.shape
+        h2 = h.reshape(-1, shape[-1])
+        if h2.stride(-1) != 1:
+            h2 = h2.contiguous()
+        return qm.qmatmul(h2, self.qweight(layer), act="silu_mul").view(*shape[:-1], self._out)
+
     def apply(self, layer, x):
         shape = x.shape
         if self._gpu:
