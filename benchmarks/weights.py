@@ -314,14 +314,14 @@ def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
     """One format end to end; "<format>+float" runs it with float activations in the low-bit GEMV
     (EngineConfig.int8_activations off; the default rounds them to int8 for dp4a at 1-4 rows)."""
     base, _, variant = fmt.partition("+")
-    if variant not in ("", "float", "fx", "sep", "noact"):
-        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+float|+fx|+sep|+noact]")
-    if variant == "noact":  # SiLU-and-multiply as its own kernel before the down projection
-        qm.DP4A_FUSE_ACT = False
+    if variant not in ("", "float", "fx", "sep", "noact", "act"):
+        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+float|+fx|+sep|+noact|+act]")
+    if variant in ("noact", "act"):  # SiLU-and-multiply inside the down projection's dp4a GEMV, or not
+        old, qm.DP4A_FUSE_ACT = qm.DP4A_FUSE_ACT, variant == "act"
         try:
             rows = e2e(base, args, bw, mm_rate)
         finally:
-            qm.DP4A_FUSE_ACT = True
+            qm.DP4A_FUSE_ACT = old
         for r in rows:
             r["format"] = fmt
         return rows

@@ -244,7 +244,7 @@ def test_dp4a_default_and_refusals():
 
 @pytest.mark.parametrize("name", ["int4-g32", "q4_k", "int3-g64"])
 @pytest.mark.parametrize("M", [1, 3])
-def test_silu_mul_fused_into_dp4a(name, M):
+def test_silu_mul_fused_into_dp4a(name, M, monkeypatch):
     """act="silu_mul": SwiGLU's down projection reads gate | up and computes silu(gate) * up in
     the dp4a GEMV's activation load; equal to the reference on silu(gate) * up computed first.
     Other kernels run the SiLU-and-multiply kernel first and then the product."""
@@ -255,7 +255,10 @@ def test_silu_mul_fused_into_dp4a(name, M):
     w, _, _ = make_weight(n, k, LAYOUTS[name], seed=M)
     h = torch.randn(M, 2 * k, device=DEVICE)
     a = silu_and_mul_ref(h)
+    monkeypatch.setattr(qm, "DP4A_FUSE_ACT", True)  # measured slower on the H200: off by default
     y = qm.qmatmul(h, w, kind="dp4a", fuse_x=True, act="silu_mul")
+    monkeypatch.setattr(qm, "DP4A_FUSE_ACT", False)
+    assert not torch.equal(y, qm.qmatmul(h, w, kind="dp4a", fuse_x=True, act="silu_mul"))  # other path
     ref = qm.qmatmul_dp4a_ref(a, w)
     scale = float(ref.abs().max())
     torch.testing.assert_close(y.double().cpu(), ref.double().cpu(), rtol=1e-4, atol=1e-4 * scale)

@@ -816,11 +816,12 @@ DP4A_MAX_BITS = 8
 # of one `_quant_x_kernel` launch per product. H200, int4-g128, one row (weights-20261204-185329):
 # q|k|v 8.25 -> 6.73 us, o 6.68 -> 4.90, gate|up 27.2 -> 24.1; end to end 382 -> 427 tok/s.
 DP4A_FUSE_X = True
-# act="silu_mul" (SwiGLU's down projection) computes silu(gate) * up in the fused GEMV's load
-# instead of a SiLU-and-multiply kernel: ~0.9 more instructions per code (two MUFU ops and the
-# conversions per activation, redone by every program), one launch fewer per layer; 16-row
-# programs at one activation row amortize it (sm_90: 2.4 instructions per code, 248 registers).
-DP4A_FUSE_ACT = True
+# act="silu_mul" (SwiGLU's down projection) can compute silu(gate) * up in the fused GEMV's load
+# instead of a SiLU-and-multiply kernel: one launch fewer per layer, but ~0.9 more instructions
+# per code (two MUFU ops and the conversions per activation, redone by every program; sm_90: 2.4
+# per code at 16-row programs). Measured slower on the H200 (weights-20261204-190723: int4-g128
+# decode batch 1 404.1 tok/s fused against 422.5 with the separate kernel), so off.
+DP4A_FUSE_ACT = False
 DP4A_ACT_CONFIGS = {1: (1, 16, 4096, 4, 1), 4: (4, 16, 1024, 4, 1), 16: (16, 8, 1024, 4, 1)}
 QUANT_X_TILES = 32  # 32-code tiles per program of _quant_x_kernel
 
