@@ -310,27 +310,29 @@ def model_bytes(model) -> int:
                if not n.startswith("embed.") and n != "rope")
 
 
+# "<format>+<variant>" end to end: a qmatmul switch set for the run (name, value), or None for
+# float activations (EngineConfig.int8_activations off)
+E2E_VARIANTS = {"float": None, "fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False),
+                "act": ("DP4A_FUSE_ACT", True), "noact": ("DP4A_FUSE_ACT", False)}
+
+
 def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
-    """One format end to end; "<format>+float" runs it with float activations in the low-bit GEMV
-    (EngineConfig.int8_activations off; the default rounds them to int8 for dp4a at 1-4 rows)."""
+    """One format end to end; "<format>+<variant>" (E2E_VARIANTS) runs it with float activations
+    in the low-bit GEMV (+float), the activations quantized inside the dp4a GEMV or by a kernel of
+    their own (+fx / +sep), or SiLU-and-multiply inside the down projection's GEMV or not (+act /
+    +noact)."""
     base, _, variant = fmt.partition("+")
-    if variant not in ("", "float", "fx", "sep", "noact", "act"):
-        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+float|+fx|+sep|+noact|+act]")
-    if variant in ("noact", "act"):  # SiLU-and-multiply inside the down projection's dp4a GEMV, or not
-        old, qm.DP4A_FUSE_ACT = qm.DP4A_FUSE_ACT, variant == "act"
+    if variant and variant not in E2E_VARIANTS:
+        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+{'|+'.join(E2E_VARIANTS)}]")
+    switch = E2E_VARIANTS.get(variant)
+    if switch is not None:
+        name, value = switch
+        old = getattr(qm, name)
+        setattr(qm, name, value)
         try:
             rows = e2e(base, args, bw, mm_rate)
         finally:
-            qm.DP4A_FUSE_ACT = old
-        for r in rows:
-            r["format"] = fmt
-        return rows
-    if variant in ("fx", "sep"):  # the activations quantized inside the dp4a GEMV or by a kernel of their own
-        old, qm.DP4A_FUSE_X = qm.DP4A_FUSE_X, variant == "fx"
-        try:
-            rows = e2e(base, args, bw, mm_rate)
-        finally:
-            qm.DP4A_FUSE_X = old
+            setattr(qm, name, old)
         for r in rows:
             r["format"] = fmt
         return rows
