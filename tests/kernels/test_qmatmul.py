@@ -203,7 +203,7 @@ def test_quantize_x_matches_reference():
     torch.testing.assert_close(xsum.cpu(), xsum_ref.cpu(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [n for n, lay in LAYOUTS.items() if qm.dp4a_supported(lay)] + ["int4-ch"])
+@pytest.mark.parametrize("name", list(LAYOUTS) + ["int4-ch"])
 @pytest.mark.parametrize("M,config,fuse", [(1, None, False), (1, (1, 8, 64, 4, 1), False), (3, (4, 4, 128, 4, 1), False),
                                            (17, (16, 8, 32, 4, 1), False), (1, None, True), (3, (4, 4, 128, 4, 1), True)])
 def test_dp4a_gemv_matches_reference(name, M, config, fuse):
@@ -215,6 +215,10 @@ def test_dp4a_gemv_matches_reference(name, M, config, fuse):
     n, k = 36, 296
     w, w64, _ = make_weight(n, k, lay, seed=M)
     x = torch.randn(M, k, device=DEVICE)
+    if not qm.dp4a_supported(w, fuse):  # groups of 16 need the GEMV's own half-tile sums of x
+        with pytest.raises(ValueError, match="groups of >= 32"):
+            qm.qmatmul(x, w, kind="dp4a", config=config, fuse_x=fuse)
+        return
     y = qm.qmatmul(x, w, kind="dp4a", config=config, fuse_x=fuse)  # fuse: x quantized in the GEMV
     ref = qm.qmatmul_dp4a_ref(x, w)
     exact = x.double() @ w64.to(x.device).T
@@ -230,16 +234,18 @@ def test_dp4a_default_and_refusals():
     w, _, _ = make_weight(8, 64, LAYOUTS["int4-g32"])
     x = torch.randn(1, 64, device=DEVICE)
     assert torch.equal(qm.qmatmul(x, w), qm.qmatmul(x, w, kind="gemv"))  # DP4A_MAX_ROWS 0: not a default
-    old = qm.DP4A_MAX_ROWS
+    old, old_fx = qm.DP4A_MAX_ROWS, qm.DP4A_FUSE_X
     try:
         qm.DP4A_MAX_ROWS = 16
         assert torch.equal(qm.qmatmul(x, w), qm.qmatmul(x, w, kind="dp4a"))
-        w16, _, _ = make_weight(8, 64, LAYOUTS["q6_k"])  # groups of 16: the float GEMV instead
+        w16, _, _ = make_weight(8, 64, LAYOUTS["q6_k"])  # groups of 16: dp4a only with fused quantization
+        assert torch.equal(qm.qmatmul(x, w16), qm.qmatmul(x, w16, kind="dp4a", fuse_x=True))
+        qm.DP4A_FUSE_X = False
         assert torch.equal(qm.qmatmul(x, w16), qm.qmatmul(x, w16, kind="gemv"))
     finally:
-        qm.DP4A_MAX_ROWS = old
+        qm.DP4A_MAX_ROWS, qm.DP4A_FUSE_X = old, old_fx
     with pytest.raises(ValueError, match="groups of >= 32"):
-        qm.qmatmul(x, make_weight(8, 64, LAYOUTS["int1-g16"])[0], kind="dp4a")
+        qm.qmatmul(x, make_weight(8, 64, LAYOUTS["int1-g16"])[0], kind="dp4a", fuse_x=False)
 
 
 @pytest.mark.parametrize("name", ["int4-g32", "q4_k", "int3-g64"])

@@ -607,7 +607,7 @@ def _x_byte(v, inv):
 def _x_tiles(xrow, k0, K, NT: tl.constexpr, EVEN: tl.constexpr, ACT: tl.constexpr):
     """In-kernel `_quant_x_kernel` for the NT tiles at k0 (xrow [BLOCK_M, 1, 1] row pointers):
     (words int32 [BLOCK_M, NT, 8], word u of tile t holding bytes x[32t + u + 8b] / scale
-    rounded, scale and sum float32 [BLOCK_M, NT]). Loaded as four [NT, 8] slabs (b = 0..3), so a
+    rounded, scale and the sums of the tile's two halves, float32 [BLOCK_M, NT]). Loaded as four [NT, 8] slabs (b = 0..3), so a
     tile's 32 values sit in one thread and its absmax, sum and byte packing need no shuffles."""
     t = tl.arange(0, NT)
     u = tl.arange(0, 8)
@@ -617,10 +617,11 @@ def _x_tiles(xrow, k0, K, NT: tl.constexpr, EVEN: tl.constexpr, ACT: tl.constexp
     v2 = _x_slab(xrow, k, K, 16, EVEN, ACT)
     v3 = _x_slab(xrow, k, K, 24, EVEN, ACT)
     amax = tl.max(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))), axis=2)
-    total = tl.sum(v0 + v1 + v2 + v3, axis=2)
+    half0 = tl.sum(v0 + v1, axis=2)  # codes 32t .. 32t + 15 (bytes 0, 1 of the words)
+    half1 = tl.sum(v2 + v3, axis=2)
     inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)[:, :, None]
     words = (_x_byte(v0, inv) | (_x_byte(v1, inv) << 8)) | ((_x_byte(v2, inv) << 16) | (_x_byte(v3, inv) << 24))
-    return words, amax / 127.0, total
+    return words, amax / 127.0, half0, half1
 
 
 @jit
@@ -654,10 +655,12 @@ def _x_slice(words, P: tl.constexpr, d: tl.constexpr):
 @jit
 def _plane_dp4a(wp, xqrow, xwords, rows, k0, KP, P: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-                FUSE_X: tl.constexpr):
+                FUSE_X: tl.constexpr, HALF: tl.constexpr):
     """int32 [BLOCK_M, BLOCK_N, BLOCK_K / 32]: per 32-code tile, the sum of one plane's codes
     times the int8 activations: read from xq (xqrow [BLOCK_M, 1, 1, 1] row pointers), or with
-    FUSE_X sliced from this program's own packed words (xwords [BLOCK_M, NT, 8], `_x_tiles`)."""
+    FUSE_X sliced from this program's own packed words (xwords [BLOCK_M, NT, 8], `_x_tiles`).
+    HALF 0 or 1 (groups of 16 codes): only that half of each tile, bytes 0-1 or 2-3 of every
+    word (code 32t + u + 8b is in group 2t + b // 2), the other bytes masked off the activations."""
     NT: tl.constexpr = BLOCK_K // 32
     D: tl.constexpr = 8 // P  # dp4a per weight word
     MASK: tl.constexpr = (1 << P) - 1 if P == 8 else ((1 << P) - 1) * 0x01010101
@@ -685,6 +688,10 @@ def _plane_dp4a(wp, xqrow, xwords, rows, k0, KP, P: tl.constexpr, BLOCK_M: tl.co
             a = words
         else:
             a = (words >> (d * P)) & MASK
+        if HALF == 0:  # on the activations' words: shared by the program's weight rows
+            xw = xw & 0xFFFF
+        elif HALF == 1:
+            xw = xw & -65536  # 0xFFFF0000
         acc = _dp4a(tl.broadcast_to(a, acc.shape), tl.broadcast_to(xw, acc.shape), acc, ASM)
     return tl.sum(acc, axis=3)
 
@@ -710,27 +717,42 @@ def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, 
     acc = tl.zeros((BLOCK_M, BLOCK_N, NT), dtype=tl.float32)
     for k0 in range(0, KP, BLOCK_K):
         if FUSE_X:
-            xwords, xsc, xsm = _x_tiles(xrow, k0, K, NT, EVEN, ACT)
+            xwords, xsc, xh0, xh1 = _x_tiles(xrow, k0, K, NT, EVEN, ACT)
             xsc = xsc[:, None, :]
-            xsm = xsm[:, None, :]
+            xsm = (xh0 + xh1)[:, None, :]
         else:
             xwords = tl.zeros((BLOCK_M, NT, 8), dtype=tl.int32)
-        isum = _plane_dp4a(w0, xqrow, xwords, rows, k0, KP, P0, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM, FUSE_X)
-        if P1 > 0:
-            isum += _plane_dp4a(w1, xqrow, xwords, rows, k0, KP, P1, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM,
-                                FUSE_X) << P0
-        if not FUSE_X:
-            to = mrow[:, None, None] * (KP // 32) + (k0 // 32 + t)[None, None, :]
-            if EVEN:
-                xsc = tl.load(xs + to)
-                xsm = tl.load(xsum + to)
-            else:
-                tm = (k0 + t * 32 < KP)[None, None, :]
-                xsc = tl.load(xs + to, mask=tm, other=0.0)
-                xsm = tl.load(xsum + to, mask=tm, other=0.0)
-        s, m = _scale_min(sp, mp, subp, submp, rows[:, None], ((k0 + t * 32) // GDIV)[None, :], NG, NSUP,
-                          GROUP, ZERO, MIN_KIND, SUPER)
-        acc += isum.to(tl.float32) * xsc * s[None, :, :] + m[None, :, :] * xsm
+        if GROUP == 16:  # two groups per tile: a dot per half (FUSE_X only: the half sums of x)
+            for hh in tl.static_range(2):
+                ih = _plane_dp4a(w0, xqrow, xwords, rows, k0, KP, P0, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM, FUSE_X,
+                                 hh)
+                if P1 > 0:
+                    ih += _plane_dp4a(w1, xqrow, xwords, rows, k0, KP, P1, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM,
+                                      FUSE_X, hh) << P0
+                sh, mh = _scale_min(sp, mp, subp, submp, rows[:, None], ((k0 + t * 32) // 16 + hh)[None, :], NG,
+                                    NSUP, GROUP, ZERO, MIN_KIND, SUPER)
+                if hh == 1:
+                    xh = xh1
+                else:
+                    xh = xh0
+                acc += ih.to(tl.float32) * xsc * sh[None, :, :] + mh[None, :, :] * xh[:, None, :]
+        else:
+            isum = _plane_dp4a(w0, xqrow, xwords, rows, k0, KP, P0, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM, FUSE_X, -1)
+            if P1 > 0:
+                isum += _plane_dp4a(w1, xqrow, xwords, rows, k0, KP, P1, BLOCK_M, BLOCK_N, BLOCK_K, EVEN, ASM,
+                                    FUSE_X, -1) << P0
+            if not FUSE_X:
+                to = mrow[:, None, None] * (KP // 32) + (k0 // 32 + t)[None, None, :]
+                if EVEN:
+                    xsc = tl.load(xs + to)
+                    xsm = tl.load(xsum + to)
+                else:
+                    tm = (k0 + t * 32 < KP)[None, None, :]
+                    xsc = tl.load(xs + to, mask=tm, other=0.0)
+                    xsm = tl.load(xsum + to, mask=tm, other=0.0)
+            s, m = _scale_min(sp, mp, subp, submp, rows[:, None], ((k0 + t * 32) // GDIV)[None, :], NG, NSUP,
+                              GROUP, ZERO, MIN_KIND, SUPER)
+            acc += isum.to(tl.float32) * xsc * s[None, :, :] + m[None, :, :] * xsm
     y = tl.sum(acc, axis=2)
     o_ptrs = out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(o_ptrs, y.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -770,7 +792,7 @@ def qmatmul_dp4a_ref(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """What kind="dp4a" computes, in float64: sum over tiles of s * x_scale * (codes . int8 x)
     + m' * sum(x), with m' = m - zero * s (exact up to the kernel's float32 sums)."""
     _check(x, w)
-    q, xs, xsum = quantize_x_ref(x, w.kp)
+    q, xs, _ = quantize_x_ref(x, w.kp)
     codes = unpack_codes(w.planes, w.layout.planes, w.kp).double().to(x.device)
     s, m = group_scales(w)
     g = w.layout.group or w.kp
@@ -779,16 +801,19 @@ def qmatmul_dp4a_ref(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     m = m - w.layout.zero * s
     xhat = q.double() * xs.double().repeat_interleave(32, dim=1)
     part = xhat @ (codes * s).T
-    # the min meets each tile's exact sum of x: m' is constant over a tile (groups >= 32)
-    mins = xsum.double() @ m.view(w.n, w.kp // 32, 32)[:, :, 0].T
-    return (part + mins).to(x.dtype)
+    # the min meets each group's exact sum of x (the kernel sums x per tile or half-tile)
+    xe = torch.zeros((x.shape[0], w.kp), dtype=torch.float64, device=x.device)
+    xe[:, : w.k] = x.double()
+    return (part + xe @ m.T).to(x.dtype)
 
 
-def dp4a_supported(w: QWeight) -> bool:
+def dp4a_supported(w: QWeight, fuse_x: bool | None = None) -> bool:
     """kind="dp4a" takes every plane split with groups of >= 32 codes (or one per row): a 32-code
-    tile then has one scale and one min."""
+    tile then has one scale and one min; groups of 16 (Q2_K, Q3_K, Q6_K) when the GEMV quantizes
+    its own activations (`fuse_x`, default DP4A_FUSE_X), which gives it each half-tile's sum."""
     lay = w.layout if isinstance(w, QWeight) else w
-    return lay.group == 0 or lay.group >= 32
+    fuse = DP4A_FUSE_X if fuse_x is None else fuse_x
+    return lay.group == 0 or lay.group >= 32 or (lay.group == 16 and fuse)
 
 
 MAGIC16 = 0x64006400  # two float16 1024.0: see _qgemv_tc_kernel
@@ -961,7 +986,8 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
                                IN_TILE=0 < w.layout.group < bk, num_warps=warps, num_stages=stages,
                                **consts_tc(consts))
     elif kind == "dp4a":
-        require(dp4a_supported(w), f"kind='dp4a' takes groups of >= 32 codes, not {w.layout.group}")
+        require(dp4a_supported(w, fuse_x), f"kind='dp4a' takes groups of >= 32 codes (16 with fuse_x), not "
+                f"{w.layout.group}")
         require(bm <= 16, f"the dp4a GEMV keeps block_m <= 16 rows in registers, got {bm}")
         fuse = DP4A_FUSE_X if fuse_x is None else fuse_x
         xq, xs, xsum = (x, x, x) if fuse else quantize_x(x, w.kp)  # fused: unused pointers
