@@ -313,14 +313,14 @@ def model_bytes(model) -> int:
 # "<format>+<variant>" end to end: a qmatmul switch set for the run (name, value), or None for
 # float activations (EngineConfig.int8_activations off)
 E2E_VARIANTS = {"float": None, "fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False),
-                "act": ("DP4A_FUSE_ACT", True), "noact": ("DP4A_FUSE_ACT", False)}
+                "act": ("DP4A_FUSE_ACT", True), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True)}
 
 
 def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
     """One format end to end; "<format>+<variant>" (E2E_VARIANTS) runs it with float activations
     in the low-bit GEMV (+float), the activations quantized inside the dp4a GEMV or by a kernel of
-    their own (+fx / +sep), or SiLU-and-multiply inside the down projection's GEMV or not (+act /
-    +noact)."""
+    their own (+fx / +sep), SiLU-and-multiply inside the down projection's GEMV or not (+act /
+    +noact), or groups of 16 (Q6_K) through dp4a (+g16)."""
     base, _, variant = fmt.partition("+")
     if variant and variant not in E2E_VARIANTS:
         raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+{'|+'.join(E2E_VARIANTS)}]")

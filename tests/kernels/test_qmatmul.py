@@ -234,16 +234,18 @@ def test_dp4a_default_and_refusals():
     w, _, _ = make_weight(8, 64, LAYOUTS["int4-g32"])
     x = torch.randn(1, 64, device=DEVICE)
     assert torch.equal(qm.qmatmul(x, w), qm.qmatmul(x, w, kind="gemv"))  # DP4A_MAX_ROWS 0: not a default
-    old, old_fx = qm.DP4A_MAX_ROWS, qm.DP4A_FUSE_X
+    old, old_fx, old_g16 = qm.DP4A_MAX_ROWS, qm.DP4A_FUSE_X, qm.DP4A_G16
     try:
         qm.DP4A_MAX_ROWS = 16
         assert torch.equal(qm.qmatmul(x, w), qm.qmatmul(x, w, kind="dp4a"))
-        w16, _, _ = make_weight(8, 64, LAYOUTS["q6_k"])  # groups of 16: dp4a only with fused quantization
+        w16, _, _ = make_weight(8, 64, LAYOUTS["q6_k"])  # groups of 16: untimed, the float GEMV by default
+        assert torch.equal(qm.qmatmul(x, w16), qm.qmatmul(x, w16, kind="gemv"))
+        qm.DP4A_G16 = True  # then dp4a, only with fused quantization
         assert torch.equal(qm.qmatmul(x, w16), qm.qmatmul(x, w16, kind="dp4a", fuse_x=True))
         qm.DP4A_FUSE_X = False
         assert torch.equal(qm.qmatmul(x, w16), qm.qmatmul(x, w16, kind="gemv"))
     finally:
-        qm.DP4A_MAX_ROWS, qm.DP4A_FUSE_X = old, old_fx
+        qm.DP4A_MAX_ROWS, qm.DP4A_FUSE_X, qm.DP4A_G16 = old, old_fx, old_g16
     with pytest.raises(ValueError, match="groups of >= 32"):
         qm.qmatmul(x, make_weight(8, 64, LAYOUTS["int1-g16"])[0], kind="dp4a", fuse_x=False)
 

@@ -807,6 +807,15 @@ def qmatmul_dp4a_ref(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     return (part + xe @ m.T).to(x.dtype)
 
 
+def _default_kind(m: int, w: QWeight) -> str:
+    """qmatmul's kernel for m rows of w: dp4a up to DP4A_MAX_ROWS where the layout allows it,
+    else `strategy(m)`."""
+    if m <= DP4A_MAX_ROWS and dp4a_supported(w) and w.layout.bits <= DP4A_MAX_BITS and (
+            w.layout.group != 16 or DP4A_G16):
+        return "dp4a"
+    return strategy(m)
+
+
 def dp4a_supported(w: QWeight, fuse_x: bool | None = None) -> bool:
     """kind="dp4a" takes every plane split with groups of >= 32 codes (or one per row): a 32-code
     tile then has one scale and one min; groups of 16 (Q2_K, Q3_K, Q6_K) when the GEMV quantizes
@@ -847,6 +856,10 @@ DP4A_FUSE_X = True
 # per code at 16-row programs). Measured slower on the H200 (weights-20261204-190723: int4-g128
 # decode batch 1 404.1 tok/s fused against 422.5 with the separate kernel), so off.
 DP4A_FUSE_ACT = False
+# Groups of 16 (Q6_K, Q3_K, Q2_K) by default through dp4a (a dot per half-tile): compiled for sm_90
+# at 4.1 instructions per Q6_K code and tested through the interpreter, not yet timed on a GPU, so
+# off (those layers keep the float GEMV unless kind="dp4a" is asked for).
+DP4A_G16 = False
 DP4A_ACT_CONFIGS = {1: (1, 16, 4096, 4, 1), 4: (4, 16, 1024, 4, 1), 16: (16, 8, 1024, 4, 1)}
 QUANT_X_TILES = 32  # 32-code tiles per program of _quant_x_kernel
 
@@ -952,8 +965,7 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
         require(x.dim() == 2 and x.shape[1] == 2 * w.k and x.stride(1) == 1 and x.dtype in FLOAT_DTYPES,
                 f"act='silu_mul' takes x [M, 2 * K = {2 * w.k}] (gate | up), got {tuple(x.shape)}")
         M = x.shape[0]
-        k_ = kind or ("dp4a" if M <= DP4A_MAX_ROWS and dp4a_supported(w) and w.layout.bits <= DP4A_MAX_BITS
-                      else strategy(M))
+        k_ = kind or _default_kind(M, w)
         if not (k_ == "dp4a" and (DP4A_FUSE_X if fuse_x is None else fuse_x) and DP4A_FUSE_ACT):
             return qmatmul(_silu_mul(x), w, kind=kind, config=config, out=out, fuse_x=fuse_x)
         if config is None:
@@ -967,8 +979,7 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     if M == 0:
         return out
     if kind is None:
-        kind = ("dp4a" if M <= DP4A_MAX_ROWS and dp4a_supported(w) and w.layout.bits <= DP4A_MAX_BITS
-                else strategy(M))
+        kind = _default_kind(M, w)
     if kind == "dequant":
         if out.is_contiguous():
             return torch.matmul(x, dequantize(w, x.dtype).t(), out=out)
