@@ -29,6 +29,20 @@ _NO_WINDOW = 1 << 30  # "no sliding window" as a window longer than any context:
 
 
 @jit
+def split_span(context_lens, b, split, num_splits, window, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(seq_len, lo, hi): the key positions [lo, hi) split `split` of sequence b attends to. Each
+    sequence cuts ITS span (from the window's start, rounded down to a multiple of ALIGN: 1, or
+    a compressed page walked whole) into the launched splits of whole BLOCK_N tiles, so a grid
+    planned for the longest possible context (CUDA graphs) stays balanced for short ones;
+    `_decode_merge_kernel` cuts it the same way. lo >= hi: the sequence is shorter than the grid."""
+    seq_len = tl.load(context_lens + b)
+    start = tl.maximum(seq_len - window, 0) // ALIGN * ALIGN  # the query sits at seq_len - 1
+    split_tokens = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * split_tokens
+    return seq_len, lo, tl.minimum(lo + split_tokens, seq_len)
+
+
+@jit
 def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
                          new_k, new_v, slot_mapping,
                          scale_log2, window, bt_stride, num_splits,
@@ -39,13 +53,7 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(context_lens + b)
-    start = tl.maximum(seq_len - window, 0)  # the query sits at seq_len - 1
-    # Each sequence cuts ITS span into the launched splits (whole BLOCK_N tiles), so a grid
-    # planned for the longest possible context (CUDA graphs) stays balanced for short ones.
-    split_tokens = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
-    lo = start + split * split_tokens
-    hi = tl.minimum(lo + split_tokens, seq_len)
+    seq_len, lo, hi = split_span(context_lens, b, split, num_splits, window, 1, BLOCK_N)
     if lo >= hi:
         return  # this sequence is shorter than the split grid; the merge skips this split
 

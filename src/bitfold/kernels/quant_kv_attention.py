@@ -26,7 +26,7 @@ import torch
 
 from bitfold.kernels._triton import (FLOAT_DTYPES, HAS_TRITON, cdiv, interpreting, jit, next_pow2, num_sms, require,
                                      require_launchable, tl)
-from bitfold.kernels.paged_decode import _decode_merge_kernel, split_plan
+from bitfold.kernels.paged_decode import _decode_merge_kernel, split_plan, split_span
 from bitfold.kernels.paged_prefill import tile_of_sequence
 from bitfold.kernels.quant_kv_write import KIND_GROUP, KIND_INT8, QuantLayout, dequantize_pages_ref
 
@@ -214,11 +214,7 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(context_lens + b)
-    start = tl.maximum(seq_len - window, 0) // BS * BS  # page-aligned: pieces never straddle pages
-    split_tokens = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BS) * BS
-    lo = start + split * split_tokens
-    hi = tl.minimum(lo + split_tokens, seq_len)
+    seq_len, lo, hi = split_span(context_lens, b, split, num_splits, window, BS, BS)  # pieces never straddle pages
     if lo >= hi:
         return
     if RING:
@@ -252,21 +248,31 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
             m_i, l_i, acc0, acc1 = _attend_ring(qd, m_i, l_i, acc0, acc1, r0, hi, qpos, window, kh, seq_slot, ring_k,
                                                 ring_v,
                                          scale_log2, KVH, D, VG, CAP, BS, DOT_PREC)
-    c = tl.arange(0, VG)
+    _store_decode(out, part_m, part_l, part_acc, b, kh, split, num_splits, rows, tl.arange(0, VG), m_i, l_i,
+                  acc0, acc1, 1.0, NUM_HEADS, QG, D, VG, SINGLE_SPLIT)
+
+
+@jit
+def _store_decode(out, part_m, part_l, part_acc, b, kh, split, num_splits, rows, c, m_i, l_i, acc0, acc1,
+                  UNSCALE: tl.constexpr, NUM_HEADS: tl.constexpr, QG: tl.constexpr, D: tl.constexpr,
+                  VG: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
+    """A decode split's end: the output rows (one split: acc / l) or the partials for
+    `_decode_merge_kernel` (m, l, acc). c: the output channels of acc0's columns (acc1 holds c +
+    VG when D = 2 VG); UNSCALE: a power of two the accumulators carry (exact to undo)."""
     mask2 = (rows[:, None] < QG) & (c[None, :] < VG)
     if SINGLE_SPLIT:
-        inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        inv = UNSCALE / tl.where(l_i > 0, l_i, 1.0)
         o_off = (b * NUM_HEADS + kh * QG + rows[:, None]) * D + c[None, :]
         tl.store(out + o_off, (acc0 * inv[:, None]).to(out.dtype.element_ty), mask=mask2)
-        if NG == 2:
+        if D // VG == 2:
             tl.store(out + o_off + VG, (acc1 * inv[:, None]).to(out.dtype.element_ty), mask=mask2)
     else:
         part = (b * NUM_HEADS + kh * QG + rows) * num_splits + split
         tl.store(part_m + part, m_i, mask=rows < QG)
         tl.store(part_l + part, l_i, mask=rows < QG)
-        tl.store(part_acc + part[:, None] * D + c[None, :], acc0, mask=mask2)
-        if NG == 2:
-            tl.store(part_acc + part[:, None] * D + VG + c[None, :], acc1, mask=mask2)
+        tl.store(part_acc + part[:, None] * D + c[None, :], acc0 * UNSCALE, mask=mask2)
+        if D // VG == 2:
+            tl.store(part_acc + part[:, None] * D + VG + c[None, :], acc1 * UNSCALE, mask=mask2)
 
 
 # ----------------------------------------------------------------------------- decode, planes variant
@@ -495,11 +501,7 @@ def _quant_decode_planes_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, rin
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(context_lens + b)
-    start = tl.maximum(seq_len - window, 0) // BS * BS
-    split_tokens = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BS) * BS
-    lo = start + split * split_tokens
-    hi = tl.minimum(lo + split_tokens, seq_len)
+    seq_len, lo, hi = split_span(context_lens, b, split, num_splits, window, BS, BS)
     if lo >= hi:
         return
     if RING:
@@ -561,20 +563,8 @@ def _quant_decode_planes_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, rin
     c = tl.arange(0, VG)
     if PERM_V:
         c = _perm(c)
-    mask2 = (rows[:, None] < QG) & (c[None, :] < VG)
-    if SINGLE_SPLIT:
-        inv = 1.0 / (SC * tl.where(l_i > 0, l_i, 1.0))
-        o_off = (b * NUM_HEADS + kh * QG + rows[:, None]) * D + c[None, :]
-        tl.store(out + o_off, (acc0 * inv[:, None]).to(out.dtype.element_ty), mask=mask2)
-        if NG == 2:
-            tl.store(out + o_off + VG, (acc1 * inv[:, None]).to(out.dtype.element_ty), mask=mask2)
-    else:
-        part = (b * NUM_HEADS + kh * QG + rows) * num_splits + split
-        tl.store(part_m + part, m_i, mask=rows < QG)
-        tl.store(part_l + part, l_i, mask=rows < QG)
-        tl.store(part_acc + part[:, None] * D + c[None, :], acc0 * (1.0 / SC), mask=mask2)
-        if NG == 2:
-            tl.store(part_acc + part[:, None] * D + VG + c[None, :], acc1 * (1.0 / SC), mask=mask2)
+    _store_decode(out, part_m, part_l, part_acc, b, kh, split, num_splits, rows, c, m_i, l_i, acc0, acc1,
+                  1.0 / SC, NUM_HEADS, QG, D, VG, SINGLE_SPLIT)  # p was carried x SC
 
 
 @jit(do_not_specialize=('bt_stride', 'num_seqs'))
