@@ -87,6 +87,22 @@ def paged_storage(name: str, batch: int, tokens: int, kvh: int, d: int, dev, dty
     return codec, st, tables
 
 
+def dense_decode_point(batch: int, ctx: int, mc: ModelConfig, dev, dtype, timer, reps: int):
+    """One layer's decode inputs at batch x ctx and bf16's reference point beside the codecs
+    (16-token pages in order, kernels/paged_decode.py): (q, context lengths, sequence slots,
+    seconds per call by `timer`, KV bytes it reads)."""
+    from bitfold.kernels.paged_decode import paged_decode
+
+    H, KVH, D = mc.num_heads, mc.num_kv_heads, mc.head_dim
+    q = torch.randn(batch, H, D, device=dev, dtype=dtype)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    slots = torch.arange(batch, dtype=torch.int32, device=dev)
+    _, st, tables = paged_storage("bf16", batch, ctx, KVH, D, dev, dtype, block_size=16, shuffle=False)
+    scale = 1 / math.sqrt(D)
+    t = timer([lambda: paged_decode(q, st.k, st.v, tables, lens, scale, max_context_len=ctx)], reps)
+    return q, lens, slots, t, batch * ctx * 2 * KVH * D * 2
+
+
 def spec_for(name: str, mc: ModelConfig, num_seqs: int, dtype=torch.bfloat16) -> KVCacheSpec:
     codec = make_codec(name, dtype)
     bs = codec.default_block_size

@@ -23,9 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import environment, graph_time, md_table, write_results  # noqa: E402
 from decode import copy_bandwidth  # noqa: E402
-from kv import LLAMA3_8B, paged_storage, spec_for  # noqa: E402
+from kv import LLAMA3_8B, dense_decode_point, paged_storage, spec_for  # noqa: E402
 
-from bitfold.kernels.paged_decode import paged_decode  # noqa: E402
 from bitfold.kernels.quant_kv_attention import quant_paged_decode, quant_paged_decode_ref  # noqa: E402
 
 # (variant, num_warps, num_stages, waves): the old kernel at its tuned default, the new one at a few
@@ -57,25 +56,18 @@ def main():
     env = environment()
     bw = copy_bandwidth(dev)
     mc = LLAMA3_8B
-    H, KVH, D = mc.num_heads, mc.num_kv_heads, mc.head_dim
+    KVH, D = mc.num_kv_heads, mc.head_dim
     scale = 1 / math.sqrt(D)
     rows, results = [], []
     for pt in args.points.split(","):
         B, ctx = (int(x) for x in pt.split("x"))
-        q = torch.randn(B, H, D, device=dev, dtype=dt)
-        lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
-        slots = torch.arange(B, dtype=torch.int32, device=dev)
-        # dense reference point: 16-token pages in order
-        _, st, tables = paged_storage("bf16", B, ctx, KVH, D, dev, dt, block_size=16, shuffle=False)
-        t_dense = timer([lambda: paged_decode(q, st.k, st.v, tables, lens, scale, max_context_len=ctx)], args.reps)
-        dense_bytes = B * ctx * 2 * KVH * D * 2
+        q, lens, slots, t_dense, dense_bytes = dense_decode_point(B, ctx, mc, dev, dt, timer, args.reps)
         r = {"codec": "bf16", "batch": B, "context": ctx, "variant": "dense", "warps": 4, "stages": 2, "waves": "",
              "us": t_dense * 1e6, "GBps": dense_bytes / t_dense / 1e9, "pct_copy": 100 * dense_bytes / t_dense / bw,
              "x_bf16": 1.0, "ideal_x_bf16": 1.0, "rel_err": None}
         results.append(r)
         rows.append(r)
         print(f"[kv-variants] B={B} ctx={ctx} bf16 dense: {t_dense * 1e6:.1f} us ({r['pct_copy']:.0f}% of copy)", flush=True)
-        del st
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         for name in args.codecs.split(","):

@@ -20,9 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import environment, graph_time, md_table, write_results  # noqa: E402
 from decode import copy_bandwidth  # noqa: E402
-from kv import LLAMA3_8B, paged_storage, spec_for  # noqa: E402
+from kv import LLAMA3_8B, dense_decode_point, paged_storage, spec_for  # noqa: E402
 
-from bitfold.kernels.paged_decode import paged_decode  # noqa: E402
 from bitfold.kernels.quant_kv_attention import quant_paged_decode, quant_paged_decode_ref  # noqa: E402
 
 
@@ -40,20 +39,14 @@ def main():
     env = environment()
     bw = copy_bandwidth(dev)
     mc = LLAMA3_8B
-    H, KVH, D = mc.num_heads, mc.num_kv_heads, mc.head_dim
+    KVH, D = mc.num_kv_heads, mc.head_dim
     scale = 1 / math.sqrt(D)
     rows, results = [], []
     for pt in args.points.split(","):
         B, ctx = (int(x) for x in pt.split("x"))
-        q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
-        lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
-        slots = torch.arange(B, dtype=torch.int32, device=dev)
-        # dense reference point: 16-token pages in order
-        _, st, tables = paged_storage("bf16", B, ctx, KVH, D, dev, torch.bfloat16, block_size=16, shuffle=False)
-        t_dense = graph_time([lambda: paged_decode(q, st.k, st.v, tables, lens, scale, max_context_len=ctx)], args.reps)
-        dense_bytes = B * ctx * 2 * KVH * D * 2
+        q, lens, slots, t_dense, dense_bytes = dense_decode_point(B, ctx, mc, dev, torch.bfloat16, graph_time,
+                                                                  args.reps)
         print(f"[tune] B={B} ctx={ctx} dense bf16: {t_dense * 1e6:.1f} us ({dense_bytes / t_dense / 1e9:.0f} GB/s)", flush=True)
-        del st
         for name in args.codecs.split(","):
             _, st, tables = paged_storage(name, B, ctx, KVH, D, dev, torch.bfloat16)  # scattered pages
             lay = st.layout

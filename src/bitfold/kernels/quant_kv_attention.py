@@ -231,9 +231,8 @@ def _quant_decode_kernel(q, k_codes, k_meta, v_codes, v_meta, ring_k, ring_v, bl
     qpos = tl.zeros([QG_PAD], tl.int32) + (seq_len - 1)
     m_i = tl.full([QG_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([QG_PAD], tl.float32)
-    NG: tl.constexpr = D // VG
     acc0 = tl.zeros([QG_PAD, VG], tl.float32)  # output channels [0, VG)
-    acc1 = tl.zeros([QG_PAD, VG], tl.float32)  # [VG, 2 VG) when NG == 2
+    acc1 = tl.zeros([QG_PAD, VG], tl.float32)  # [VG, 2 VG) when D == 2 VG
     for p0 in range(lo, tl.minimum(hi, n_sealed), BS):
         page = tl.load(block_tables + b * bt_stride + p0 // BS).to(tl.int64)
         m_i, l_i, acc0, acc1 = _attend_page(qf, qd, qh, m_i, l_i, acc0, acc1, page, p0, seq_len, qpos, window, kh,
