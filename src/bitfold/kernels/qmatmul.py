@@ -758,12 +758,6 @@ def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, 
     tl.store(o_ptrs, y.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _silu_mul(x: torch.Tensor) -> torch.Tensor:
-    from bitfold.kernels.silu_mul import silu_and_mul, silu_and_mul_ref
-
-    return silu_and_mul(x) if x.is_cuda or interpreting() else silu_and_mul_ref(x)
-
-
 def quantize_x(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`_quant_x_kernel`: (xq int32 [M, kp / 4], xs, xsum float32 [M, kp / 32])."""
     M, K = x.shape
@@ -960,14 +954,17 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     x's dtype). `kind` forces "gemv" / "gemm" / "dequant" (default `strategy(M)`); `config` (block_m,
     block_n, block_k, num_warps, num_stages) overrides the launch table; `out` an optional
     [M, n] buffer."""
+    fuse = DP4A_FUSE_X if fuse_x is None else fuse_x
     if act is not None:
         require(act == "silu_mul", f"unknown activation {act!r}; known: silu_mul")
         require(x.dim() == 2 and x.shape[1] == 2 * w.k and x.stride(1) == 1 and x.dtype in FLOAT_DTYPES,
                 f"act='silu_mul' takes x [M, 2 * K = {2 * w.k}] (gate | up), got {tuple(x.shape)}")
         M = x.shape[0]
-        k_ = kind or _default_kind(M, w)
-        if not (k_ == "dp4a" and (DP4A_FUSE_X if fuse_x is None else fuse_x) and DP4A_FUSE_ACT):
-            return qmatmul(_silu_mul(x), w, kind=kind, config=config, out=out, fuse_x=fuse_x)
+        kind = kind or _default_kind(M, w)
+        if not (kind == "dp4a" and fuse and DP4A_FUSE_ACT):
+            from bitfold.kernels.ops import silu_and_mul_op
+
+            return qmatmul(silu_and_mul_op(x), w, kind=kind, config=config, out=out, fuse_x=fuse_x)
         if config is None:
             config = DP4A_ACT_CONFIGS[min((r for r in DP4A_ACT_CONFIGS if r >= M), default=max(DP4A_ACT_CONFIGS))]
     else:
@@ -997,10 +994,9 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
                                IN_TILE=0 < w.layout.group < bk, num_warps=warps, num_stages=stages,
                                **consts_tc(consts))
     elif kind == "dp4a":
-        require(dp4a_supported(w, fuse_x), f"kind='dp4a' takes groups of >= 32 codes (16 with fuse_x), not "
+        require(dp4a_supported(w, fuse), f"kind='dp4a' takes groups of >= 32 codes (16 with fuse_x), not "
                 f"{w.layout.group}")
         require(bm <= 16, f"the dp4a GEMV keeps block_m <= 16 rows in registers, got {bm}")
-        fuse = DP4A_FUSE_X if fuse_x is None else fuse_x
         xq, xs, xsum = (x, x, x) if fuse else quantize_x(x, w.kp)  # fused: unused pointers
         _qgemv_dp4a_kernel[grid](x, xq, xs, xsum, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0),
                                  out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,

@@ -142,7 +142,8 @@ class GGUFFormat(WeightFormat):
             rows.append(qm.dequantize_ref(qw) if qw is not None else getattr(layer, name).float())
         return torch.cat(rows)
 
-    def apply(self, layer, x):
+    def apply(self, layer, x, act=None):
+        """act (`apply_silu_mul`): only for a layer of one run of blocks."""
         if not hasattr(self, "_runs"):
             raise RuntimeError("a GGUF layer runs once its weights are loaded (process_after_loading)")
         shape = x.shape
@@ -150,7 +151,7 @@ class GGUFFormat(WeightFormat):
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         if len(self._runs) == 1:
-            y = self._run(layer, self._runs[0], x2, None)
+            y = self._run(layer, self._runs[0], x2, None, act)
         else:
             y = torch.empty(x2.shape[0], self._args[1], dtype=x.dtype, device=x.device)
             for run in self._runs:
@@ -158,19 +159,15 @@ class GGUFFormat(WeightFormat):
         return y.view(*shape[:-1], self._args[1])
 
     def apply_silu_mul(self, layer, h):
-        if not (hasattr(self, "_runs") and len(self._runs) == 1 and self._runs[0][2] is not None):
-            return super().apply_silu_mul(layer, h)
-        shape = h.shape
-        h2 = h.reshape(-1, shape[-1])
-        if h2.stride(-1) != 1:
-            h2 = h2.contiguous()
-        return qm.qmatmul(h2, self._runs[0][2], act="silu_mul").view(*shape[:-1], self._args[1])
+        if hasattr(self, "_runs") and len(self._runs) == 1 and self._runs[0][2] is not None:
+            return self.apply(layer, h, "silu_mul")  # one run of blocks: its kernel takes gate | up
+        return super().apply_silu_mul(layer, h)
 
     @staticmethod
-    def _run(layer, run, x, out):
+    def _run(layer, run, x, out, act=None):
         _, _, qw, name = run
         if qw is not None:
-            return qm.qmatmul(x, qw, out=out)
+            return qm.qmatmul(x, qw, out=out, act=act)
         y = dense.matmul(x, getattr(layer, name))
         return y if out is None else out.copy_(y)
 

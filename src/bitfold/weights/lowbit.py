@@ -363,22 +363,20 @@ class LowBitFormat(WeightFormat):
         r = self._group // self._lut_group  # back to one scale per group (the copies are equal)
         return q, s[:, ::r].contiguous(), m[:, ::r].contiguous()
 
+    def _gpu_apply(self, layer, x, act=None):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        return qm.qmatmul(x2, self.qweight(layer), act=act).view(*shape[:-1], self._out)
+
     def apply_silu_mul(self, layer, h):
-        if not self._gpu:
-            return super().apply_silu_mul(layer, h)
-        shape = h.shape
-        h2 = h.reshape(-1, shape[-1])
-        if h2.stride(-1) != 1:
-            h2 = h2.contiguous()
-        return qm.qmatmul(h2, self.qweight(layer), act="silu_mul").view(*shape[:-1], self._out)
+        return self._gpu_apply(layer, h, "silu_mul") if self._gpu else super().apply_silu_mul(layer, h)
 
     def apply(self, layer, x):
-        shape = x.shape
         if self._gpu:
-            x2 = x.reshape(-1, shape[-1])
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            return qm.qmatmul(x2, self.qweight(layer)).view(*shape[:-1], self._out)
+            return self._gpu_apply(layer, x)
+        shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
