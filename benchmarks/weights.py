@@ -311,34 +311,55 @@ def model_bytes(model) -> int:
 
 
 # "<format>+<variant>" end to end: a qmatmul switch set for the run (name, value), or None for
-# float activations (EngineConfig.int8_activations off)
-E2E_VARIANTS = {"float": None, "fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False),
-                "act": ("DP4A_FUSE_ACT", True), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True)}
+# an EngineConfig field (E2E_CONFIG: float activations, PDL off or on)
+E2E_VARIANTS = {"float": None, "nopdl": None, "pdl": None, "fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False),
+                "act": ("DP4A_FUSE_ACT", True), "pdl64": ("DP4A_PDL_MAXNREG", 64), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True)}
+E2E_CONFIG = {"float": {"int8_activations": "off"}, "nopdl": {"pdl": "off"}, "pdl": {"pdl": "on"}}
+
+
+MATMUL_KERNELS = ("gemv", "gemm", "dp4a", "cutlass", "xmma", "nvjet", "gemmk")  # name fragments
+PROFILES: list[dict] = []  # step_kernels() of every end-to-end format, for the report
+
+
+def step_kernels(eng, fmt: str, B: int, ctx: int, step_s: float) -> dict:
+    """Where one decode step's GPU time goes (torch.profiler over CUDA graph replays): per kernel
+    ms per step, the matmul kernels' sum, and the rest of the step (other kernels + GPU idle)."""
+    from profile_decode import kernel_profile
+
+    per = kernel_profile(eng, B, ctx)
+    mm = sum(v for k, v in per.items() if any(f in k.lower() for f in MATMUL_KERNELS))
+    out = {"format": fmt, "batch": B, "step_ms": round(step_s * 1e3, 3), "kernel_ms": round(sum(per.values()), 3),
+           "matmul_ms": round(mm, 3), "non_matmul_ms": round(step_s * 1e3 - mm, 3),
+           "kernels": sorted(([k, round(v, 4)] for k, v in per.items()), key=lambda kv: -kv[1])}
+    print(f"[bench] {fmt} batch {B}: step {out['step_ms']} ms, matmul kernels {out['matmul_ms']} ms, "
+          f"non-matmul {out['non_matmul_ms']} ms", flush=True)
+    return out
 
 
 def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
     """One format end to end; "<format>+<variant>" (E2E_VARIANTS) runs it with float activations
     in the low-bit GEMV (+float), the activations quantized inside the dp4a GEMV or by a kernel of
     their own (+fx / +sep), SiLU-and-multiply inside the down projection's GEMV or not (+act /
-    +noact), or groups of 16 (Q6_K) through dp4a (+g16)."""
+    +noact), groups of 16 (Q6_K) through dp4a (+g16), or without / with programmatic dependent
+    launch (+nopdl / +pdl; the default is EngineConfig.pdl's auto)."""
     base, _, variant = fmt.partition("+")
     if variant and variant not in E2E_VARIANTS:
         raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+{'|+'.join(E2E_VARIANTS)}]")
     switch = E2E_VARIANTS.get(variant)
     if switch is not None:
         name, value = switch
-        old = getattr(qm, name)
+        old, n_prof = getattr(qm, name), len(PROFILES)
         setattr(qm, name, value)
         try:
             rows = e2e(base, args, bw, mm_rate)
         finally:
             setattr(qm, name, old)
-        for r in rows:
+        for r in rows + PROFILES[n_prof:]:
             r["format"] = fmt
         return rows
     mc = model_config(args.prefill + 256)
     weights = {"bf16": "dense", "q4_k_m": "auto"}.get(base, base)
-    cfg = EngineConfig(device=DEV, dtype="bfloat16", weights=weights, int8_activations="off" if variant == "float" else "auto",
+    cfg = EngineConfig(device=DEV, dtype="bfloat16", weights=weights, **E2E_CONFIG.get(variant, {}),
                        max_model_len=mc.max_position_embeddings, max_num_seqs=max(args.batches), max_num_batched_tokens=args.prefill,
                        gpu_memory_utilization=0.85, kv_cache_memory_gb=None if DEV == "cuda" else 0.05)
     t0 = time.perf_counter()
@@ -353,6 +374,8 @@ def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
     rows = []
     for B in args.batches:
         step = bitfold_decode(eng, B, args.context, args.steps, args.warmup)
+        if B in args.profile_batches and DEV == "cuda":
+            PROFILES.append(step_kernels(eng, fmt, B, args.context, step))
         roof = B / ((wbytes + B * args.context * kv_tok) / bw)
         rows.append({"format": fmt, "what": f"decode batch {B}", "tok_s": round(B / step, 1),
                      "roofline_tok_s": round(roof, 1), "pct_roofline": round(100 * B / step / roof, 1),
@@ -416,6 +439,10 @@ def report(payload: dict) -> str:
         parts.append("## End to end (llama3-8b shape, random weights, bf16 activations; decode at 512-token contexts)\n\n"
                      + md_table(payload["e2e"], ["format", "what", "tok_s", "x bf16", "roofline_tok_s", "pct_roofline",
                                                  "weight_GB", "load_s"]))
+    for p in payload.get("profiles", []):
+        parts.append(f"### {p['format']} batch {p['batch']}: step {p['step_ms']} ms = matmul kernels {p['matmul_ms']} ms "
+                     f"+ everything else {p['non_matmul_ms']} ms (other kernels and GPU idle)\n\n"
+                     + md_table([{"ms/step": v, "kernel": f"`{k}`"} for k, v in p["kernels"][:14]], ["ms/step", "kernel"]))
     if payload.get("skipped"):
         parts.append("Skipped: " + "; ".join(payload["skipped"]))
     return "\n\n".join(parts)
@@ -428,6 +455,7 @@ def main():
     ap.add_argument("--e2e-formats", default=None, help="end-to-end formats (comma-separated; '' for none)")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--profile-batches", default="1", help="end-to-end batches whose step is profiled per kernel ('' for none)")
     ap.add_argument("--prefill", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--warmup", type=int, default=8)
@@ -450,6 +478,7 @@ def main():
         sys.exit("benchmarks/weights.py needs a CUDA GPU (or --smoke)")
     start = time.perf_counter()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.profile_batches = [int(b) for b in args.profile_batches.split(",") if b]
     kformats = ([f for f in args.formats.split(",") if f] if args.formats is not None
                 else (QUICK_KERNEL_FORMATS if args.quick else KERNEL_FORMATS))  # '' for none
     eformats = ([f for f in args.e2e_formats.split(",") if f] if args.e2e_formats is not None
@@ -459,7 +488,7 @@ def main():
     dev = torch.device(DEV)
     bw, mm = copy_bandwidth(dev), matmul_rate(dev, DTYPE)
     payload = {"environment": environment(), "args": {k: v for k, v in vars(args).items()}, "copy_bandwidth_Bps": bw,
-               "matmul_flops": mm, "kernels": [], "sweep": [], "e2e": [], "skipped": []}
+               "matmul_flops": mm, "kernels": [], "sweep": [], "e2e": [], "skipped": [], "profiles": PROFILES}
     print(f"[bench] copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True)
     gen = torch.Generator(device=DEV).manual_seed(0)
 

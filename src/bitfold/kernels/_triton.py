@@ -91,3 +91,80 @@ def num_sms(device: torch.device) -> int:
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- programmatic dependent launch (Hopper) ---------------------------------------------------
+# A decode step at small batch is a chain of ~12 kernels per layer, most of them tiny; between
+# two kernels the GPU drains the first and ramps up the second. With PDL a kernel may launch
+# while its predecessor still runs: every program of a PDL kernel first lets ITS successor
+# launch (`pdl_trigger`), may prefetch what no earlier kernel writes (weights: `prefetch_l2`),
+# then waits for the predecessor's writes (`pdl_wait`: the whole previous grid has finished and
+# its memory is visible) before it reads an activation or writes anything. Since every PDL
+# kernel waits before it finishes, a kernel's completion still implies all earlier kernels'
+# (torch's own kernels launch without PDL and serialize as usual). Off by default; the runner
+# sets PDL from EngineConfig.pdl before it captures the decode graphs, and launch wrappers pass
+# `pdl_launch()` as both the kernels' PDL constexpr and Triton's `launch_pdl`.
+PDL = False
+
+
+def pdl_supported(device: torch.device) -> tuple[bool, str]:
+    """(True, "") when kernels on `device` can launch with PDL, else (False, why not)."""
+    if not HAS_TRITON:
+        return False, "Triton is not installed"
+    if device.type != "cuda":
+        return False, f"PDL is a CUDA feature, not {device.type}"
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False, "PDL needs compute capability 9.0 (Hopper) or newer"
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False, f"Triton {triton.__version__} has no grid dependency control (gdc_wait)"
+    return True, ""
+
+
+def pdl_launch() -> bool:
+    """Whether the next kernel launch uses PDL (its PDL constexpr and `launch_pdl`)."""
+    return PDL and not interpreting()
+
+
+if HAS_TRITON:
+    @triton.jit
+    def pdl_trigger(PDL: tl.constexpr):
+        """Let the next kernel launch (once every program of this one has called this)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """Wait until the previous kernel has finished and its writes are visible."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def prefetch_l2(ptrs, PDL: tl.constexpr):
+        """Ask L2 for the 128-byte lines at `ptrs` (a pointer tensor) without waiting for them:
+        weights a PDL kernel reads once its predecessor is done stream in meanwhile."""
+        if PDL:
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def prefetch_rows(ptr, row0, num_rows, stride, n, R: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr):
+        """`prefetch_l2` of the first LINES 128-byte lines of rows row0 .. row0 + R - 1 (those
+        past num_rows re-ask the last) of a row-major tensor at `ptr`: rows `stride` elements
+        apart, `n` elements long. One flat index per line (a [R, LINES] pointer tile cost a
+        GEMV ~30 registers)."""
+        if PDL:
+            EB: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+            base = ptr.to(tl.pointer_type(tl.int8))
+            i = tl.arange(0, R * LINES)
+            row = tl.minimum(row0 + i // LINES, num_rows - 1).to(tl.int64)
+            off = tl.minimum((i % LINES) * 128, n * EB - 1)  # lines past the row re-ask its last
+            prefetch_l2(base + row * (stride * EB) + off, PDL)
+else:
+    pdl_trigger = pdl_wait = prefetch_l2 = prefetch_rows = None
+
+
+def prefetch_lines(row_bytes: int, cap: int = 64) -> int:
+    """LINES for `prefetch_rows`: a power of two covering row_bytes, at most `cap`."""
+    return min(cap, next_pow2(-(-row_bytes // 128)))

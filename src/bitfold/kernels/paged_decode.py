@@ -23,7 +23,8 @@ import math
 import torch
 
 from bitfold.kernels.kv_write import write_kv_ref
-from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, jit, next_pow2, num_sms, require, require_launchable, tl
+from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, next_pow2, num_sms, pdl_launch, pdl_trigger, pdl_wait,
+                                     require, require_launchable, tl)
 
 _NO_WINDOW = 1 << 30  # "no sliding window" as a window longer than any context: no branch in the kernel
 
@@ -49,7 +50,9 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QG: tl.constexpr, QG_PAD: tl.constexpr,
                          BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-                         DOT_PREC: tl.constexpr, FUSE_WRITE: tl.constexpr):
+                         DOT_PREC: tl.constexpr, FUSE_WRITE: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -131,9 +134,12 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
 @jit
 def _decode_merge_kernel(out, part_m, part_l, part_acc, context_lens, window, num_splits,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr = 1):
+                         BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr = 1,
+                         PDL: tl.constexpr = False):
     # ALIGN: the split kernel started its span at the window's start rounded down to a multiple
     # of ALIGN (compressed pages are walked whole); 1 = at the window's start.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(context_lens + b)
@@ -237,6 +243,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         new_k = new_v = q  # never read
         slot_mapping = context_lens
     scale_log2 = float(scale) * math.log2(math.e)
+    pdl = pdl_launch()
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
         new_k, new_v, slot_mapping,
@@ -244,12 +251,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         NUM_HEADS=H, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=BLOCK_D, QG=qg,
         QG_PAD=QG_PAD, BLOCK_N=block_n, USE_DOT=use_dot, SINGLE_SPLIT=single,
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32: 3xTF32 keeps ~fp32 accuracy on tensor cores
-        FUSE_WRITE=fuse_write,
-        num_warps=num_warps, num_stages=num_stages)
+        FUSE_WRITE=fuse_write, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
     if not single:
         _decode_merge_kernel[(B, H)](out, part_m, part_l, part_acc, context_lens, window,
                                      num_splits, NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=BLOCK_D,
-                                     BLOCK_S=next_pow2(num_splits), BLOCK_N=block_n, num_warps=4)
+                                     BLOCK_S=next_pow2(num_splits), BLOCK_N=block_n, PDL=pdl, num_warps=4,
+                                     launch_pdl=pdl)
     return out
 
 

@@ -8,14 +8,17 @@ keeps the residual stream in bf16.
 """
 import torch
 
-from bitfold.kernels._triton import FLOAT_DTYPES, jit, next_pow2, require, require_launchable, tl
+from bitfold.kernels._triton import (FLOAT_DTYPES, jit, next_pow2, pdl_launch, pdl_trigger, pdl_wait, require,
+                                     require_launchable, tl)
 
 
 @jit
 def _rms_norm_kernel(x, residual, weight, out, new_residual, eps, N,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # One program per row; the whole row lives in registers (BLOCK >= hidden), so the row is
     # read once for the variance and reused for the output.
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -54,8 +57,10 @@ def _launch(x, residual, weight, eps, num_warps):
         BLOCK = next_pow2(N)
         require(BLOCK <= 65536, f"hidden size {N} too large for a one-row-per-program kernel")
         warps = num_warps or min(16, max(1, BLOCK // 512))  # ~4 fp32 elements per thread per pass
+        pdl = pdl_launch()
         _rms_norm_kernel[(T,)](x, residual if residual is not None else x, weight, out, new_residual,
-                               float(eps), N, HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=warps)
+                               float(eps), N, HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, PDL=pdl,
+                               num_warps=warps, launch_pdl=pdl)
     return out, new_residual
 
 

@@ -9,7 +9,8 @@ angles keep their precision; the rotation is computed in float32 and rounded onc
 """
 import torch
 
-from bitfold.kernels._triton import FLOAT_DTYPES, jit, next_pow2, require, require_launchable, tl
+from bitfold.kernels._triton import (FLOAT_DTYPES, jit, next_pow2, pdl_launch, pdl_trigger, pdl_wait, require,
+                                     require_launchable, tl)
 
 
 @jit
@@ -32,7 +33,9 @@ def _rotate_heads(src, dst, t, stride_t, n_heads, cos, sin, HALF: tl.constexpr,
 @jit
 def _rotary_kernel(q, k, q_out, k_out, positions, cos_sin_cache, num_heads, num_kv_heads, stride_q, stride_k,
                    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                   BLOCK_HK: tl.constexpr):
+                   BLOCK_HK: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions + t)
     d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -72,9 +75,10 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
         return q_out, k_out
     require_launchable(q, k, positions, cos_sin_cache)
     Hk = k.shape[1]
+    pdl = pdl_launch()
     _rotary_kernel[(T,)](q, k, q_out, k_out, positions, cos_sin_cache, H, Hk, q.stride(0), k.stride(0),
                          HALF=D // 2, BLOCK_HALF=next_pow2(D // 2), BLOCK_HQ=next_pow2(H),
-                         BLOCK_HK=next_pow2(Hk), num_warps=num_warps)
+                         BLOCK_HK=next_pow2(Hk), PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return q_out, k_out
 
 

@@ -8,11 +8,14 @@ within one ulp of the output dtype).
 """
 import torch
 
-from bitfold.kernels._triton import FLOAT_DTYPES, cdiv, jit, next_pow2, require, require_launchable, tl
+from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, next_pow2, pdl_launch, pdl_trigger, pdl_wait, require,
+                                     require_launchable, tl)
 
 
 @jit
-def _silu_and_mul_kernel(x, out, I, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x, out, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -38,7 +41,8 @@ def silu_and_mul(x: torch.Tensor, *, block: int = 1024, num_warps: int = 4) -> t
         return out
     require_launchable(x)
     BLOCK = min(block, next_pow2(I))
-    _silu_and_mul_kernel[(T, cdiv(I, BLOCK))](x, out, I, BLOCK=BLOCK, num_warps=num_warps)
+    pdl = pdl_launch()
+    _silu_and_mul_kernel[(T, cdiv(I, BLOCK))](x, out, I, BLOCK=BLOCK, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return out
 
 

@@ -18,6 +18,7 @@ from bitfold.config import EngineConfig
 from bitfold.core.request import Request
 from bitfold.core.scheduler import ScheduledChunk, SchedulerOutput
 from bitfold.errors import BitfoldError
+from bitfold.kernels import _triton
 from bitfold.kvcache.codecs import make_codec
 from bitfold.kvcache.spec import KVCacheSpec
 from bitfold.attention import AttentionMetadata, select_backend
@@ -67,6 +68,9 @@ class ModelRunner:
     def __init__(self, source: ModelSource, cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
                  max_model_len: int):
         self.device, self.dtype, self.cfg = device, dtype, cfg
+        pdl_ok, why = _triton.pdl_supported(device)
+        if cfg.pdl == "on" and not pdl_ok:  # LLMEngine checked already; a runner built directly
+            raise BitfoldError(f"--pdl on: {why}")
         model_cls = MODELS.get(source.config.architecture)
         self.model_config = replace(source.config, **model_cls.config_overrides)
         with torch.device(device):
@@ -79,6 +83,7 @@ class ModelRunner:
 
             qmatmul.DP4A_MAX_ROWS = 0 if cfg.int8_activations == "off" else qmatmul.DP4A_ROWS
             qmatmul.DP4A_MAX_BITS = 8 if cfg.int8_activations == "on" else 6
+            _triton.PDL = pdl_ok and cfg.pdl != "off"
         self.fused_steps = FusedSteps(self.model) if cfg.cpu_fused_step and device.type == "cpu" else None
 
         mc = self.model_config
