@@ -229,7 +229,9 @@ def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), la
             jobs += [(M, ("tc", TC)) for M in (1, 16) if M in rows]
         if qm.dp4a_supported(qw):
             jobs += [(M, ("dp4a", DP4A[M])) for M in DP4A if M in rows]
-            jobs += [(M, ("dp4a_fx", DP4A[M] + [(1, 16, 2048, 4, 1), (1, 16, 4096, 8, 1)] * (M == 1)))
+            wide = [(1, 16, 2048, 4, 1), (1, 16, 4096, 8, 1), (1, 16, 1024, 4, 1), (1, 32, 1024, 4, 1),
+                    (1, 32, 1024, 8, 1), (1, 32, 2048, 8, 1), (1, 64, 512, 4, 1), (1, 64, 1024, 8, 1)]
+            jobs += [(M, ("dp4a_fx", DP4A[M] + wide * (M == 1)))
                      for M in DP4A if M in rows]
         if kinds:
             jobs = [j for j in jobs if j[1][0] in kinds]
