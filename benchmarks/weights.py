@@ -52,7 +52,7 @@ from decode import bitfold_decode, bitfold_prefill, copy_bandwidth, kv_bytes_per
 
 from bitfold.config import EngineConfig, ModelConfig  # noqa: E402
 from bitfold.engine import LLMEngine  # noqa: E402
-from bitfold.kernels import qmatmul as qm  # noqa: E402
+from bitfold.kernels import _triton, qmatmul as qm  # noqa: E402
 from bitfold.kernels.gemv import gemv  # noqa: E402
 from bitfold.loader.source import ModelSource  # noqa: E402
 from bitfold.weights.lowbit import gpu_layout, lowbit_spec  # noqa: E402
@@ -315,7 +315,7 @@ def model_bytes(model) -> int:
 # "<format>+<variant>" end to end: a qmatmul switch set for the run (name, value), or None for
 # an EngineConfig field (E2E_CONFIG: float activations, PDL off or on)
 E2E_VARIANTS = {"float": None, "nopdl": None, "pdl": None, "fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False),
-                "act": ("DP4A_FUSE_ACT", True), "pdl64": ("DP4A_PDL_MAXNREG", 64), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True)}
+                "act": ("DP4A_FUSE_ACT", True), "pdl64": ("DP4A_PDL_MAXNREG", 64), "nopf": ("PDL_PREFETCH", False), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True)}
 E2E_CONFIG = {"float": {"int8_activations": "off"}, "nopdl": {"pdl": "off"}, "pdl": {"pdl": "on"}}
 
 
@@ -331,7 +331,7 @@ def step_kernels(eng, fmt: str, B: int, ctx: int, step_s: float) -> dict:
     per = kernel_profile(eng, B, ctx)
     mm = sum(v for k, v in per.items() if any(f in k.lower() for f in MATMUL_KERNELS))
     out = {"format": fmt, "batch": B, "step_ms": round(step_s * 1e3, 3), "kernel_ms": round(sum(per.values()), 3),
-           "matmul_ms": round(mm, 3), "non_matmul_ms": round(step_s * 1e3 - mm, 3),
+           "matmul_ms": round(mm, 3), "non_matmul_ms": round(step_s * 1e3 - mm, 3), "pdl": _triton.PDL,
            "kernels": sorted(([k, round(v, 4)] for k, v in per.items()), key=lambda kv: -kv[1])}
     print(f"[bench] {fmt} batch {B}: step {out['step_ms']} ms, matmul kernels {out['matmul_ms']} ms, "
           f"non-matmul {out['non_matmul_ms']} ms", flush=True)
@@ -350,12 +350,13 @@ def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
     switch = E2E_VARIANTS.get(variant)
     if switch is not None:
         name, value = switch
-        old, n_prof = getattr(qm, name), len(PROFILES)
-        setattr(qm, name, value)
+        mod = _triton if hasattr(_triton, name) else qm
+        old, n_prof = getattr(mod, name), len(PROFILES)
+        setattr(mod, name, value)
         try:
             rows = e2e(base, args, bw, mm_rate)
         finally:
-            setattr(qm, name, old)
+            setattr(mod, name, old)
         for r in rows + PROFILES[n_prof:]:
             r["format"] = fmt
         return rows
@@ -443,7 +444,9 @@ def report(payload: dict) -> str:
                                                  "weight_GB", "load_s"]))
     for p in payload.get("profiles", []):
         parts.append(f"### {p['format']} batch {p['batch']}: step {p['step_ms']} ms = matmul kernels {p['matmul_ms']} ms "
-                     f"+ everything else {p['non_matmul_ms']} ms (other kernels and GPU idle)\n\n"
+                     f"+ everything else {p['non_matmul_ms']} ms (other kernels and GPU idle)"
+                     + (" — with PDL kernels overlap and their times include waiting for the one before: only the "
+                        "no-PDL split is meaningful" if p.get("pdl") else "") + "\n\n"
                      + md_table([{"ms/step": v, "kernel": f"`{k}`"} for k, v in p["kernels"][:14]], ["ms/step", "kernel"]))
     if payload.get("skipped"):
         parts.append("Skipped: " + "; ".join(payload["skipped"]))

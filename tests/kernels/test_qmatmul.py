@@ -238,10 +238,11 @@ def test_dp4a_default_and_refusals():
     try:
         qm.DP4A_MAX_ROWS = 16
         assert torch.equal(qm.qmatmul(x, w), qm.qmatmul(x, w, kind="dp4a"))
-        w16, _, _ = make_weight(8, 64, LAYOUTS["q6_k"])  # groups of 16: untimed, the float GEMV by default
-        assert torch.equal(qm.qmatmul(x, w16), qm.qmatmul(x, w16, kind="gemv"))
-        qm.DP4A_G16 = True  # then dp4a, only with fused quantization
+        w16, _, _ = make_weight(8, 64, LAYOUTS["q6_k"])  # groups of 16: dp4a, only with fused quantization
         assert torch.equal(qm.qmatmul(x, w16), qm.qmatmul(x, w16, kind="dp4a", fuse_x=True))
+        qm.DP4A_G16 = False  # switched off: the float GEMV
+        assert torch.equal(qm.qmatmul(x, w16), qm.qmatmul(x, w16, kind="gemv"))
+        qm.DP4A_G16 = True
         qm.DP4A_FUSE_X = False
         assert torch.equal(qm.qmatmul(x, w16), qm.qmatmul(x, w16, kind="gemv"))
     finally:

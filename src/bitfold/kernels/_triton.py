@@ -105,6 +105,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # sets PDL from EngineConfig.pdl before it captures the decode graphs, and launch wrappers pass
 # `pdl_launch()` as both the kernels' PDL constexpr and Triton's `launch_pdl`.
 PDL = False
+PDL_PREFETCH = True  # the GEMVs' L2 prefetch ahead of the wait (benchmarks/weights.py "+nopf" turns it off)
 
 
 def pdl_supported(device: torch.device) -> tuple[bool, str]:
@@ -154,7 +155,7 @@ if HAS_TRITON:
         past num_rows re-ask the last) of a row-major tensor at `ptr`: rows `stride` elements
         apart, `n` elements long. One flat index per line (a [R, LINES] pointer tile cost a
         GEMV ~30 registers)."""
-        if PDL:
+        if PDL and LINES > 0:
             EB: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
             base = ptr.to(tl.pointer_type(tl.int8))
             i = tl.arange(0, R * LINES)
@@ -166,5 +167,6 @@ else:
 
 
 def prefetch_lines(row_bytes: int, cap: int = 64) -> int:
-    """LINES for `prefetch_rows`: a power of two covering row_bytes, at most `cap`."""
-    return min(cap, next_pow2(-(-row_bytes // 128)))
+    """LINES for `prefetch_rows`: a power of two covering row_bytes, at most `cap`; 0 (no
+    prefetch) without PDL or with PDL_PREFETCH off."""
+    return min(cap, next_pow2(-(-row_bytes // 128))) if pdl_launch() and PDL_PREFETCH else 0

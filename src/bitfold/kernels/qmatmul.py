@@ -231,24 +231,24 @@ def _prefetch_weight(w0, w1, sp, mp, subp, N, KP, NG, NSUP, P0: tl.constexpr, P1
                      PDL: tl.constexpr):
     """PDL: ask L2 for this program's BLOCK_N weight rows (codes of both planes, scales, mins)
     before waiting for the previous kernel, so they stream in while it finishes."""
-    if PDL:
-        r0 = tl.program_id(0) * BLOCK_N
-        # Every call spans >= 128 lanes (one per thread of 4 warps): a smaller pointer tile is
-        # replicated across threads and cost the dp4a GEMV ~30 registers. A scale row is a line
-        # or two; the surplus lanes re-ask its last line (one request per warp).
-        SL: tl.constexpr = 128 // BLOCK_N if BLOCK_N < 128 else 1
-        if P1 > 0:
-            prefetch_rows(w1, r0, N, KP // 32 * P1, KP // 32 * P1, BLOCK_N, LINES, PDL)
-        if SUPER == 0:
-            prefetch_rows(sp, r0, N, NG, NG, BLOCK_N, SL, PDL)
-            if MIN_KIND == 1:
-                prefetch_rows(mp, r0, N, NG, NG, BLOCK_N, SL, PDL)
-        else:
-            prefetch_rows(sp, r0, N, NSUP, NSUP, BLOCK_N, SL, PDL)
-            prefetch_rows(subp, r0, N, NG, NG, BLOCK_N, SL, PDL)
-            if MIN_KIND >= 2:
-                prefetch_rows(mp, r0, N, NSUP, NSUP, BLOCK_N, SL, PDL)
-        prefetch_rows(w0, r0, N, KP // 32 * P0, KP // 32 * P0, BLOCK_N, LINES, PDL)
+    if PDL and LINES > 0:
+        if tl.program_id(1) == 0:  # once per weight slab, not per row block
+            r0 = tl.program_id(0) * BLOCK_N
+            # A scale row is a line or two: SL lanes per row make each call span >= 128 lanes, as
+            # the codes' does (the surplus lanes re-ask the row's last line)
+            SL: tl.constexpr = 128 // BLOCK_N if BLOCK_N < 128 else 1
+            if P1 > 0:
+                prefetch_rows(w1, r0, N, KP // 32 * P1, KP // 32 * P1, BLOCK_N, LINES, PDL)
+            if SUPER == 0:
+                prefetch_rows(sp, r0, N, NG, NG, BLOCK_N, SL, PDL)
+                if MIN_KIND == 1:
+                    prefetch_rows(mp, r0, N, NG, NG, BLOCK_N, SL, PDL)
+            else:
+                prefetch_rows(sp, r0, N, NSUP, NSUP, BLOCK_N, SL, PDL)
+                prefetch_rows(subp, r0, N, NG, NG, BLOCK_N, SL, PDL)
+                if MIN_KIND >= 2:
+                    prefetch_rows(mp, r0, N, NSUP, NSUP, BLOCK_N, SL, PDL)
+            prefetch_rows(w0, r0, N, KP // 32 * P0, KP // 32 * P0, BLOCK_N, LINES, PDL)
 
 
 @jit
@@ -368,7 +368,7 @@ def _plane_gemv(acc, wp, magic, xrow, sp, mp, subp, submp, rows, k0, K, KP, NG, 
 def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, stride_xm, stride_om, magic,
                   P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr,
                   MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 1):
+                  BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0):
     pdl_trigger(PDL)
     offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
     _prefetch_weight(w0, w1, sp, mp, subp, N, KP, NG, NSUP, P0, P1, MIN_KIND, SUPER, BLOCK_N, PF_LINES, PDL)
@@ -734,7 +734,7 @@ def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, 
                        ZERO: tl.constexpr, MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
                        FUSE_X: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr = False,
-                       PF_LINES: tl.constexpr = 1):
+                       PF_LINES: tl.constexpr = 0):
     """BLOCK_N weight rows times BLOCK_M int8 activation rows: per tile, an integer dot per plane
     (the high plane's codes count 2^P0), then acc += float(dot) * x_scale * s + m * sum(x) with the
     group's scale s and min m (groups of >= 32 codes: one per tile). The activations come
@@ -892,10 +892,11 @@ DP4A_FUSE_X = True
 # per code at 16-row programs). Measured slower on the H200 (weights-20261204-190723: int4-g128
 # decode batch 1 404.1 tok/s fused against 422.5 with the separate kernel), so off.
 DP4A_FUSE_ACT = False
-# Groups of 16 (Q6_K, Q3_K, Q2_K) by default through dp4a (a dot per half-tile): compiled for sm_90
-# at 4.1 instructions per Q6_K code and tested through the interpreter, not yet timed on a GPU, so
-# off (those layers keep the float GEMV unless kind="dp4a" is asked for).
-DP4A_G16 = False
+# Groups of 16 (Q6_K, Q3_K, Q2_K) through dp4a by default (a dot per half-tile, 4.1 instructions
+# per Q6_K code in the sm_90 compile; fused activation quantization only): a Llama-3-8B-shaped
+# Q4_K_M decodes at batch 1 at 345.5 tok/s with it against 236.4 with those layers (attn_v, half
+# of ffn_down, the output) in the float GEMV (H200, weights-20261204-204103, one run).
+DP4A_G16 = True
 DP4A_ACT_CONFIGS = {1: (1, 16, 4096, 4, 1), 4: (4, 16, 1024, 4, 1), 16: (16, 8, 1024, 4, 1)}
 QUANT_X_TILES = 32  # 32-code tiles per program of _quant_x_kernel
 
@@ -1030,7 +1031,7 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     even = w.kp % bk == 0 and w.k == w.kp
     grid = (cdiv(w.n, bn), cdiv(M, bm))
     pdl = pdl_launch()  # the GEMV kernels launch with PDL (tc and gemm do not)
-    lines = prefetch_lines(w.kp * w.layout.planes[0] // 8) if pdl else 1
+    lines = prefetch_lines(w.kp * w.layout.planes[0] // 8)
     if kind == "tc":
         require(tc_supported(w), f"kind='tc' takes one 4-bit plane, not {w.layout.planes}")
         _qgemv_tc_kernel[grid](x, out, tensors[0], *tensors[2:], M, w.n, w.k, w.kp, ng, nsup, x.stride(0),
