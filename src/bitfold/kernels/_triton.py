@@ -96,14 +96,18 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---- programmatic dependent launch (Hopper) ---------------------------------------------------
 # A decode step at small batch is a chain of ~12 kernels per layer, most of them tiny; between
 # two kernels the GPU drains the first and ramps up the second. With PDL a kernel may launch
-# while its predecessor still runs: every program of a PDL kernel first lets ITS successor
-# launch (`pdl_trigger`), may prefetch what no earlier kernel writes (weights: `prefetch_l2`),
-# then waits for the predecessor's writes (`pdl_wait`: the whole previous grid has finished and
-# its memory is visible) before it reads an activation or writes anything. Since every PDL
-# kernel waits before it finishes, a kernel's completion still implies all earlier kernels'
-# (torch's own kernels launch without PDL and serialize as usual). Off by default; the runner
-# sets PDL from EngineConfig.pdl before it captures the decode graphs, and launch wrappers pass
-# `pdl_launch()` as both the kernels' PDL constexpr and Triton's `launch_pdl`.
+# while its predecessor still runs, once every program of the predecessor has called
+# `pdl_trigger` (or exited). A PDL kernel may prefetch what no earlier kernel writes (weights:
+# `prefetch_l2`), then waits for the predecessor's writes (`pdl_wait`: the whole previous grid
+# has finished and its memory is visible) before it reads an activation or writes anything.
+# Small kernels (norms, rotary, attention, SiLU) trigger at their start; the GEMVs only after
+# their main loop: a successor let in early by a many-program grid takes SM slots as that grid's
+# programs drain, so its own programs clump on the SMs that freed first (triggering at the start
+# cost bf16 batch 4 10-21% on the H200). Since every PDL kernel waits before it finishes, a
+# kernel's completion still implies all earlier kernels' (torch's own kernels launch without
+# PDL and serialize as usual). Off unless the runner sets PDL (EngineConfig.pdl) before it
+# captures the decode graphs; launch wrappers pass `pdl_launch()` as both the kernels' PDL
+# constexpr and Triton's `launch_pdl`.
 PDL = False
 PDL_PREFETCH = True  # the GEMVs' L2 prefetch ahead of the wait (benchmarks/weights.py "+nopf" turns it off)
 

@@ -28,7 +28,6 @@ from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, pdl_launch, pdl_tr
 def _gemv_kernel(x, w, out, M, N, K, stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0):
-    pdl_trigger(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -56,6 +55,7 @@ def _gemv_kernel(x, w, out, M, N, K, stride_xm, stride_wn, stride_om,
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
+        pdl_trigger(PDL)  # late: see _triton.py (a wide grid lets its successor in only near its end)
         tl.store(out + pid_m.to(tl.int64) * stride_om + offs_n, y.to(out.dtype.element_ty), mask=n_mask)
     else:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,6 +74,7 @@ def _gemv_kernel(x, w, out, M, N, K, stride_xm, stride_wn, stride_om,
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         o_ptrs = out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        pdl_trigger(PDL)
         tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 

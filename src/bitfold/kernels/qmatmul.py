@@ -369,7 +369,6 @@ def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, st
                   P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr,
                   MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0):
-    pdl_trigger(PDL)
     offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
     _prefetch_weight(w0, w1, sp, mp, subp, N, KP, NG, NSUP, P0, P1, MIN_KIND, SUPER, BLOCK_N, PF_LINES, PDL)
     pdl_wait(PDL)
@@ -387,6 +386,7 @@ def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, st
     if P1 > 0:
         y += tl.sum(acc1, axis=2)
     o_ptrs = out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    pdl_trigger(PDL)  # late: see _triton.py (a wide grid lets its successor in only near its end)
     tl.store(o_ptrs, y.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -741,7 +741,6 @@ def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, 
     quantized (`_quant_x_kernel`'s xq, xs, xsum) or, FUSE_X, are quantized here from x by every
     program (no second launch; the same bytes as the separate kernel), ACT 1 from a gate | up row
     [2K] as silu(gate) * up in float32 (SwiGLU's down projection: no activation kernel either)."""
-    pdl_trigger(PDL)
     offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
     _prefetch_weight(w0, w1, sp, mp, subp, N, KP, NG, NSUP, P0, P1, MIN_KIND, SUPER, BLOCK_N, PF_LINES, PDL)
     pdl_wait(PDL)
@@ -791,6 +790,7 @@ def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, 
             acc += isum.to(tl.float32) * xsc * s[None, :, :] + m[None, :, :] * xsm
     y = tl.sum(acc, axis=2)
     o_ptrs = out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    pdl_trigger(PDL)  # late: see _triton.py (a wide grid lets its successor in only near its end)
     tl.store(o_ptrs, y.to(out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
