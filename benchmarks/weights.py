@@ -52,7 +52,7 @@ from decode import bitfold_decode, bitfold_prefill, copy_bandwidth, kv_bytes_per
 
 from bitfold.config import EngineConfig, ModelConfig  # noqa: E402
 from bitfold.engine import LLMEngine  # noqa: E402
-from bitfold.kernels import _triton, qmatmul as qm  # noqa: E402
+from bitfold.kernels import qmatmul as qm  # noqa: E402
 from bitfold.kernels.gemv import gemv  # noqa: E402
 from bitfold.loader.source import ModelSource  # noqa: E402
 from bitfold.weights.lowbit import gpu_layout, lowbit_spec  # noqa: E402
@@ -229,8 +229,9 @@ def sweep(bw: float, reps: int, gen: torch.Generator, formats=("int4-g128",), la
             jobs += [(M, ("tc", TC)) for M in (1, 16) if M in rows]
         if qm.dp4a_supported(qw):
             jobs += [(M, ("dp4a", DP4A[M])) for M in DP4A if M in rows]
-            wide = [(1, 16, 2048, 4, 1), (1, 16, 4096, 8, 1), (1, 16, 1024, 4, 1), (1, 32, 1024, 4, 1),
-                    (1, 32, 1024, 8, 1), (1, 32, 2048, 8, 1), (1, 64, 512, 4, 1), (1, 64, 1024, 8, 1)]
+            # 32-64-row slabs (each program quantizes all of x itself, more rows amortize it) ran
+            # 25-170% slower than 8-row ones on the H200 (weights-20261204-204219): not swept
+            wide = [(1, 16, 2048, 4, 1), (1, 16, 4096, 8, 1)]
             jobs += [(M, ("dp4a_fx", DP4A[M] + wide * (M == 1)))
                      for M in DP4A if M in rows]
         if kinds:
@@ -315,7 +316,7 @@ def model_bytes(model) -> int:
 # "<format>+<variant>" end to end: a qmatmul switch set for the run (name, value), or None for
 # an EngineConfig field (E2E_CONFIG: float activations, PDL off or on)
 E2E_VARIANTS = {"float": None, "nopdl": None, "pdl": None, "fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False),
-                "act": ("DP4A_FUSE_ACT", True), "pdl64": ("DP4A_PDL_MAXNREG", 64), "nopf": ("PDL_PREFETCH", False), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True)}
+                "act": ("DP4A_FUSE_ACT", True), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True)}
 E2E_CONFIG = {"float": {"int8_activations": "off"}, "nopdl": {"pdl": "off"}, "pdl": {"pdl": "on"}}
 
 
@@ -331,7 +332,8 @@ def step_kernels(eng, fmt: str, B: int, ctx: int, step_s: float) -> dict:
     per = kernel_profile(eng, B, ctx)
     mm = sum(v for k, v in per.items() if any(f in k.lower() for f in MATMUL_KERNELS))
     out = {"format": fmt, "batch": B, "step_ms": round(step_s * 1e3, 3), "kernel_ms": round(sum(per.values()), 3),
-           "matmul_ms": round(mm, 3), "non_matmul_ms": round(step_s * 1e3 - mm, 3), "pdl": _triton.PDL,
+           "matmul_ms": round(mm, 3), "non_matmul_ms": round(step_s * 1e3 - mm, 3),
+           "pdl": eng.runner.graphs is not None and B <= eng.runner.graphs.pdl_rows,
            "kernels": sorted(([k, round(v, 4)] for k, v in per.items()), key=lambda kv: -kv[1])}
     print(f"[bench] {fmt} batch {B}: step {out['step_ms']} ms, matmul kernels {out['matmul_ms']} ms, "
           f"non-matmul {out['non_matmul_ms']} ms", flush=True)
@@ -350,13 +352,12 @@ def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
     switch = E2E_VARIANTS.get(variant)
     if switch is not None:
         name, value = switch
-        mod = _triton if hasattr(_triton, name) else qm
-        old, n_prof = getattr(mod, name), len(PROFILES)
-        setattr(mod, name, value)
+        old, n_prof = getattr(qm, name), len(PROFILES)
+        setattr(qm, name, value)
         try:
             rows = e2e(base, args, bw, mm_rate)
         finally:
-            setattr(mod, name, old)
+            setattr(qm, name, old)
         for r in rows + PROFILES[n_prof:]:
             r["format"] = fmt
         return rows

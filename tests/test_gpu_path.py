@@ -135,3 +135,20 @@ def test_lowbit_formats_on_gpu(smollm2_path, cpu_llm, weights):
         assert sum(a[:2] == b[:2] for a, b in zip(got, ref)) >= len(PROMPTS) - 1
     assert all(len(t) == 8 for t in got)
     assert gpu.engine.pool.num_free == gpu.engine.pool.num_blocks
+
+
+def test_pdl_every_graph_greedy_equals_no_pdl(smollm2_path):
+    """Programmatic dependent launch changes when kernels start, never what they compute: with
+    it in every decode graph (pdl="on") greedy tokens equal those without it, bit for bit."""
+    from bitfold.kernels._triton import pdl_supported
+
+    ok, why = pdl_supported(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    on = LLM(smollm2_path, device="cuda", pdl="on", gpu_memory_utilization=0.3, max_num_seqs=8)
+    assert on.engine.runner.graphs.pdl_rows == max(on.engine.runner.graphs.sizes)
+    got = _greedy(on, 48)
+    del on
+    off = LLM(smollm2_path, device="cuda", pdl="off", gpu_memory_utilization=0.3, max_num_seqs=8)
+    assert off.engine.runner.graphs.pdl_rows == 0
+    assert got == _greedy(off, 48)

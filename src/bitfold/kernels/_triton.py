@@ -97,19 +97,19 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A decode step at small batch is a chain of ~12 kernels per layer, most of them tiny; between
 # two kernels the GPU drains the first and ramps up the second. With PDL a kernel may launch
 # while its predecessor still runs, once every program of the predecessor has called
-# `pdl_trigger` (or exited). A PDL kernel may prefetch what no earlier kernel writes (weights:
-# `prefetch_l2`), then waits for the predecessor's writes (`pdl_wait`: the whole previous grid
-# has finished and its memory is visible) before it reads an activation or writes anything.
+# `pdl_trigger` (or exited); it waits for the predecessor's writes (`pdl_wait`: the whole
+# previous grid has finished and its memory is visible) before it reads an activation or writes
+# anything. (Prefetching each GEMV's weight rows into L2 ahead of the wait was measured too and
+# lost 3-11%: bf16 batch 1 207.9 tok/s with it against 235.1 without, weights-20261204-205250.)
 # Small kernels (norms, rotary, attention, SiLU) trigger at their start; the GEMVs only after
 # their main loop: a successor let in early by a many-program grid takes SM slots as that grid's
 # programs drain, so its own programs clump on the SMs that freed first (triggering at the start
-# cost bf16 batch 4 10-21% on the H200). Since every PDL kernel waits before it finishes, a
+# cost bf16 batch 4 ~10% on the H200: 780.8 against 863.1 tok/s, weights-20261204-204655). Since every PDL kernel waits before it finishes, a
 # kernel's completion still implies all earlier kernels' (torch's own kernels launch without
-# PDL and serialize as usual). Off unless the runner sets PDL (EngineConfig.pdl) before it
-# captures the decode graphs; launch wrappers pass `pdl_launch()` as both the kernels' PDL
-# constexpr and Triton's `launch_pdl`.
+# PDL and serialize as usual). Off unless set: DecodeGraphs captures the graphs of up to
+# EngineConfig.pdl's rows with it on; launch wrappers pass `pdl_launch()` as both the kernels'
+# PDL constexpr and Triton's `launch_pdl`.
 PDL = False
-PDL_PREFETCH = True  # the GEMVs' L2 prefetch ahead of the wait (benchmarks/weights.py "+nopf" turns it off)
 
 
 def pdl_supported(device: torch.device) -> tuple[bool, str]:
@@ -144,33 +144,6 @@ if HAS_TRITON:
         """Wait until the previous kernel has finished and its writes are visible."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-
-    @triton.jit
-    def prefetch_l2(ptrs, PDL: tl.constexpr):
-        """Ask L2 for the 128-byte lines at `ptrs` (a pointer tensor) without waiting for them:
-        weights a PDL kernel reads once its predecessor is done stream in meanwhile."""
-        if PDL:
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def prefetch_rows(ptr, row0, num_rows, stride, n, R: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr):
-        """`prefetch_l2` of the first LINES 128-byte lines of rows row0 .. row0 + R - 1 (those
-        past num_rows re-ask the last) of a row-major tensor at `ptr`: rows `stride` elements
-        apart, `n` elements long. One flat index per line (a [R, LINES] pointer tile cost a
-        GEMV ~30 registers)."""
-        if PDL and LINES > 0:
-            EB: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
-            base = ptr.to(tl.pointer_type(tl.int8))
-            i = tl.arange(0, R * LINES)
-            row = tl.minimum(row0 + i // LINES, num_rows - 1).to(tl.int64)
-            off = tl.minimum((i % LINES) * 128, n * EB - 1)  # lines past the row re-ask its last
-            prefetch_l2(base + row * (stride * EB) + off, PDL)
 else:
-    pdl_trigger = pdl_wait = prefetch_l2 = prefetch_rows = None
+    pdl_trigger = pdl_wait = None
 
-
-def prefetch_lines(row_bytes: int, cap: int = 64) -> int:
-    """LINES for `prefetch_rows`: a power of two covering row_bytes, at most `cap`; 0 (no
-    prefetch) without PDL or with PDL_PREFETCH off."""
-    return min(cap, next_pow2(-(-row_bytes // 128))) if pdl_launch() and PDL_PREFETCH else 0

@@ -20,14 +20,14 @@ Both accumulate in float32 and round once into the activations' dtype, like cuBL
 import torch
 import torch.nn.functional as F
 
-from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, pdl_launch, pdl_trigger, pdl_wait, prefetch_lines,
-                                     prefetch_rows, require, require_launchable, tl)
+from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, pdl_launch, pdl_trigger, pdl_wait, require,
+                                     require_launchable, tl)
 
 
 @jit
 def _gemv_kernel(x, w, out, M, N, K, stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0):
+                 PDL: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -36,8 +36,6 @@ def _gemv_kernel(x, w, out, M, N, K, stride_xm, stride_wn, stride_om,
     # Rows past N re-read row N-1 instead of masking, so every weight load stays unpredicated
     # along N; their results are never stored.
     rows = tl.where(n_mask, offs_n, N - 1).to(tl.int64)
-    if pid_m == 0:  # PDL: stream the slab in while the previous kernel runs (once, not per row block)
-        prefetch_rows(w, pid_n * BLOCK_N, N, stride_wn, K, BLOCK_N, PF_LINES, PDL)
     pdl_wait(PDL)
     w_ptrs = w + rows[:, None] * stride_wn + offs_k[None, :]
     if BLOCK_M == 1:
@@ -130,9 +128,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, config: tuple[int, int, int, 
     grid = (cdiv(N, bn), M if bm == 1 else cdiv(M, bm))
     pdl = pdl_launch()
     _gemv_kernel[grid](x, weight, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, PDL=pdl,
-                       PF_LINES=prefetch_lines(K * weight.element_size()),
-                       num_warps=warps, num_stages=stages, launch_pdl=pdl)
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return out
 
 

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, interpreting, jit, pdl_launch, pdl_trigger, pdl_wait,
-                                     prefetch_lines, prefetch_rows, require, require_launchable, tl)
+                                     require, require_launchable, tl)
 
 PLANES = {8: (8,), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,), 1: (1,)}
 MIN_KINDS = ("none", "fp16", "sub", "nibble")
@@ -226,32 +226,6 @@ def _program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @jit
-def _prefetch_weight(w0, w1, sp, mp, subp, N, KP, NG, NSUP, P0: tl.constexpr, P1: tl.constexpr,
-                     MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, LINES: tl.constexpr,
-                     PDL: tl.constexpr):
-    """PDL: ask L2 for this program's BLOCK_N weight rows (codes of both planes, scales, mins)
-    before waiting for the previous kernel, so they stream in while it finishes."""
-    if PDL and LINES > 0:
-        if tl.program_id(1) == 0:  # once per weight slab, not per row block
-            r0 = tl.program_id(0) * BLOCK_N
-            # A scale row is a line or two: SL lanes per row make each call span >= 128 lanes, as
-            # the codes' does (the surplus lanes re-ask the row's last line)
-            SL: tl.constexpr = 128 // BLOCK_N if BLOCK_N < 128 else 1
-            if P1 > 0:
-                prefetch_rows(w1, r0, N, KP // 32 * P1, KP // 32 * P1, BLOCK_N, LINES, PDL)
-            if SUPER == 0:
-                prefetch_rows(sp, r0, N, NG, NG, BLOCK_N, SL, PDL)
-                if MIN_KIND == 1:
-                    prefetch_rows(mp, r0, N, NG, NG, BLOCK_N, SL, PDL)
-            else:
-                prefetch_rows(sp, r0, N, NSUP, NSUP, BLOCK_N, SL, PDL)
-                prefetch_rows(subp, r0, N, NG, NG, BLOCK_N, SL, PDL)
-                if MIN_KIND >= 2:
-                    prefetch_rows(mp, r0, N, NSUP, NSUP, BLOCK_N, SL, PDL)
-            prefetch_rows(w0, r0, N, KP // 32 * P0, KP // 32 * P0, BLOCK_N, LINES, PDL)
-
-
-@jit
 def _scale_min(sp, mp, subp, submp, rows, g, NG, NSUP,
                GROUP: tl.constexpr, ZERO: tl.constexpr, MIN_KIND: tl.constexpr, SUPER: tl.constexpr):
     """float32 (s, m - ZERO * s) of groups g of rows (int64 row indices; shapes broadcast).
@@ -368,9 +342,8 @@ def _plane_gemv(acc, wp, magic, xrow, sp, mp, subp, submp, rows, k0, K, KP, NG, 
 def _qgemv_kernel(x, out, w0, w1, sp, mp, subp, submp, M, N, K, KP, NG, NSUP, stride_xm, stride_om, magic,
                   P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr, ZERO: tl.constexpr,
                   MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0):
+                  BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr = False):
     offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
-    _prefetch_weight(w0, w1, sp, mp, subp, N, KP, NG, NSUP, P0, P1, MIN_KIND, SUPER, BLOCK_N, PF_LINES, PDL)
     pdl_wait(PDL)
     xrow = x + offs_m.to(tl.int64)[:, None, None] * stride_xm  # [BM, 1, 1]
     acc0 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K * P0 // 32), dtype=tl.float32)
@@ -733,8 +706,7 @@ def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, 
                        stride_om, P0: tl.constexpr, P1: tl.constexpr, GROUP: tl.constexpr, GDIV: tl.constexpr,
                        ZERO: tl.constexpr, MIN_KIND: tl.constexpr, SUPER: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-                       FUSE_X: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr = False,
-                       PF_LINES: tl.constexpr = 0):
+                       FUSE_X: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr = False):
     """BLOCK_N weight rows times BLOCK_M int8 activation rows: per tile, an integer dot per plane
     (the high plane's codes count 2^P0), then acc += float(dot) * x_scale * s + m * sum(x) with the
     group's scale s and min m (groups of >= 32 codes: one per tile). The activations come
@@ -742,7 +714,6 @@ def _qgemv_dp4a_kernel(x, xq, xs, xsum, out, w0, w1, sp, mp, subp, submp, M, N, 
     program (no second launch; the same bytes as the separate kernel), ACT 1 from a gate | up row
     [2K] as silu(gate) * up in float32 (SwiGLU's down projection: no activation kernel either)."""
     offs_n, n_mask, rows, offs_m, m_mask = _program_tile(M, N, BLOCK_M, BLOCK_N)
-    _prefetch_weight(w0, w1, sp, mp, subp, N, KP, NG, NSUP, P0, P1, MIN_KIND, SUPER, BLOCK_N, PF_LINES, PDL)
     pdl_wait(PDL)
     mrow = tl.where(m_mask, offs_m, M - 1).to(tl.int64)  # rows past M re-read row M-1, never stored
     NT: tl.constexpr = BLOCK_K // 32
@@ -878,10 +849,6 @@ DP4A_CONFIGS = {1: (1, 8, 4096, 4, 1), 4: (4, 16, 1024, 4, 1), 16: (16, 8, 1024,
 DP4A_MAX_ROWS = 0
 DP4A_ROWS = 4
 DP4A_MAX_BITS = 8
-# With PDL, ptxas gave the int4 one-row dp4a GEMV 96 registers instead of 64 (the L2 prefetches
-# ahead of the wait; 5 resident programs per SM instead of 7); a cap restores the old count
-# without spills for that layout. None: no cap (benchmarks/weights.py's "+pdl64" sets 64).
-DP4A_PDL_MAXNREG: int | None = None
 # Quantize the activations inside the dp4a GEMV (each program redoes its K range's tiles) instead
 # of one `_quant_x_kernel` launch per product. H200, int4-g128, one row (weights-20261204-185329):
 # q|k|v 8.25 -> 6.73 us, o 6.68 -> 4.90, gate|up 27.2 -> 24.1; end to end 382 -> 427 tok/s.
@@ -1031,7 +998,6 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     even = w.kp % bk == 0 and w.k == w.kp
     grid = (cdiv(w.n, bn), cdiv(M, bm))
     pdl = pdl_launch()  # the GEMV kernels launch with PDL (tc and gemm do not)
-    lines = prefetch_lines(w.kp * w.layout.planes[0] // 8)
     if kind == "tc":
         require(tc_supported(w), f"kind='tc' takes one 4-bit plane, not {w.layout.planes}")
         _qgemv_tc_kernel[grid](x, out, tensors[0], *tensors[2:], M, w.n, w.k, w.kp, ng, nsup, x.stride(0),
@@ -1046,14 +1012,12 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
         _qgemv_dp4a_kernel[grid](x, xq, xs, xsum, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0),
                                  out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                  EVEN=w.kp % bk == 0 and (not fuse or w.k == w.kp), ASM=not interpreting(),
-                                 FUSE_X=fuse, ACT=1 if act else 0, PDL=pdl, PF_LINES=lines, num_warps=warps,
-                                 num_stages=stages, launch_pdl=pdl, **consts,
-                                 **({"maxnreg": DP4A_PDL_MAXNREG} if pdl and DP4A_PDL_MAXNREG else {}))
+                                 FUSE_X=fuse, ACT=1 if act else 0, PDL=pdl, num_warps=warps, num_stages=stages,
+                                 launch_pdl=pdl, **consts)
     elif kind == "gemv":
         require(bm <= 16, f"the GEMV keeps block_m <= 16 rows in registers, got {bm}")
         _qgemv_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC,
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, PDL=pdl, PF_LINES=lines,
-                            num_warps=warps, num_stages=stages, launch_pdl=pdl, **consts)
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl, **consts)
     else:
         require(bm >= 16, f"tl.dot needs block_m >= 16, got {bm}")
         # float32 activations keep float32 products (not tf32): they are the accuracy path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from bitfold.attention.base import AttentionMetadata
+from bitfold.kernels import _triton
 from bitfold.models.base import StepContext
 
 
@@ -21,8 +22,11 @@ def default_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_caches, backend, batch_sizes: list[int], max_model_len: int, block_size: int):
-        self.model = model
+    def __init__(self, model, kv_caches, backend, batch_sizes: list[int], max_model_len: int, block_size: int,
+                 pdl_rows: int = 0):
+        """`pdl_rows`: graphs of up to this many rows launch their Triton kernels with
+        programmatic dependent launch (kernels/_triton.py; the caller checked support)."""
+        self.model, self.pdl_rows = model, pdl_rows
         self.sizes = sorted(batch_sizes)
         n, dev = self.sizes[-1], next(model.parameters()).device
         max_blocks = -(-max_model_len // block_size)
@@ -41,12 +45,16 @@ class DecodeGraphs:
                                      self.cu_seqlens[: bs + 1], max_q_len=1, max_context_len=max_model_len,
                                      seq_slots=self.seq_slots[:bs])
             ctx = StepContext(self.positions[:bs], meta, kv_caches, backend)
-            for _ in range(2):  # compile Triton kernels and warm cuBLAS outside the capture
-                model.compute_logits(model(self.input_ids[:bs], ctx))
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.logits[bs] = model.compute_logits(model(self.input_ids[:bs], ctx))
+            _triton.PDL = bs <= pdl_rows  # read at launch: the captured graph keeps it
+            try:
+                for _ in range(2):  # compile Triton kernels and warm cuBLAS outside the capture
+                    model.compute_logits(model(self.input_ids[:bs], ctx))
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self.logits[bs] = model.compute_logits(model(self.input_ids[:bs], ctx))
+            finally:
+                _triton.PDL = False
             pool = g.pool()
             self.graphs[bs] = g
         torch.cuda.synchronize()
