@@ -79,7 +79,10 @@ def test_bf16_gpu_logits_within_bf16_tolerance(smollm2_path, smollm2_hf, cpu_llm
 
 
 def test_batched_gpu_decode_matches_alone(smollm2_path):
-    gpu = LLM(smollm2_path, device="cuda", dtype="float32", gpu_memory_utilization=0.3, max_num_seqs=16)
+    # Exact activations: with int8 activations (the default) rows 1-4 take the dp4a GEMV and
+    # 15 rows the float one, so batching would change the arithmetic by design.
+    gpu = LLM(smollm2_path, device="cuda", dtype="float32", gpu_memory_utilization=0.3, max_num_seqs=16,
+              int8_activations="off")
     alone = [gpu.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids for p in PROMPTS]
     together = [o.token_ids for o in gpu.generate(PROMPTS * 3, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))]
     assert together == alone * 3
@@ -90,8 +93,10 @@ def test_gpu_async_scheduling_equals_sync(smollm2_path):
     and logprobs read back one step late, penalties counting the pending token) gives what the
     synchronous engine gives, for every way a request can end."""
     def run(mode):
+        # exact activations: async's batches differ by a row at times, which can move a step across
+        # the int8-activation GEMV's 4-row limit and change its arithmetic by design
         llm = LLM(smollm2_path, device="cuda", dtype="float32", gpu_memory_utilization=0.3, max_num_seqs=8,
-                  async_scheduling=mode)
+                  async_scheduling=mode, int8_activations="off")
         assert llm.engine.async_scheduling == (mode == "on")
         ids = [llm.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
         params = [SamplingParams(temperature=0, max_tokens=20),
@@ -126,12 +131,19 @@ def test_gguf_weight_memory_on_gpu_is_the_file(smollm2_path):
 @pytest.mark.parametrize("weights", ["int4", "int8", "int3-g64", "int2-g32"])
 def test_lowbit_formats_on_gpu(smollm2_path, cpu_llm, weights):
     """Low-bit formats through the Triton kernels, bf16, CUDA graphs: the same first tokens as
-    the float32 CPU path (int4 keeps the file's Q4_1 blocks; int3/int2 are rounded and only
-    checked to produce text), every block back in the pool."""
-    gpu = LLM(smollm2_path, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, weights=weights)
+    the float32 CPU path: for int4 over the same int4 weights (its own C++ kernels: int4 keeps
+    the file's Q4_1 blocks but rounds the tied Q8_0 head to 4 bits, which moves 2 of 5 prompts'
+    first tokens away from the dense model on either device), for int8 the dense model (8-bit
+    rounding is below bf16's noise here; the CPU int8 kernel's table activations are not);
+    int3/int2 are rounded and only checked to produce text. Every block back in the pool. Exact activations: the int8 ones (the default)
+    are judged by perplexity, not by greedy tokens (README, Low-bit weights)."""
+    gpu = LLM(smollm2_path, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, weights=weights,
+              int8_activations="off")
     assert all(hasattr(m, "q_plane0") for m in gpu.engine.runner.model.layers.modules() if hasattr(m, "fmt"))
-    got, ref = _greedy(gpu, 8), _greedy(cpu_llm, 8)
+    got = _greedy(gpu, 8)
     if weights in ("int4", "int8"):
+        ref = _greedy(cpu_llm if weights == "int8" else
+                      LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.25, weights=weights), 8)
         assert sum(a[:2] == b[:2] for a, b in zip(got, ref)) >= len(PROMPTS) - 1
     assert all(len(t) == 8 for t in got)
     assert gpu.engine.pool.num_free == gpu.engine.pool.num_blocks
