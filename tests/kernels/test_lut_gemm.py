@@ -92,3 +92,52 @@ def test_bad_arguments():
         L.pack_lut(torch.zeros(4, 12, dtype=torch.uint8), torch.ones(4, 1), torch.ones(4, 1), 4, 12)
     with pytest.raises(ValueError, match="multiple of the group"):
         L.pack_lut(torch.zeros(4, 40, dtype=torch.uint8), torch.ones(4, 1), torch.ones(4, 1), 4, 32)
+
+
+# ---- 8-bit codes, no tables (bitfold_q8_gemm) ---------------------------------------------------
+
+Q8_CASES = [  # N, K, group, B: one row, row blocks of 4 and their remainders, per-row groups, batches
+    (1, 8, 8, 1), (3, 64, 32, 2), (4, 96, 32, 1), (7, 128, 128, 3), (33, 256, 64, 5), (64, 192, 192, 1),
+    (130, 320, 32, 17), (17, 1536, 1536, 2)]
+
+
+def _q8(N, K, group, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 256, (N, K), dtype=torch.uint8, generator=g)
+    s = (torch.rand(N, K // group, generator=g) * 0.01 + 1e-4).half()
+    m = (-torch.rand(N, K // group, generator=g) * 1.5).half()
+    return q, s, m
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("N,K,group,B", Q8_CASES)
+def test_q8_kernel_matches_float64(isa, N, K, group, B):
+    """Every product in float32: within float32 rounding of a float64 matmul of the weight."""
+    if isa == "avx2" and L.best_isa() == "scalar":
+        pytest.skip("no AVX2")
+    q, s, m = _q8(N, K, group)
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(1))
+    w = (q.double().view(N, K // group, group) * s.double()[..., None] + m.double()[..., None]).view(N, K)
+    exact = x.double() @ w.t()
+    for y in (L.q8_gemm(x, q, s, m, group, isa=isa), L.q8_gemm_ref(x, q, s, m, group)):
+        assert y.shape == (B, N)
+        assert float((y.double() - exact).norm() / exact.norm()) < 1e-5
+
+
+def test_q8_threads_do_not_change_results():
+    q, s, m = _q8(300, 256, 64)
+    x = torch.randn(3, 256)
+    assert torch.equal(L.q8_gemm(x, q, s, m, 64, num_threads=1), L.q8_gemm(x, q, s, m, 64, num_threads=2))
+
+
+def test_q8_bad_arguments():
+    q, s, m = _q8(8, 64, 32)
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="group must be a multiple of 8"):
+        L.q8_gemm(x, q, s, m, 12)
+    with pytest.raises(ValueError, match="codes must be uint8"):
+        L.q8_gemm(x, q.to(torch.int8), s, m, 32)
+    with pytest.raises(ValueError, match="scales must be float16"):
+        L.q8_gemm(x, q, s.float(), m, 32)
+    with pytest.raises(ValueError, match="codes must be uint8 \\[n, K=63\\]"):
+        L.q8_gemm(torch.randn(1, 63), q, s, m, 32)

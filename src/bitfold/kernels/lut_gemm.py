@@ -181,3 +181,48 @@ def lut_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: 
     if rc != 0:
         raise ValueError(f"bitfold_lut_gemm rejected B={B} K={K} n={n} bits={bits} group={group}")
     return y
+
+
+# ---- 8-bit codes without tables -----------------------------------------------------------------
+
+def _check_q8(B: int, K: int, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) -> None:
+    n = q.shape[0] if q.dim() == 2 else -1
+    if q.dim() != 2 or q.shape[1] != K or q.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8 [n, K={K}], got {q.dtype} {tuple(q.shape)}")
+    if group < 8 or group % 8 or K % group:
+        raise ValueError(f"group must be a multiple of 8 dividing K={K}, got {group}")
+    for name, t in (("scales", scales), ("mins", mins)):
+        if t.shape != (n, K // group) or t.dtype != torch.float16:
+            raise ValueError(f"{name} must be float16 [n={n}, K/group={K // group}], got {t.dtype} {tuple(t.shape)}")
+
+
+def q8_gemm_ref(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) -> torch.Tensor:
+    """Pure-PyTorch `q8_gemm` (float32 weights dequantized from the codes, float32 matmul)."""
+    B, K = x.shape
+    _check_q8(B, K, q, scales, mins, group)
+    n = q.shape[0]
+    w = q.float().view(n, K // group, group) * scales.float()[..., None] + mins.float()[..., None]
+    return x.float() @ w.view(n, K).t()
+
+
+def q8_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int, *,
+            num_threads: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """x: float32 [B, K] -> y float32 [B, n] = x @ W^T for W[n, k] = scales[n, k // group] *
+    q[n, k] + mins[n, k // group] (q uint8 [n, K], scales / mins float16): the C++ kernel
+    `bitfold_q8_gemm`, every code times its float activation (no int8 tables: 8-bit weights'
+    rounding is smaller than the LUT kernel's table error). isa 'avx2' / 'scalar' forces a path."""
+    lib = load_cpu_library()
+    x = x.float().contiguous()
+    B, K = x.shape
+    _check_q8(B, K, q, scales, mins, group)
+    if not (q.is_contiguous() and scales.is_contiguous() and mins.is_contiguous()):
+        raise ValueError("codes, scales and mins must be contiguous")
+    n = q.shape[0]
+    y = torch.empty(B, n, dtype=torch.float32)
+    if B == 0 or n == 0:
+        return y
+    rc = lib.bitfold_q8_gemm(x.data_ptr(), B, K, q.data_ptr(), scales.data_ptr(), mins.data_ptr(), n, group,
+                             y.data_ptr(), num_threads or torch.get_num_threads(), -1 if isa is None else ISAS[isa])
+    if rc != 0:
+        raise ValueError(f"bitfold_q8_gemm rejected B={B} K={K} n={n} group={group}")
+    return y

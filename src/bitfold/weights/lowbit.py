@@ -230,7 +230,9 @@ class LowBitFormat(WeightFormat):
 
     CPU storage (after every row is in): `lut_packed` / `lut_scales` / `lut_mins` are the first
     LUT pass (`pack_lut` of the codes' low 4 bits), and for codes wider than 4 bits
-    `lut_packed_hi` / `lut_scales_hi` / `lut_mins_hi` the second (the high bits, scale x16, no min).
+    `lut_packed_hi` / `lut_scales_hi` / `lut_mins_hi` the second (the high bits, scale x16, no min);
+    8-bit codes instead stay bytes, `q8_codes` uint8 [out, in_padded] with `q8_scales` /
+    `q8_mins` fp16 [out, groups], multiplied by float activations without tables (`q8_gemm`).
     GPU storage: `q_plane0` (and `q_plane1`), `q_scales` (and `q_mins` unless symmetric), the
     `QWeight` of `gpu_layout(spec)`.
     """
@@ -247,11 +249,13 @@ class LowBitFormat(WeightFormat):
         # The CPU LUT kernel quantizes each group's activation tables to int8 with one scale: a
         # per-row (or very wide) group would give a whole activation vector one scale, and one
         # massive activation (Qwen's reach ~1e3) zeroes every other input of the row (Qwen2.5-1.5B
-        # int8: perplexity +1794%). Such layers keep their scales per row but run the kernel over
-        # groups of LUT_TABLE_GROUP, each with a copy of the row's scale and min (+1 bit per weight
-        # for int8). Grouped formats (<= 128, what the fused CPU step also reads) run as stored.
+        # int8 through the LUT kernel: perplexity +1794%). Such layers would keep their scales per
+        # row but run the kernel over groups of LUT_TABLE_GROUP, each with a copy of the row's
+        # scale and min. (The one per-row format, int8-ch, no longer takes the LUT path at all:
+        # 8-bit codes run table-free, `q8_gemm`.) Grouped formats (<= 128) run as stored.
         self._lut_group = self._group if self._group <= 128 else next(
             t for t in (LUT_TABLE_GROUP, 32) if layer.in_padded % t == 0)
+        self._q8 = not self._gpu and self.spec.bits == 8
         self._staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rows_in = torch.zeros(out_features, dtype=torch.bool)
         self._out = out_features
@@ -263,6 +267,11 @@ class LowBitFormat(WeightFormat):
             layer.register_buffer("q_scales", torch.empty(0, dtype=torch.float16))
             if not self.spec.symmetric:
                 layer.register_buffer("q_mins", torch.empty(0, dtype=torch.float16))
+            return
+        if self._q8:
+            layer.register_buffer("q8_codes", torch.empty(0, dtype=torch.uint8))
+            layer.register_buffer("q8_scales", torch.empty(0, dtype=torch.float16))
+            layer.register_buffer("q8_mins", torch.empty(0, dtype=torch.float16))
             return
         for suffix in [""] + (["_hi"] if self.spec.bits > LUT_BITS else []):
             layer.register_buffer("lut_packed" + suffix, torch.empty(0, dtype=torch.uint8))
@@ -310,6 +319,9 @@ class LowBitFormat(WeightFormat):
             if not self.spec.symmetric:
                 layer.q_mins = m.contiguous()
             return
+        if self._q8:
+            layer.q8_codes, layer.q8_scales, layer.q8_mins = q.contiguous(), s.contiguous(), m.contiguous()
+            return
         lg = self._lut_group
         if lg != g:  # the row's scale and min for each table group (see create_weights)
             s, m = s.repeat_interleave(g // lg, dim=1), m.repeat_interleave(g // lg, dim=1)
@@ -356,6 +368,8 @@ class LowBitFormat(WeightFormat):
             s = qw.scales
             m = (-self.spec.zero * s.float()).half() if self.spec.symmetric else qw.mins
             return q.cpu(), s.cpu(), m.cpu()
+        if self._q8:
+            return layer.q8_codes, layer.q8_scales, layer.q8_mins
         q, s, m = None, None, None
         for i, (packed, scales, mins, bits) in enumerate(self._passes(layer)):
             qi, si, mi = lut.unpack_lut(packed, scales, mins, self._out, bits, self._lut_group)
@@ -382,6 +396,17 @@ class LowBitFormat(WeightFormat):
             x2 = x2.float().contiguous()
         if layer.in_padded != shape[-1]:
             x2 = F.pad(x2, (0, layer.in_padded - shape[-1]))
+        if self._q8:
+            if self._kernel is None:
+                self._kernel = lut.load_cpu_library().bitfold_q8_gemm if lut.available() else False
+            if not self._kernel:
+                return lut.q8_gemm_ref(x2, layer.q8_codes, layer.q8_scales, layer.q8_mins, self._group) \
+                    .to(x.dtype).view(*shape[:-1], self._out)
+            y = torch.empty(x2.shape[0], self._out)
+            self._kernel(x2.data_ptr(), x2.shape[0], layer.in_padded, layer.q8_codes.data_ptr(),
+                         layer.q8_scales.data_ptr(), layer.q8_mins.data_ptr(), self._out, self._group, y.data_ptr(),
+                         torch.get_num_threads(), -1)
+            return y.to(x.dtype).view(*shape[:-1], self._out)
         if self._kernel is None:
             self._kernel = lut.load_cpu_library().bitfold_lut_gemm if lut.available() else False
         y = None
