@@ -62,9 +62,10 @@ LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                  num_kv_heads=8, head_dim=128, rope_theta=500000.0)
 ROWS = [1, 4, 16, 64, 256]
-KERNEL_FORMATS = ["int4-g128", "int8", "int4-g32", "int3-g128", "int2-g128", "q4_k", "q6_k", "q4_0", "q8_0"]
+KERNEL_FORMATS = ["int4-g128", "int8", "int4-g32", "int3-g128", "int2-g128", "q4_k", "q6_k", "q4_0", "q8_0",
+                  "nf4-g64", "int4-g64"]
 QUICK_KERNEL_FORMATS = ["int4-g128", "int8", "int3-g128", "int2-g128", "q4_k"]
-E2E_FORMATS = ["bf16", "int4-g128", "q4_k_m", "int8", "int2-g128", "int3-g128"]
+E2E_FORMATS = ["bf16", "int4-g128", "q4_k_m", "int8", "int2-g128", "int3-g128", "nf4"]
 QUICK_E2E_FORMATS = ["bf16", "int4-g128", "q4_k_m"]
 GGUF_TYPES = {"q4_0": "Q4_0", "q8_0": "Q8_0", "q4_k": "Q4_K", "q6_k": "Q6_K", "q2_k": "Q2_K", "q3_k": "Q3_K",
               "q5_k": "Q5_K"}
@@ -178,6 +179,50 @@ def kernel_points(fmt: str, layer: str, qw: qm.QWeight, bw: float, reps: int, ge
                 continue
             moved = qw.nbytes + 2 * M * (k + n)
             point.update(us=round(t * 1e6, 2), GBps=round(moved / t / 1e9, 1), pct_copy_bw=round(100 * moved / t / bw, 1))
+            rows.append(point)
+    return rows
+
+
+NF4_CONFIGS = [(16, 256, 4), (8, 512, 4), (32, 256, 8), (16, 1024, 8)]  # cb4 GEMV launch configs timed at <= 4 rows
+
+
+def codebook_points(fmt: str, layer: str, n: int, k: int, bw: float, reps: int, gen: torch.Generator) -> list[dict]:
+    """nf4-gG: the 4-bit codebook kernels (kernels/codebook.py, a lookup per code) beside the
+    int4 dequant kernel of the same bytes (`int4-gG`, the format table's row): the default path
+    per row count, and at <= 4 rows each GEMV config of NF4_CONFIGS."""
+    from bitfold.kernels import codebook as cbk
+    from bitfold.weights.nf4 import NF4
+
+    group = int(fmt.rsplit("-g", 1)[1]) if "-g" in fmt else 64
+    words = torch.randint(-2**31, 2**31 - 1, (n, k // 8), device=DEV, dtype=torch.int32, generator=gen)
+    scales = (torch.rand(n, k // group, device=DEV, generator=gen) * 0.02 + 1e-3).half()
+    table = torch.tensor(NF4, device=DEV)
+    nbytes = words.numel() * 4 + scales.numel() * 2
+    x_all = torch.randn(max(ROWS), k, device=DEV, dtype=DTYPE, generator=gen)
+    ref_all = cbk.cb4_matmul_ref(x_all.float(), words, scales, table, group)
+    rows = []
+    for M in ROWS:
+        x = x_all[:M].contiguous()
+        jobs = [("gemv", c) for c in NF4_CONFIGS] if M <= cbk.GEMV_MAX_ROWS else []
+        jobs.append(("dequant", None))
+        for kind, cfg in jobs:
+            point = {"format": fmt, "layer": layer, "N": n, "K": k, "rows": M, "kernel": kind,
+                     "config": list(cfg) if cfg else None, "weight_MB": round(nbytes / 1e6, 2),
+                     "default": kind == ("gemv" if M <= cbk.GEMV_MAX_ROWS else "dequant")
+                     and (cfg is None or tuple(cfg) == cbk.GEMV_CONFIG)}
+            try:
+                fn = lambda: cbk.cb4_matmul(x, words, scales, table, group, kind=kind, config=cfg)  # noqa: E731
+                err = rel_err(fn(), ref_all[:M])
+                point["check_rel_err"] = float(f"{err:.2e}")
+                if not err < CHECK_TOL:
+                    point["error"] = f"check failed: rel err {err:.3g} >= {CHECK_TOL}"
+                else:
+                    t = timed([fn], reps)
+                    moved = nbytes + 2 * M * (k + n)
+                    point.update(us=round(t * 1e6, 2), GBps=round(moved / t / 1e9, 1),
+                                 pct_copy_bw=round(100 * moved / t / bw, 1))
+            except Exception as e:
+                point["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(point)
     return rows
 
@@ -527,8 +572,11 @@ def main():
         payload["kernels"] += bf16_points(layer, w, bw, args.reps, gen)
         for fmt in kformats:
             try:
-                qw = random_qweight(fmt, n, k, gen)
-                payload["kernels"] += kernel_points(fmt, layer, qw, bw, args.reps, gen)
+                if fmt.startswith("nf4"):
+                    payload["kernels"] += codebook_points(fmt, layer, n, k, bw, args.reps, gen)
+                else:
+                    qw = random_qweight(fmt, n, k, gen)
+                    payload["kernels"] += kernel_points(fmt, layer, qw, bw, args.reps, gen)
             except Exception as e:
                 payload["kernels"].append({"format": fmt, "layer": layer, "error": f"{type(e).__name__}: {e}"[:300]})
                 traceback.print_exc()

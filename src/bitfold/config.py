@@ -120,7 +120,7 @@ class EngineConfig:
     weights: str = _opt("auto", "weight format: auto (the checkpoint's own; a GGUF keeps its blocks), dense, or a "
                         "low-bit format quantized at load (CPU and GPU): int8 (per row), int6, int5, int4, int3, "
                         "int2, int1, ternary (group 64; e.g. int4-g128; intN on an N-bit checkpoint keeps its "
-                        "blocks)")
+                        "blocks), or nf4 (4-bit NormalFloat codebook, group 64; nf4-g32, nf4-g128)")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's context)")
     block_size: int | None = _opt(None, "tokens per KV-cache block (default: 16, or 64 for a compressed KV cache, "
                                   "whose key groups are one block)")
