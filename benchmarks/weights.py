@@ -461,13 +461,13 @@ def report(payload: dict) -> str:
         for p in k:
             if p["format"] == "bf16" and not p["default"]:
                 continue
-            r = {kk: p.get(kk, "") for kk in ("format", "layer", "rows", "kernel", "us", "GBps", "pct_copy_bw")}
+            r = {kk: p.get(kk, "") for kk in ("format", "layer", "rows", "kernel", "config", "us", "GBps", "pct_copy_bw")}
             if "us" in p and p["format"] != "bf16":
                 r["x bf16"] = round(best_bf16.get((p["layer"], p["rows"]), float("nan")) / p["us"], 2)
             r["check"] = p.get("error", p.get("check_rel_err", ""))
             table.append(r)
         parts.append("## Kernels (llama3-8b layers; `x bf16` = best bf16 kernel's time / this one's)\n\n"
-                     + md_table(table, ["format", "layer", "rows", "kernel", "us", "GBps", "pct_copy_bw", "x bf16", "check"]))
+                     + md_table(table, ["format", "layer", "rows", "kernel", "config", "us", "GBps", "pct_copy_bw", "x bf16", "check"]))
     if payload.get("sweep"):
         best: dict = {}
         for p in payload["sweep"]:
