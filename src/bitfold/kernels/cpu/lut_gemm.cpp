@@ -567,7 +567,7 @@ Pool& pool() {
 // Here every code meets its float activation: y[b, n] = sum_g s[n,g] * sum_{k in g} q[n,k] x[b,k]
 // + m[n,g] * sum_{k in g} x[b,k], codes uint8 [N][K] row-major, s, m fp16 [N][groups]. Memory
 // bound at one byte per weight; rows in blocks of kQ8Rows share each loaded activation vector.
-constexpr int kQ8Rows = 4;
+constexpr int kQ8Rows = 2;  // x NB <= 4 activation rows: 8 accumulators in registers
 
 struct Q8Problem {
   const float* x;
@@ -603,33 +603,56 @@ __attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma,f16c"))) void q8_rows_avx2(const Q8Problem& P, int n0, int n1) {
+// kQ8Rows rows x NB activation rows per pass: each 8 codes are widened and scaled by their
+// group's scale once, then meet NB activation vectors (one FMA each, straight into the output's
+// accumulator: no per-group horizontal sum, which cost as much as a 32-code group's FMAs); the
+// mins meet each group's activation sum separately.
+template <int NB>
+__attribute__((target("avx2,fma,f16c"))) void q8_block_avx2(const Q8Problem& P, int n, int b0) {
   const int groups = P.K / P.group;
+  const uint8_t* qr[kQ8Rows];
+  for (int r = 0; r < kQ8Rows; ++r) qr[r] = P.q + static_cast<size_t>(n + r) * P.K;
+  const float* xb[NB];
+  for (int j = 0; j < NB; ++j) xb[j] = P.x + static_cast<size_t>(b0 + j) * P.K;
+  __m256 acc[kQ8Rows][NB];
+  float mtot[kQ8Rows][NB];
+  for (int r = 0; r < kQ8Rows; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps(), mtot[r][j] = 0.f;
+  for (int g = 0; g < groups; ++g) {
+    __m256 sv[kQ8Rows];
+    for (int r = 0; r < kQ8Rows; ++r) {
+      const size_t sg = static_cast<size_t>(n + r) * groups + g;
+      sv[r] = _mm256_set1_ps(half_to_float(P.scales[sg]));
+      const float mn = half_to_float(P.mins[sg]);
+      for (int j = 0; j < NB; ++j) mtot[r][j] += mn * P.sumx[static_cast<size_t>(b0 + j) * groups + g];
+    }
+    const int k1 = (g + 1) * P.group;
+    for (int k = g * P.group; k < k1; k += 8) {  // group: a multiple of 8
+      __m256 w[kQ8Rows];
+      for (int r = 0; r < kQ8Rows; ++r) {
+        const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr[r] + k));
+        w[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), sv[r]);
+      }
+      for (int j = 0; j < NB; ++j) {
+        const __m256 xv = _mm256_loadu_ps(xb[j] + k);
+        for (int r = 0; r < kQ8Rows; ++r) acc[r][j] = _mm256_fmadd_ps(w[r], xv, acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < kQ8Rows; ++r)
+    for (int j = 0; j < NB; ++j) P.y[static_cast<size_t>(b0 + j) * P.N + n + r] = hsum_avx2(acc[r][j]) + mtot[r][j];
+}
+
+__attribute__((target("avx2,fma,f16c"))) void q8_rows_avx2(const Q8Problem& P, int n0, int n1) {
   int n = n0;
   for (; n + kQ8Rows <= n1; n += kQ8Rows) {
-    const uint8_t* qr[kQ8Rows];
-    for (int r = 0; r < kQ8Rows; ++r) qr[r] = P.q + static_cast<size_t>(n + r) * P.K;
-    for (int b = 0; b < P.B; ++b) {
-      const float* xb = P.x + static_cast<size_t>(b) * P.K;
-      float out[kQ8Rows] = {0.f, 0.f, 0.f, 0.f};
-      for (int g = 0; g < groups; ++g) {
-        __m256 acc[kQ8Rows];
-        for (int r = 0; r < kQ8Rows; ++r) acc[r] = _mm256_setzero_ps();
-        const int k1 = (g + 1) * P.group;
-        for (int k = g * P.group; k < k1; k += 8) {  // group: a multiple of 8
-          const __m256 xv = _mm256_loadu_ps(xb + k);
-          for (int r = 0; r < kQ8Rows; ++r) {
-            const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr[r] + k));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), xv, acc[r]);
-          }
-        }
-        const float sx = P.sumx[static_cast<size_t>(b) * groups + g];
-        for (int r = 0; r < kQ8Rows; ++r) {
-          const size_t sg = static_cast<size_t>(n + r) * groups + g;
-          out[r] += half_to_float(P.scales[sg]) * hsum_avx2(acc[r]) + half_to_float(P.mins[sg]) * sx;
-        }
-      }
-      for (int r = 0; r < kQ8Rows; ++r) P.y[static_cast<size_t>(b) * P.N + n + r] = out[r];
+    int b = 0;
+    for (; b + 4 <= P.B; b += 4) q8_block_avx2<4>(P, n, b);
+    switch (P.B - b) {
+      case 3: q8_block_avx2<3>(P, n, b); break;
+      case 2: q8_block_avx2<2>(P, n, b); break;
+      case 1: q8_block_avx2<1>(P, n, b); break;
+      default: break;
     }
   }
   if (n < n1) q8_rows_scalar(P, n, n1);
@@ -665,32 +688,33 @@ void cb4_rows_scalar(const Cb4Problem& P, int n0, int n1) {
 }
 
 __attribute__((target("avx2,fma,f16c"))) void cb4_rows_avx2(const Cb4Problem& P, int n0, int n1) {
+  constexpr int kCb4Rows = 4;  // rows sharing each activation vector
   const int groups = P.K / P.group, words = P.K / 8;
   const __m256 lo = _mm256_loadu_ps(P.codebook), hi = _mm256_loadu_ps(P.codebook + 8);
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), nib = _mm256_set1_epi32(15);
   int n = n0;
-  for (; n + kQ8Rows <= n1; n += kQ8Rows) {
-    const uint32_t* cr[kQ8Rows];
-    for (int r = 0; r < kQ8Rows; ++r) cr[r] = P.codes + static_cast<size_t>(n + r) * words;
+  for (; n + kCb4Rows <= n1; n += kCb4Rows) {
+    const uint32_t* cr[kCb4Rows];
+    for (int r = 0; r < kCb4Rows; ++r) cr[r] = P.codes + static_cast<size_t>(n + r) * words;
     for (int b = 0; b < P.B; ++b) {
       const float* xb = P.x + static_cast<size_t>(b) * P.K;
-      float out[kQ8Rows] = {0.f, 0.f, 0.f, 0.f};
+      float out[kCb4Rows] = {0.f, 0.f, 0.f, 0.f};
       for (int g = 0; g < groups; ++g) {
-        __m256 acc[kQ8Rows];
-        for (int r = 0; r < kQ8Rows; ++r) acc[r] = _mm256_setzero_ps();
+        __m256 acc[kCb4Rows];
+        for (int r = 0; r < kCb4Rows; ++r) acc[r] = _mm256_setzero_ps();
         for (int k = g * P.group; k < (g + 1) * P.group; k += 8) {
           const __m256 xv = _mm256_loadu_ps(xb + k);
-          for (int r = 0; r < kQ8Rows; ++r) {
+          for (int r = 0; r < kCb4Rows; ++r) {
             const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(cr[r][k / 8])), shifts), nib);
             const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
                                               _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
             acc[r] = _mm256_fmadd_ps(v, xv, acc[r]);
           }
         }
-        for (int r = 0; r < kQ8Rows; ++r)
+        for (int r = 0; r < kCb4Rows; ++r)
           out[r] += half_to_float(P.scales[static_cast<size_t>(n + r) * groups + g]) * hsum_avx2(acc[r]);
       }
-      for (int r = 0; r < kQ8Rows; ++r) P.y[static_cast<size_t>(b) * P.N + n + r] = out[r];
+      for (int r = 0; r < kCb4Rows; ++r) P.y[static_cast<size_t>(b) * P.N + n + r] = out[r];
     }
   }
   if (n < n1) cb4_rows_scalar(P, n, n1);
