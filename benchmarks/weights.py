@@ -361,7 +361,8 @@ def model_bytes(model) -> int:
 # "<format>+<variant>" end to end: a qmatmul switch set for the run (name, value), or None for
 # an EngineConfig field (E2E_CONFIG: float activations, PDL off or on)
 E2E_VARIANTS = {"float": None, "nopdl": None, "pdl": None, "fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False),
-                "act": ("DP4A_FUSE_ACT", True), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True)}
+                "act": ("DP4A_FUSE_ACT", True), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True),
+                "rope": ("bitfold.kvcache.codecs.dense", "FUSE_ROTARY", True)}  # (module,) name, value
 E2E_CONFIG = {"float": {"int8_activations": "off"}, "nopdl": {"pdl": "off"}, "pdl": {"pdl": "on"}}
 
 
@@ -389,20 +390,24 @@ def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
     """One format end to end; "<format>+<variant>" (E2E_VARIANTS) runs it with float activations
     in the low-bit GEMV (+float), the activations quantized inside the dp4a GEMV or by a kernel of
     their own (+fx / +sep), SiLU-and-multiply inside the down projection's GEMV or not (+act /
-    +noact), groups of 16 (Q6_K) through dp4a (+g16), or without / with programmatic dependent
-    launch (+nopdl / +pdl; the default is EngineConfig.pdl's auto)."""
+    +noact), groups of 16 (Q6_K) through dp4a (+g16), without / with programmatic dependent
+    launch (+nopdl / +pdl; the default is EngineConfig.pdl's auto), or rotary inside the decode
+    attention kernel (+rope)."""
     base, _, variant = fmt.partition("+")
     if variant and variant not in E2E_VARIANTS:
         raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+{'|+'.join(E2E_VARIANTS)}]")
     switch = E2E_VARIANTS.get(variant)
     if switch is not None:
-        name, value = switch
-        old, n_prof = getattr(qm, name), len(PROFILES)
-        setattr(qm, name, value)
+        import importlib
+
+        *mod, name, value = switch
+        mod = importlib.import_module(mod[0]) if mod else qm
+        old, n_prof = getattr(mod, name), len(PROFILES)
+        setattr(mod, name, value)
         try:
             rows = e2e(base, args, bw, mm_rate)
         finally:
-            setattr(qm, name, old)
+            setattr(mod, name, old)
         for r in rows + PROFILES[n_prof:]:
             r["format"] = fmt
         return rows

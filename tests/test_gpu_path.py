@@ -164,3 +164,18 @@ def test_pdl_every_graph_greedy_equals_no_pdl(smollm2_path):
     off = LLM(smollm2_path, device="cuda", pdl="off", gpu_memory_utilization=0.3, max_num_seqs=8)
     assert off.engine.runner.graphs.pdl_rows == 0
     assert got == _greedy(off, 48)
+
+
+def test_fused_rotary_greedy_equals_separate(smollm2_path, monkeypatch):
+    """Rotary inside the decode attention kernel (kvcache/codecs/dense.FUSE_ROTARY: q and the new
+    K rotated as they are read, v read from the fused q|k|v rows) gives the float32 greedy tokens
+    of the rotary kernel + copy path."""
+    from bitfold.kvcache.codecs import dense
+
+    def run(fused):
+        monkeypatch.setattr(dense, "FUSE_ROTARY", fused)
+        llm = LLM(smollm2_path, device="cuda", dtype="float32", gpu_memory_utilization=0.3, max_num_seqs=8,
+                  int8_activations="off")
+        return _greedy(llm, 32)
+
+    assert run(True) == run(False)

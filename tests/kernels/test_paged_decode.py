@@ -174,3 +174,40 @@ def test_fused_ref_equals_write_then_decode():
         paged_decode_ref(q, k_cache, v_cache, tables, ctx, scale, new_k=new_k)
     with pytest.raises(ValueError, match="slot_mapping must be int64"):
         paged_decode_ref(q, k_cache, v_cache, tables, ctx, scale, new_k=new_k, new_v=new_v, slot_mapping=slots.int())
+
+
+@pytest.mark.parametrize("case", ["mha-edges", "gqa4-splits", "gqa8-window", "ragged-gqa8-d128", "bcast-gqa4",
+                                  "fp16-gqa4", "bf16-gqa4"])
+def test_fused_rotary(case):
+    """rope=: q and the new K arrive before rotary, as strided views of one fused q|k|v row per
+    token (the model's layout), and the launch rotates them (rotary fused into the KV write).
+    Against rotary_ref + the reference decode: the same output, and the cache holds the rotated
+    K (rounded to the cache's dtype as the rotary kernel rounds it) and the given V."""
+    from bitfold.kernels.rotary import rotary_ref
+    from bitfold.layers.rotary import cos_sin_cache
+
+    q, k_cache, v_cache, tables, ctx, scale, window, knobs = _inputs(case)
+    if knobs.get("use_dot", q.shape[1] > k_cache.shape[2]):
+        skip_interpreted_bf16_dot(q.dtype)
+    need_triton()
+    B, H, D = q.shape
+    hkv = k_cache.shape[2]
+    gen = torch.Generator().manual_seed(11)
+    new_k, new_v, slots = _new_kv(q, k_cache, tables, ctx, gen, skip_row=1 if B > 1 else None)
+    fused = torch.cat([q.reshape(B, -1), new_k.reshape(B, -1), new_v.reshape(B, -1)], dim=1)  # [B, (H + 2 KVH) D]
+    qv, kv, vv = (t.view(B, -1, D) for t in fused.split([H * D, hkv * D, hkv * D], dim=1))
+    assert qv.stride(0) == (H + 2 * hkv) * D  # strided: no copies
+    pos = (ctx.long() - 1) * 3 + 5  # positions need not equal the context length
+    cs = cos_sin_cache(D, int(pos.max()) + 1, 10000.0, None).to(q.device)
+    qr, kr = rotary_ref(qv, kv, pos, cs)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    expected = paged_decode_ref(qr, ref_k, ref_v, tables, ctx, scale, window, new_k=kr, new_v=new_v, slot_mapping=slots)
+    out = paged_decode(qv, k_cache, v_cache, tables, ctx, scale, window, new_k=kv, new_v=vv, slot_mapping=slots,
+                       rope=(pos, cs), **knobs)
+    assert_close(out, expected, q.dtype, kernel=True)
+    assert torch.allclose(k_cache.float(), ref_k.float(), atol=1e-5 if q.dtype == F32 else 1e-2, rtol=0)
+    assert torch.equal(v_cache, ref_v)
+    assert torch.equal(paged_decode_ref(qv, k_cache.clone(), v_cache.clone(), tables, ctx, scale, window, new_k=kv,
+                                        new_v=vv, slot_mapping=slots, rope=(pos, cs)), expected)
+    with pytest.raises(ValueError, match="rope= rotates the new K too"):
+        paged_decode(qv, k_cache, v_cache, tables, ctx, scale, window, rope=(pos, cs))

@@ -62,6 +62,17 @@ class AttentionOps(ABC):
         """q: [T, H, D]; k, v: [T, KVH, D] (the new tokens, rotary applied); storage: the codec's
         pages of this layer. Writes k/v into the pages and returns the attention output [T, H, D]."""
 
+    def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     cos_sin: torch.Tensor, storage, meta: AttentionMetadata, scale: float,
+                     sliding_window: int) -> torch.Tensor:
+        """`forward` of q and k before rotary (views of the fused q|k|v rows: heads contiguous,
+        tokens any stride apart). Default: the rotary op, then `forward`; kernels that can rotate
+        as they write the new K/V override it (one or two launches fewer per layer)."""
+        from bitfold.layers.rotary import apply_rotary
+
+        q, k = apply_rotary(q, k, positions, cos_sin)
+        return self.forward(q, k, v.contiguous(), storage, meta, scale, sliding_window)
+
 
 class AttentionBackend:
     """A kernel family. Subclasses set the class attributes; `why_unavailable` says why the
@@ -104,6 +115,10 @@ class AttentionBackend:
 
     def forward(self, q, k, v, storage, meta: AttentionMetadata, scale: float, sliding_window: int) -> torch.Tensor:
         return self.ops.forward(q, k, v, storage, meta, scale, sliding_window)
+
+    def forward_rope(self, q, k, v, positions, cos_sin, storage, meta: AttentionMetadata, scale: float,
+                     sliding_window: int) -> torch.Tensor:
+        return self.ops.forward_rope(q, k, v, positions, cos_sin, storage, meta, scale, sliding_window)
 
 
 ATTENTION_BACKENDS: Registry[type[AttentionBackend]] = Registry("attention backend")

@@ -44,13 +44,33 @@ def split_span(context_lens, b, split, num_splits, window, ALIGN: tl.constexpr, 
 
 
 @jit
+def _rotate_row(x, base, d, mask, pos, cos_sin, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rotary (neox halves, kernels/rotary.py) of the head vectors at x + base + d (base
+    broadcasts over rows, d [1, BLOCK_D] or [BLOCK_D]; `mask` the valid elements, 0 elsewhere),
+    in float32: x[d] cos - x[d + HALF] sin for the first half, x[d] cos + x[d - HALF] sin for
+    the second."""
+    dm = mask & (d < HEAD_DIM)
+    first = d < HALF
+    partner = tl.where(first, d + HALF, d - HALF)
+    xv = tl.load(x + base + d, mask=dm, other=0.0).to(tl.float32)
+    xp = tl.load(x + base + partner, mask=dm, other=0.0).to(tl.float32)
+    f = d % HALF
+    c = tl.load(cos_sin + pos * (2 * HALF) + f, mask=d < HEAD_DIM, other=0.0)
+    s = tl.load(cos_sin + pos * (2 * HALF) + HALF + f, mask=d < HEAD_DIM, other=0.0)
+    return xv * c + tl.where(first, -xp, xp) * s
+
+
+@jit
 def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
-                         new_k, new_v, slot_mapping,
+                         new_k, new_v, slot_mapping, positions, cos_sin, stride_qb, stride_kb, stride_vb,
                          scale_log2, window, bt_stride, num_splits,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QG: tl.constexpr, QG_PAD: tl.constexpr,
                          BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-                         DOT_PREC: tl.constexpr, FUSE_WRITE: tl.constexpr, PDL: tl.constexpr = False):
+                         DOT_PREC: tl.constexpr, FUSE_WRITE: tl.constexpr, ROPE: tl.constexpr = False,
+                         PDL: tl.constexpr = False):
+    # ROPE: q and new_k arrive before rotary (views of the fused q|k|v rows, rows stride_qb /
+    # stride_kb apart): this program rotates them itself (rotary fused into the KV write).
     pdl_trigger(PDL)
     pdl_wait(PDL)
     b = tl.program_id(0)
@@ -63,11 +83,16 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
     rows = tl.arange(0, QG_PAD)
     d = tl.arange(0, BLOCK_D)
     last = seq_len - 1  # the new token's position
+    if ROPE:
+        rpos = tl.load(positions + b)
     if FUSE_WRITE:
         owns_new = (lo <= last) & (last < hi)  # this split holds the new position
-        new_off = (b * NUM_KV_HEADS + kh) * HEAD_DIM + d
-        nk = tl.load(new_k + new_off, mask=d < HEAD_DIM, other=0.0)  # [BLOCK_D]
-        nv = tl.load(new_v + new_off, mask=d < HEAD_DIM, other=0.0)
+        if ROPE:  # rounded as the rotary kernel rounds its output
+            nk = _rotate_row(new_k, b.to(tl.int64) * stride_kb + kh * HEAD_DIM, d, d < HEAD_DIM, rpos, cos_sin,
+                             HEAD_DIM // 2, HEAD_DIM).to(k_cache.dtype.element_ty)
+        else:
+            nk = tl.load(new_k + b.to(tl.int64) * stride_kb + kh * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)
+        nv = tl.load(new_v + b.to(tl.int64) * stride_vb + kh * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)
         slot = tl.load(slot_mapping + b)  # int64; negative: a padding row, write nothing
         if owns_new & (slot >= 0):  # no program reads this slot in this launch: the owner uses nk/nv
             dst = slot * (NUM_KV_HEADS * HEAD_DIM) + kh * HEAD_DIM + d
@@ -77,8 +102,13 @@ def _decode_split_kernel(q, k_cache, v_cache, block_tables, context_lens, out, p
     else:
         hi_cached = hi
     q_mask = (rows[:, None] < QG) & (d[None, :] < HEAD_DIM)
-    q_off = (b * NUM_HEADS + kh * QG + rows[:, None]) * HEAD_DIM + d[None, :]
-    qg = tl.load(q + q_off, mask=q_mask, other=0.0)  # [QG_PAD, BLOCK_D]; padded rows are 0
+    q_off = (b * NUM_HEADS + kh * QG + rows[:, None]) * HEAD_DIM + d[None, :]  # out's (contiguous) offsets
+    q_row = b.to(tl.int64) * stride_qb + (kh * QG + rows[:, None]) * HEAD_DIM
+    if ROPE:
+        qg = _rotate_row(q, q_row, d[None, :], q_mask, rpos, cos_sin, HEAD_DIM // 2, HEAD_DIM)
+        qg = qg.to(q.dtype.element_ty)  # [QG_PAD, BLOCK_D]; padded rows are 0
+    else:
+        qg = tl.load(q + q_row + d[None, :], mask=q_mask, other=0.0)  # [QG_PAD, BLOCK_D]; padded rows are 0
 
     m_i = tl.full([QG_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([QG_PAD], tl.float32)
@@ -172,7 +202,9 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, sliding_window):
     require(context_lens.shape == (B,) and context_lens.dtype == torch.int32,
             f"context_lens must be int32 [B={B}], got {context_lens.dtype} {tuple(context_lens.shape)}")
     require(sliding_window >= 0, f"sliding_window must be >= 0, got {sliding_window}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+    require(q.stride(2) == 1 and q.stride(1) == D, "q must be contiguous within a token ([heads, head_dim]); "
+            "tokens may be any stride apart")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
                     ("context_lens", context_lens)):
         require(t.is_contiguous(), f"{name} must be contiguous")
 
@@ -192,7 +224,7 @@ def split_plan(programs: int, span: int, sms: int, block_n: int, min_split_token
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, sliding_window: int = 0, *,
                  new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
-                 slot_mapping: torch.Tensor | None = None,
+                 slot_mapping: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                  max_context_len: int | None = None, num_splits: int | None = None, block_n: int = 64,
                  min_split_tokens: int = 256, use_dot: bool | None = None, num_warps: int = 4,
                  num_stages: int = 2) -> torch.Tensor:
@@ -205,7 +237,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     new_k, new_v: `[B, num_kv_heads, head_dim]` and slot_mapping: int64 `[B]` (all or none):
     the new tokens' K/V, written into their slots (negative: skipped) by this same launch, as
     `write_kv` would; without them the new K/V must already be in the cache.
-    Returns `[B, num_heads, head_dim]` in q's dtype.
+    rope: (positions int64 [B], cos_sin float32 [max_pos, head_dim]): q and new_k arrive before
+    rotary (`kernels/rotary.py`'s), which this launch applies (rotary fused into the KV write).
+    q, new_k, new_v may be views of a fused q|k|v output (heads contiguous, tokens any stride).
+    Returns `[B, num_heads, head_dim]` (contiguous) in q's dtype.
 
     Tuning knobs (keyword-only): `max_context_len` (any upper bound of context_lens, never
     less than the true maximum; passing it avoids a device sync), `num_splits` (None: enough programs for ~2 waves on the GPU, at
@@ -215,8 +250,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """
     _check(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
     fuse_write = _check_new_kv(q, k_cache, new_k, new_v, slot_mapping)
+    positions, cos_sin = _check_rope(q, rope, fuse_write) if rope is not None else (context_lens, q)
     B, H, D = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
     require_launchable(q, k_cache, v_cache, block_tables, context_lens)
@@ -246,12 +282,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     pdl = pdl_launch()
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
-        new_k, new_v, slot_mapping,
+        new_k, new_v, slot_mapping, positions, cos_sin, q.stride(0), new_k.stride(0), new_v.stride(0),
         scale_log2, window, block_tables.stride(0), num_splits,
         NUM_HEADS=H, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=BLOCK_D, QG=qg,
         QG_PAD=QG_PAD, BLOCK_N=block_n, USE_DOT=use_dot, SINGLE_SPLIT=single,
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32: 3xTF32 keeps ~fp32 accuracy on tensor cores
-        FUSE_WRITE=fuse_write, PDL=pdl,
+        FUSE_WRITE=fuse_write, ROPE=rope is not None, PDL=pdl,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
     if not single:
         _decode_merge_kernel[(B, H)](out, part_m, part_l, part_acc, context_lens, window,
@@ -275,19 +311,40 @@ def _check_new_kv(q, k_cache, new_k, new_v, slot_mapping) -> bool:
             f"new_k, new_v must have the cache's dtype {k_cache.dtype}, got {new_k.dtype}, {new_v.dtype}")
     require(slot_mapping.shape == (B,) and slot_mapping.dtype == torch.int64,
             f"slot_mapping must be int64 [B={B}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
-    for name, t in (("new_k", new_k), ("new_v", new_v), ("slot_mapping", slot_mapping)):
-        require(t.is_contiguous(), f"{name} must be contiguous")
+    for name, t in (("new_k", new_k), ("new_v", new_v)):
+        require(t.stride(2) == 1 and t.stride(1) == D, f"{name} must be contiguous within a token")
+    require(slot_mapping.is_contiguous(), "slot_mapping must be contiguous")
     return True
+
+
+def _check_rope(q, rope, fuse_write: bool):
+    """(positions, cos_sin) of a fused rotary: q and new_k arrive unrotated."""
+    require(fuse_write, "rope= rotates the new K too: it needs new_k, new_v and slot_mapping")
+    positions, cos_sin = rope
+    B, _, D = q.shape
+    require(positions.shape == (B,) and positions.dtype == torch.int64 and positions.is_contiguous(),
+            f"rope positions must be contiguous int64 [B={B}], got {positions.dtype} {tuple(positions.shape)}")
+    require(cos_sin.dim() == 2 and cos_sin.shape[1] == D and cos_sin.dtype == torch.float32 and cos_sin.is_contiguous(),
+            f"rope cos_sin must be contiguous float32 [max_pos, head_dim={D}], got {cos_sin.dtype} {tuple(cos_sin.shape)}")
+    require(D % 2 == 0, f"rotary needs an even head_dim, got {D}")
+    return positions, cos_sin
 
 
 def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, sliding_window: int = 0, *,
                      new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
-                     slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-PyTorch `paged_decode` (float32 math, output in q's dtype); the CPU path."""
+                     slot_mapping: torch.Tensor | None = None,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Pure-PyTorch `paged_decode` (float32 math, output in q's dtype); the CPU path. With
+    `rope`, `rotary_ref` first."""
     _check(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
     fused = _check_new_kv(q, k_cache, new_k, new_v, slot_mapping)
+    if rope is not None:
+        from bitfold.kernels.rotary import rotary_ref
+
+        q, new_k = rotary_ref(q, new_k, *_check_rope(q, rope, fused))
     if fused:
+        new_k, new_v = new_k.contiguous(), new_v.contiguous()
         write_kv_ref(k_cache, v_cache, new_k, new_v, slot_mapping)
     B, H, D = q.shape
     if B == 0:

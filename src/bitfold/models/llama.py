@@ -15,7 +15,7 @@ from bitfold.errors import ModelLoadError
 from bitfold.layers.embedding import Embedding
 from bitfold.layers.linear import Linear
 from bitfold.layers.norm import RMSNorm
-from bitfold.layers.rotary import apply_rotary, cos_sin_cache
+from bitfold.layers.rotary import cos_sin_cache
 from bitfold.weights.packed import PackedWeight
 from bitfold.models.base import MODELS, StepContext
 from bitfold.weights import WEIGHT_FORMATS
@@ -39,9 +39,11 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head before rotary
             q = self.q_norm(q.reshape(-1, self.d).contiguous())
             k = self.k_norm(k.reshape(-1, self.d).contiguous())
-        # views of the fused q|k|v rows: rotary reads them strided and writes contiguous q, k (no copies)
-        q, k = apply_rotary(q.reshape(T, self.h, self.d), k.reshape(T, self.kvh, self.d), ctx.positions, rope)
-        o = ctx.backend.forward(q, k, v.reshape(T, self.kvh, self.d).contiguous(), kv, ctx.attn, self.scale, self.window)
+        # views of the fused q|k|v rows: the backend rotates q and k (a rotary kernel reading them
+        # strided, or its decode kernel as it writes the new K/V) and reads v where it is
+        o = ctx.backend.forward_rope(q.reshape(T, self.h, self.d), k.reshape(T, self.kvh, self.d),
+                                     v.reshape(T, self.kvh, self.d), ctx.positions, rope, kv, ctx.attn, self.scale,
+                                     self.window)
         return self.o(o.reshape(T, self.h * self.d))
 
 

@@ -47,9 +47,23 @@ class DenseRefOps(DenseOps):
     decode, prefill = staticmethod(paged_decode_ref), staticmethod(paged_prefill_ref)
 
 
+# Decode steps rotate q and the new K inside the decode attention kernel (which writes that K)
+# instead of a rotary kernel, and read v from the fused q|k|v rows instead of a copy: two
+# launches fewer per layer. Checked against the reference (tests/kernels/test_paged_decode.py),
+# not yet timed on a GPU, so off (benchmarks/weights.py's "+rope" turns it on).
+FUSE_ROTARY = False
+
+
 class DenseTritonOps(DenseOps):
     decode, prefill = staticmethod(paged_decode), staticmethod(paged_prefill)
     fuses_kv_write = graph_safe = True
+
+    def forward_rope(self, q, k, v, positions, cos_sin, storage, meta, scale, sliding_window):
+        if not (FUSE_ROTARY and meta.decode_only):
+            return super().forward_rope(q, k, v, positions, cos_sin, storage, meta, scale, sliding_window)
+        return self.decode(q, storage.k, storage.v, meta.block_tables, meta.context_lens, scale, sliding_window,
+                           new_k=k, new_v=v, slot_mapping=meta.slot_mapping, rope=(positions, cos_sin),
+                           **self.decode_kwargs(meta))
 
     def decode_kwargs(self, meta):
         return {"max_context_len": meta.max_context_len}  # no device sync: CUDA-graph safe
