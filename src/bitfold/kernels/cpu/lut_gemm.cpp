@@ -687,34 +687,58 @@ void cb4_rows_scalar(const Cb4Problem& P, int n0, int n1) {
     }
 }
 
-__attribute__((target("avx2,fma,f16c"))) void cb4_rows_avx2(const Cb4Problem& P, int n0, int n1) {
-  constexpr int kCb4Rows = 4;  // rows sharing each activation vector
+// R rows x NB activation rows per pass: each 8 codes are looked up and scaled once, then
+// meet NB activation vectors straight into the outputs' accumulators (as q8_block_avx2).
+// R = 4 rows for one activation row (its loads shared wider), 2 for up to 4 (8 accumulators).
+template <int R, int NB>
+__attribute__((target("avx2,fma,f16c"))) void cb4_block_avx2(const Cb4Problem& P, int n, int b0, __m256 lo,
+                                                              __m256 hi) {
   const int groups = P.K / P.group, words = P.K / 8;
-  const __m256 lo = _mm256_loadu_ps(P.codebook), hi = _mm256_loadu_ps(P.codebook + 8);
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), nib = _mm256_set1_epi32(15);
-  int n = n0;
-  for (; n + kCb4Rows <= n1; n += kCb4Rows) {
-    const uint32_t* cr[kCb4Rows];
-    for (int r = 0; r < kCb4Rows; ++r) cr[r] = P.codes + static_cast<size_t>(n + r) * words;
-    for (int b = 0; b < P.B; ++b) {
-      const float* xb = P.x + static_cast<size_t>(b) * P.K;
-      float out[kCb4Rows] = {0.f, 0.f, 0.f, 0.f};
-      for (int g = 0; g < groups; ++g) {
-        __m256 acc[kCb4Rows];
-        for (int r = 0; r < kCb4Rows; ++r) acc[r] = _mm256_setzero_ps();
-        for (int k = g * P.group; k < (g + 1) * P.group; k += 8) {
-          const __m256 xv = _mm256_loadu_ps(xb + k);
-          for (int r = 0; r < kCb4Rows; ++r) {
-            const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(cr[r][k / 8])), shifts), nib);
-            const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
-                                              _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-            acc[r] = _mm256_fmadd_ps(v, xv, acc[r]);
-          }
-        }
-        for (int r = 0; r < kCb4Rows; ++r)
-          out[r] += half_to_float(P.scales[static_cast<size_t>(n + r) * groups + g]) * hsum_avx2(acc[r]);
+  const uint32_t* cr[R];
+  for (int r = 0; r < R; ++r) cr[r] = P.codes + static_cast<size_t>(n + r) * words;
+  const float* xb[NB];
+  for (int j = 0; j < NB; ++j) xb[j] = P.x + static_cast<size_t>(b0 + j) * P.K;
+  __m256 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int g = 0; g < groups; ++g) {
+    __m256 sv[R];
+    for (int r = 0; r < R; ++r)
+      sv[r] = _mm256_set1_ps(half_to_float(P.scales[static_cast<size_t>(n + r) * groups + g]));
+    for (int k = g * P.group; k < (g + 1) * P.group; k += 8) {
+      __m256 w[R];
+      for (int r = 0; r < R; ++r) {
+        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(cr[r][k / 8])), shifts), nib);
+        const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        w[r] = _mm256_mul_ps(v, sv[r]);
       }
-      for (int r = 0; r < kCb4Rows; ++r) P.y[static_cast<size_t>(b) * P.N + n + r] = out[r];
+      for (int j = 0; j < NB; ++j) {
+        const __m256 xv = _mm256_loadu_ps(xb[j] + k);
+        for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(w[r], xv, acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) P.y[static_cast<size_t>(b0 + j) * P.N + n + r] = hsum_avx2(acc[r][j]);
+}
+
+__attribute__((target("avx2,fma,f16c"))) void cb4_rows_avx2(const Cb4Problem& P, int n0, int n1) {
+  const __m256 lo = _mm256_loadu_ps(P.codebook), hi = _mm256_loadu_ps(P.codebook + 8);
+  int n = n0;
+  if (P.B == 1) {
+    for (; n + 4 <= n1; n += 4) cb4_block_avx2<4, 1>(P, n, 0, lo, hi);
+  } else {
+    for (; n + 2 <= n1; n += 2) {
+      int b = 0;
+      for (; b + 4 <= P.B; b += 4) cb4_block_avx2<2, 4>(P, n, b, lo, hi);
+      switch (P.B - b) {
+        case 3: cb4_block_avx2<2, 3>(P, n, b, lo, hi); break;
+        case 2: cb4_block_avx2<2, 2>(P, n, b, lo, hi); break;
+        case 1: cb4_block_avx2<2, 1>(P, n, b, lo, hi); break;
+        default: break;
+      }
     }
   }
   if (n < n1) cb4_rows_scalar(P, n, n1);
