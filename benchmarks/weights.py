@@ -360,10 +360,11 @@ def model_bytes(model) -> int:
 
 # "<format>+<variant>" end to end: a qmatmul switch set for the run (name, value), or None for
 # an EngineConfig field (E2E_CONFIG: float activations, PDL off or on)
-E2E_VARIANTS = {"float": None, "nopdl": None, "pdl": None, "fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False),
+E2E_VARIANTS = {"float": None, "nopdl": None, "pdl": None, "i8act": None, "fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False),
                 "act": ("DP4A_FUSE_ACT", True), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True),
                 "rope": ("bitfold.kvcache.codecs.dense", "FUSE_ROTARY", True)}  # (module,) name, value
-E2E_CONFIG = {"float": {"int8_activations": "off"}, "nopdl": {"pdl": "off"}, "pdl": {"pdl": "on"}}
+E2E_CONFIG = {"float": {"int8_activations": "off"}, "nopdl": {"pdl": "off"}, "pdl": {"pdl": "on"},
+              "i8act": {"int8_activations": "on"}}  # i8act: int8 activations for 8-bit weights too
 
 
 MATMUL_KERNELS = ("gemv", "gemm", "dp4a", "cutlass", "xmma", "nvjet", "gemmk")  # name fragments
@@ -391,8 +392,8 @@ def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
     in the low-bit GEMV (+float), the activations quantized inside the dp4a GEMV or by a kernel of
     their own (+fx / +sep), SiLU-and-multiply inside the down projection's GEMV or not (+act /
     +noact), groups of 16 (Q6_K) through dp4a (+g16), without / with programmatic dependent
-    launch (+nopdl / +pdl; the default is EngineConfig.pdl's auto), or rotary inside the decode
-    attention kernel (+rope)."""
+    launch (+nopdl / +pdl; the default is EngineConfig.pdl's auto), rotary inside the decode
+    attention kernel (+rope), or int8 activations for 8-bit weights too (+i8act)."""
     base, _, variant = fmt.partition("+")
     if variant and variant not in E2E_VARIANTS:
         raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+{'|+'.join(E2E_VARIANTS)}]")
