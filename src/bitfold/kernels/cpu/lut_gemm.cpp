@@ -561,36 +561,64 @@ Pool& pool() {
   return p;
 }
 
-// ---- 8-bit codes times float32 activations, no tables ---------------------------------------
+// ---- table-free GEMMs: 8-bit codes and 4-bit codebook codes times float32 activations --------
 // The LUT path rounds its activation tables to int8 per group, ~2-3% error per product: fine
-// under 4-bit weights' own error, not under 8-bit ones' (Qwen2.5-1.5B int8: +4.8% perplexity).
-// Here every code meets its float activation: y[b, n] = sum_g s[n,g] * sum_{k in g} q[n,k] x[b,k]
-// + m[n,g] * sum_{k in g} x[b,k], codes uint8 [N][K] row-major, s, m fp16 [N][groups]. Memory
-// bound at one byte per weight; rows in blocks of kQ8Rows share each loaded activation vector.
-constexpr int kQ8Rows = 2;  // x NB <= 4 activation rows: 8 accumulators in registers
-
-struct Q8Problem {
+// under 4-bit weights' own error, not under 8-bit ones' (Qwen2.5-1.5B int8: +4.8% perplexity), and
+// a codebook's values are not sums of bit planes. Here every weight meets its float activation:
+//   y[b, n] = sum_g s[n,g] * sum_{k in g} v(n,k) x[b,k] + m[n,g] * sum_{k in g} x[b,k]
+// with v the code (uint8 [N][K], `Q8`) or the codebook's value of a nibble (uint32 words [N][K/8],
+// nibble j = input 8i + j, `Cb4`: bitfold/kernels/codebook.py; m = 0). One template runs both:
+// R weight rows x NB activation rows per pass, each 8 weights decoded and scaled once and then
+// met by NB activation vectors (one FMA each, straight into the output's accumulator: no
+// per-group horizontal sum, which cost as much as a 32-weight group's FMAs).
+struct RowsProblem {
   const float* x;
   int B, K, N, group;
-  const uint8_t* q;
-  const uint16_t* scales;
-  const uint16_t* mins;
+  const uint16_t* scales;  // fp16 [N][groups]
+  const uint16_t* mins;    // fp16 [N][groups], or null (no mins)
+  const float* sumx;       // [B][groups] when mins
   float* y;
-  const float* sumx;  // [B][groups]
 };
 
-void q8_rows_scalar(const Q8Problem& P, int n0, int n1) {
+struct Q8 {  // uint8 codes
+  const uint8_t* q;
+  float at(int n, int k, int K) const { return static_cast<float>(q[static_cast<size_t>(n) * K + k]); }
+  __attribute__((target("avx2,fma,f16c"))) __m256 load8(int n, int k, int K) const {
+    const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + static_cast<size_t>(n) * K + k));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+  }
+};
+
+struct Cb4 {  // 4-bit codebook codes: two 8-entry permutes and a blend on bit 3 per 8 nibbles
+  const uint32_t* codes;
+  const float* codebook;
+  float at(int n, int k, int K) const {
+    return codebook[(codes[static_cast<size_t>(n) * (K / 8) + k / 8] >> (4 * (k % 8))) & 15];
+  }
+  __attribute__((target("avx2,fma,f16c"))) __m256 load8(int n, int k, int K) const {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const uint32_t w = codes[static_cast<size_t>(n) * (K / 8) + k / 8];
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), shifts),
+                                         _mm256_set1_epi32(15));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(codebook), idx),
+                            _mm256_permutevar8x32_ps(_mm256_loadu_ps(codebook + 8), idx),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+  }
+};
+
+template <class W>
+void rows_scalar(const RowsProblem& P, const W& w, int n0, int n1) {
   const int groups = P.K / P.group;
   for (int n = n0; n < n1; ++n)
     for (int b = 0; b < P.B; ++b) {
       const float* xb = P.x + static_cast<size_t>(b) * P.K;
-      const uint8_t* qn = P.q + static_cast<size_t>(n) * P.K;
       float acc = 0.f;
       for (int g = 0; g < groups; ++g) {
         float d = 0.f;
-        for (int k = g * P.group; k < (g + 1) * P.group; ++k) d += static_cast<float>(qn[k]) * xb[k];
-        acc += half_to_float(P.scales[static_cast<size_t>(n) * groups + g]) * d +
-               half_to_float(P.mins[static_cast<size_t>(n) * groups + g]) * P.sumx[static_cast<size_t>(b) * groups + g];
+        for (int k = g * P.group; k < (g + 1) * P.group; ++k) d += w.at(n, k, P.K) * xb[k];
+        const size_t sg = static_cast<size_t>(n) * groups + g;
+        acc += half_to_float(P.scales[sg]) * d;
+        if (P.mins) acc += half_to_float(P.mins[sg]) * P.sumx[static_cast<size_t>(b) * groups + g];
       }
       P.y[static_cast<size_t>(b) * P.N + n] = acc;
     }
@@ -603,145 +631,88 @@ __attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// kQ8Rows rows x NB activation rows per pass: each 8 codes are widened and scaled by their
-// group's scale once, then meet NB activation vectors (one FMA each, straight into the output's
-// accumulator: no per-group horizontal sum, which cost as much as a 32-code group's FMAs); the
-// mins meet each group's activation sum separately.
-template <int NB>
-__attribute__((target("avx2,fma,f16c"))) void q8_block_avx2(const Q8Problem& P, int n, int b0) {
+template <class W, int R, int NB>
+__attribute__((target("avx2,fma,f16c"))) void rows_block_avx2(const RowsProblem& P, const W& w, int n, int b0) {
   const int groups = P.K / P.group;
-  const uint8_t* qr[kQ8Rows];
-  for (int r = 0; r < kQ8Rows; ++r) qr[r] = P.q + static_cast<size_t>(n + r) * P.K;
-  const float* xb[NB];
-  for (int j = 0; j < NB; ++j) xb[j] = P.x + static_cast<size_t>(b0 + j) * P.K;
-  __m256 acc[kQ8Rows][NB];
-  float mtot[kQ8Rows][NB];
-  for (int r = 0; r < kQ8Rows; ++r)
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps(), mtot[r][j] = 0.f;
-  for (int g = 0; g < groups; ++g) {
-    __m256 sv[kQ8Rows];
-    for (int r = 0; r < kQ8Rows; ++r) {
-      const size_t sg = static_cast<size_t>(n + r) * groups + g;
-      sv[r] = _mm256_set1_ps(half_to_float(P.scales[sg]));
-      const float mn = half_to_float(P.mins[sg]);
-      for (int j = 0; j < NB; ++j) mtot[r][j] += mn * P.sumx[static_cast<size_t>(b0 + j) * groups + g];
-    }
-    const int k1 = (g + 1) * P.group;
-    for (int k = g * P.group; k < k1; k += 8) {  // group: a multiple of 8
-      __m256 w[kQ8Rows];
-      for (int r = 0; r < kQ8Rows; ++r) {
-        const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr[r] + k));
-        w[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), sv[r]);
-      }
-      for (int j = 0; j < NB; ++j) {
-        const __m256 xv = _mm256_loadu_ps(xb[j] + k);
-        for (int r = 0; r < kQ8Rows; ++r) acc[r][j] = _mm256_fmadd_ps(w[r], xv, acc[r][j]);
-      }
-    }
-  }
-  for (int r = 0; r < kQ8Rows; ++r)
-    for (int j = 0; j < NB; ++j) P.y[static_cast<size_t>(b0 + j) * P.N + n + r] = hsum_avx2(acc[r][j]) + mtot[r][j];
-}
-
-__attribute__((target("avx2,fma,f16c"))) void q8_rows_avx2(const Q8Problem& P, int n0, int n1) {
-  int n = n0;
-  for (; n + kQ8Rows <= n1; n += kQ8Rows) {
-    int b = 0;
-    for (; b + 4 <= P.B; b += 4) q8_block_avx2<4>(P, n, b);
-    switch (P.B - b) {
-      case 3: q8_block_avx2<3>(P, n, b); break;
-      case 2: q8_block_avx2<2>(P, n, b); break;
-      case 1: q8_block_avx2<1>(P, n, b); break;
-      default: break;
-    }
-  }
-  if (n < n1) q8_rows_scalar(P, n, n1);
-}
-
-// ---- 4-bit codebook codes (NF4 and the like), no tables of activations --------------------------
-// w[n, k] = s[n, k / group] * codebook[code], codes nibble j of uint32 word k / 8 of row n
-// (bitfold/kernels/codebook.py). AVX2: per word, the 8 nibbles become 8 lane indices, two
-// 8-entry permutes look them up in the codebook's halves and a blend on bit 3 picks one.
-struct Cb4Problem {
-  const float* x;
-  int B, K, N, group;
-  const uint32_t* codes;
-  const uint16_t* scales;
-  const float* codebook;
-  float* y;
-};
-
-void cb4_rows_scalar(const Cb4Problem& P, int n0, int n1) {
-  const int groups = P.K / P.group, words = P.K / 8;
-  for (int n = n0; n < n1; ++n)
-    for (int b = 0; b < P.B; ++b) {
-      const float* xb = P.x + static_cast<size_t>(b) * P.K;
-      const uint32_t* cn = P.codes + static_cast<size_t>(n) * words;
-      float acc = 0.f;
-      for (int g = 0; g < groups; ++g) {
-        float d = 0.f;
-        for (int k = g * P.group; k < (g + 1) * P.group; ++k) d += P.codebook[(cn[k / 8] >> (4 * (k % 8))) & 15] * xb[k];
-        acc += half_to_float(P.scales[static_cast<size_t>(n) * groups + g]) * d;
-      }
-      P.y[static_cast<size_t>(b) * P.N + n] = acc;
-    }
-}
-
-// R rows x NB activation rows per pass: each 8 codes are looked up and scaled once, then
-// meet NB activation vectors straight into the outputs' accumulators (as q8_block_avx2).
-// R = 4 rows for one activation row (its loads shared wider), 2 for up to 4 (8 accumulators).
-template <int R, int NB>
-__attribute__((target("avx2,fma,f16c"))) void cb4_block_avx2(const Cb4Problem& P, int n, int b0, __m256 lo,
-                                                              __m256 hi) {
-  const int groups = P.K / P.group, words = P.K / 8;
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), nib = _mm256_set1_epi32(15);
-  const uint32_t* cr[R];
-  for (int r = 0; r < R; ++r) cr[r] = P.codes + static_cast<size_t>(n + r) * words;
   const float* xb[NB];
   for (int j = 0; j < NB; ++j) xb[j] = P.x + static_cast<size_t>(b0 + j) * P.K;
   __m256 acc[R][NB];
+  float mtot[R][NB];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps(), mtot[r][j] = 0.f;
   for (int g = 0; g < groups; ++g) {
     __m256 sv[R];
-    for (int r = 0; r < R; ++r)
-      sv[r] = _mm256_set1_ps(half_to_float(P.scales[static_cast<size_t>(n + r) * groups + g]));
-    for (int k = g * P.group; k < (g + 1) * P.group; k += 8) {
-      __m256 w[R];
-      for (int r = 0; r < R; ++r) {
-        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(cr[r][k / 8])), shifts), nib);
-        const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
-                                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-        w[r] = _mm256_mul_ps(v, sv[r]);
+    for (int r = 0; r < R; ++r) {
+      const size_t sg = static_cast<size_t>(n + r) * groups + g;
+      sv[r] = _mm256_set1_ps(_cvtsh_ss(P.scales[sg]));  // F16C: not the portable bit decode
+      if (P.mins) {
+        const float mn = _cvtsh_ss(P.mins[sg]);
+        for (int j = 0; j < NB; ++j) mtot[r][j] += mn * P.sumx[static_cast<size_t>(b0 + j) * groups + g];
       }
+    }
+    for (int k = g * P.group; k < (g + 1) * P.group; k += 8) {  // group: a multiple of 8
+      __m256 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm256_mul_ps(w.load8(n + r, k, P.K), sv[r]);
       for (int j = 0; j < NB; ++j) {
         const __m256 xv = _mm256_loadu_ps(xb[j] + k);
-        for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(w[r], xv, acc[r][j]);
+        for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j) P.y[static_cast<size_t>(b0 + j) * P.N + n + r] = hsum_avx2(acc[r][j]);
+    for (int j = 0; j < NB; ++j) P.y[static_cast<size_t>(b0 + j) * P.N + n + r] = hsum_avx2(acc[r][j]) + mtot[r][j];
 }
 
-__attribute__((target("avx2,fma,f16c"))) void cb4_rows_avx2(const Cb4Problem& P, int n0, int n1) {
-  const __m256 lo = _mm256_loadu_ps(P.codebook), hi = _mm256_loadu_ps(P.codebook + 8);
+// 4 weight rows per pass for one activation row (its loads shared wider), 2 for up to 4 rows
+// (8 accumulators in registers).
+template <class W>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const RowsProblem& P, const W& w, int n0, int n1) {
   int n = n0;
   if (P.B == 1) {
-    for (; n + 4 <= n1; n += 4) cb4_block_avx2<4, 1>(P, n, 0, lo, hi);
+    for (; n + 4 <= n1; n += 4) rows_block_avx2<W, 4, 1>(P, w, n, 0);
   } else {
     for (; n + 2 <= n1; n += 2) {
       int b = 0;
-      for (; b + 4 <= P.B; b += 4) cb4_block_avx2<2, 4>(P, n, b, lo, hi);
+      for (; b + 4 <= P.B; b += 4) rows_block_avx2<W, 2, 4>(P, w, n, b);
       switch (P.B - b) {
-        case 3: cb4_block_avx2<2, 3>(P, n, b, lo, hi); break;
-        case 2: cb4_block_avx2<2, 2>(P, n, b, lo, hi); break;
-        case 1: cb4_block_avx2<2, 1>(P, n, b, lo, hi); break;
+        case 3: rows_block_avx2<W, 2, 3>(P, w, n, b); break;
+        case 2: rows_block_avx2<W, 2, 2>(P, w, n, b); break;
+        case 1: rows_block_avx2<W, 2, 1>(P, w, n, b); break;
         default: break;
       }
     }
   }
-  if (n < n1) cb4_rows_scalar(P, n, n1);
+  if (n < n1) rows_scalar(P, w, n, n1);
+}
+
+// y = x @ W^T over the pool: 16-row tasks, AVX2 where the CPU (and isa) allow. Returns 0, or -1
+// for bad arguments (K a multiple of group, group a multiple of 8).
+template <class W>
+int rows_gemm(const float* x, int B, int K, int N, int group, const uint16_t* scales, const uint16_t* mins,
+              const W& w, float* y, int nthreads, int isa) {
+  if (B <= 0 || N <= 0 || K <= 0 || group < 8 || group % 8 || K % group) return -1;
+  const int best = detect_isa();
+  if (isa < 0 || isa > best) isa = best;
+  const int groups = K / group;
+  thread_local std::vector<float> sumx;
+  if (mins) {
+    sumx.resize(static_cast<size_t>(B) * groups);
+    for (int b = 0; b < B; ++b)
+      for (int g = 0; g < groups; ++g) {
+        float s = 0.f;
+        for (int k = g * group; k < (g + 1) * group; ++k) s += x[static_cast<size_t>(b) * K + k];
+        sumx[static_cast<size_t>(b) * groups + g] = s;
+      }
+  }
+  const RowsProblem P{x, B, K, N, group, scales, mins, mins ? sumx.data() : nullptr, y};
+  constexpr int kRowsPerTask = 16;  // a multiple of every pass's rows
+  const int tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  nthreads = std::max(1, std::min(nthreads, tasks));
+  pool().run(nthreads, tasks, [&](int t0, int t1) {
+    const int n0 = t0 * kRowsPerTask, n1 = std::min(N, t1 * kRowsPerTask);
+    if (isa >= 1) rows_avx2(P, w, n0, n1); else rows_scalar(P, w, n0, n1);
+  });
+  return 0;
 }
 
 }  // namespace
@@ -752,18 +723,7 @@ extern "C" {
 // multiple of 8. isa < 0 picks the best (AVX2 or scalar). Returns 0, or -1 for bad arguments.
 int bitfold_cb4_gemm(const float* x, int B, int K, const uint32_t* codes, const uint16_t* scales,
                      const float* codebook, int N, int group, float* y, int nthreads, int isa) {
-  if (B <= 0 || N <= 0 || K <= 0 || group < 8 || group % 8 || K % group) return -1;
-  const int best = detect_isa();
-  if (isa < 0 || isa > best) isa = best;
-  const Cb4Problem P{x, B, K, N, group, codes, scales, codebook, y};
-  constexpr int kRowsPerTask = 16;
-  const int tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
-  nthreads = std::max(1, std::min(nthreads, tasks));
-  pool().run(nthreads, tasks, [&](int t0, int t1) {
-    const int n0 = t0 * kRowsPerTask, n1 = std::min(N, t1 * kRowsPerTask);
-    if (isa >= 1) cb4_rows_avx2(P, n0, n1); else cb4_rows_scalar(P, n0, n1);
-  });
-  return 0;
+  return rows_gemm(x, B, K, N, group, scales, nullptr, Cb4{codes, codebook}, y, nthreads, isa);
 }
 
 // y[B, N] = x[B, K] @ W^T, W[n, k] = s[n, k / group] * q[n, k] + m[n, k / group] with uint8
@@ -772,27 +732,7 @@ int bitfold_cb4_gemm(const float* x, int B, int K, const uint32_t* codes, const 
 // Returns 0, or -1 for bad arguments.
 int bitfold_q8_gemm(const float* x, int B, int K, const uint8_t* q, const uint16_t* scales, const uint16_t* mins,
                     int N, int group, float* y, int nthreads, int isa) {
-  if (B <= 0 || N <= 0 || K <= 0 || group < 8 || group % 8 || K % group) return -1;
-  const int best = detect_isa();
-  if (isa < 0 || isa > best) isa = best;
-  const int groups = K / group;
-  thread_local std::vector<float> sumx;
-  sumx.resize(static_cast<size_t>(B) * groups);
-  for (int b = 0; b < B; ++b)
-    for (int g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int k = g * group; k < (g + 1) * group; ++k) s += x[static_cast<size_t>(b) * K + k];
-      sumx[static_cast<size_t>(b) * groups + g] = s;
-    }
-  const Q8Problem P{x, B, K, N, group, q, scales, mins, y, sumx.data()};
-  constexpr int kRowsPerTask = 16;  // a multiple of kQ8Rows
-  const int tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
-  nthreads = std::max(1, std::min(nthreads, tasks));
-  pool().run(nthreads, tasks, [&](int t0, int t1) {
-    const int n0 = t0 * kRowsPerTask, n1 = std::min(N, t1 * kRowsPerTask);
-    if (isa >= 1) q8_rows_avx2(P, n0, n1); else q8_rows_scalar(P, n0, n1);
-  });
-  return 0;
+  return rows_gemm(x, B, K, N, group, scales, mins, Q8{q}, y, nthreads, isa);
 }
 
 // 2 = AVX-512BW, 1 = AVX2, 0 = scalar.
