@@ -1,9 +1,9 @@
 """Weight memory of a model as a device would hold it, beside its file: every parameter and buffer
 of the built model (the rotary table aside), per weight format.
 
-`--layouts gpu` builds the GPU layouts (GGUF blocks kept native, low-bit planes) on the CPU, as
-tests do (no kernel runs while loading), so the bytes a GPU would hold are counted on a machine
-without one; `cpu` counts the CPU layouts (LUT packing).
+`--layouts gpu` builds the GPU layouts (GGUF blocks kept native, low-bit planes) on the CPU in
+bf16, as tests do (no kernel runs while loading), so the bytes a GPU would hold are counted on a
+machine without one; `cpu` counts the CPU layouts (LUT packing) in float32.
 
     python benchmarks/weight_memory.py --model qwen.gguf --weights auto --layouts gpu,cpu
 """
@@ -46,19 +46,20 @@ def main():
     file_bytes = os.path.getsize(path) if os.path.isfile(path) else sum(
         os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith((".safetensors", ".gguf")))
     rows = []
-    real = WeightFormat.gpu_storage
+    real = WeightFormat.__dict__["gpu_storage"]  # the staticmethod itself (the attribute is its function)
     for layout in args.layouts.split(","):
         for fmt in args.weights.split(","):
             WeightFormat.gpu_storage = staticmethod(lambda d: True) if layout == "gpu" else real
             try:
                 t0 = time.perf_counter()
-                llm = LLM(path, device="cpu", kv_cache_memory_gb=0.01, weights=fmt, max_model_len=64)
+                dtype = "bfloat16" if layout == "gpu" else "float32"  # what each device computes in by default
+                llm = LLM(path, device="cpu", dtype=dtype, kv_cache_memory_gb=0.01, weights=fmt, max_model_len=64)
                 model = llm.engine.runner.model
                 total, emb = held_bytes(model)
                 kinds = Counter(type(m.fmt).__name__ for m in model.modules() if hasattr(m, "fmt"))
                 rows.append({"layouts": layout, "weights": fmt, "held_MB": round(total / 1e6, 1),
                              "file_MB": round(file_bytes / 1e6, 1), "pct_of_file": round(100 * total / file_bytes, 1),
-                             "embedding_MB": round(emb / 1e6, 1), "linear_formats": dict(kinds),
+                             "embedding_MB": round(emb / 1e6, 1), "dtype": dtype, "linear_formats": dict(kinds),
                              "load_s": round(time.perf_counter() - t0, 1)})
                 print(f"[memory] {layout} {fmt}: {total / 1e6:.1f} MB held = {100 * total / file_bytes:.1f}% of the "
                       f"{file_bytes / 1e6:.1f} MB file", flush=True)
@@ -67,7 +68,7 @@ def main():
                 WeightFormat.gpu_storage = real
     table = md_table(rows, ["layouts", "weights", "held_MB", "file_MB", "pct_of_file", "embedding_MB", "load_s"])
     print(table)
-    name = os.path.basename(path.rstrip("/")).split(".")[0].lower()
+    name = os.path.splitext(os.path.basename(path.rstrip("/")))[0].lower()
     write_results(f"weight-memory-{name}", {"environment": environment(), "model": path, "rows": rows},
                   f"{os.path.basename(path)}: weights held per layout and format (GPU layouts built on the CPU)\n\n"
                   + table, out_dir=args.out)
