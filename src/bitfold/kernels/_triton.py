@@ -107,8 +107,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # cost bf16 batch 4 ~10% on the H200: 780.8 against 863.1 tok/s, weights-20261204-204655). Since every PDL kernel waits before it finishes, a
 # kernel's completion still implies all earlier kernels' (torch's own kernels launch without
 # PDL and serialize as usual). Off unless set: DecodeGraphs captures the graphs of up to
-# EngineConfig.pdl's rows with it on; launch wrappers pass `pdl_launch()` as both the kernels'
-# PDL constexpr and Triton's `launch_pdl`.
+# EngineConfig.pdl's rows with it on; launch wrappers pass `**pdl_kwargs()`, the kernel's PDL
+# constexpr and Triton's `launch_pdl` from one value (a PDL launch whose kernel skipped its
+# wait would race).
 PDL = False
 
 
@@ -130,6 +131,13 @@ def pdl_supported(device: torch.device) -> tuple[bool, str]:
 def pdl_launch() -> bool:
     """Whether the next kernel launch uses PDL (its PDL constexpr and `launch_pdl`)."""
     return PDL and not interpreting()
+
+
+def pdl_kwargs() -> dict:
+    """Launch keywords of a kernel taking part in PDL: its `PDL` constexpr and Triton's
+    `launch_pdl`, always equal."""
+    pdl = pdl_launch()
+    return {"PDL": pdl, "launch_pdl": pdl}
 
 
 if HAS_TRITON:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, pdl_launch, pdl_trigger, pdl_wait, require,
+from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, pdl_kwargs, pdl_trigger, pdl_wait, require,
                                      require_launchable, tl)
 from bitfold.kernels.cpu_lib import ISAS, load_cpu_library
 
@@ -182,10 +182,9 @@ def cb4_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, codeb
     require_launchable(x, words, scales, codebook, out)
     bn, bk, warps = config or GEMV_CONFIG
     bk = _block_k(group, kp, bk)
-    pdl = pdl_launch()
     _cb4_gemv_kernel[(cdiv(n, bn), M)](x, out, words, scales, pairs, n, k, kp, kp // group, x.stride(0),
-                                       out.stride(0), GROUP=group, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, num_warps=warps,
-                                       launch_pdl=pdl)
+                                       out.stride(0), GROUP=group, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                                       **pdl_kwargs())
     return out
 
 

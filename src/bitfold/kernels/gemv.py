@@ -20,7 +20,7 @@ Both accumulate in float32 and round once into the activations' dtype, like cuBL
 import torch
 import torch.nn.functional as F
 
-from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, pdl_launch, pdl_trigger, pdl_wait, require,
+from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, pdl_kwargs, pdl_trigger, pdl_wait, require,
                                      require_launchable, tl)
 
 
@@ -126,9 +126,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, config: tuple[int, int, int, 
     bm, bn, bk, warps, stages = config or default_config(M, N, K)
     require(bm == 1 or bm >= 16, f"block_m must be 1 or >= 16, got {bm}")
     grid = (cdiv(N, bn), M if bm == 1 else cdiv(M, bm))
-    pdl = pdl_launch()
     _gemv_kernel[grid](x, weight, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages,
+                       **pdl_kwargs())
     return out
 
 

@@ -23,7 +23,7 @@ import math
 import torch
 
 from bitfold.kernels.kv_write import write_kv_ref
-from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, next_pow2, num_sms, pdl_launch, pdl_trigger, pdl_wait,
+from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, next_pow2, num_sms, pdl_kwargs, pdl_trigger, pdl_wait,
                                      require, require_launchable, tl)
 
 _NO_WINDOW = 1 << 30  # "no sliding window" as a window longer than any context: no branch in the kernel
@@ -279,7 +279,6 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         new_k = new_v = q  # never read
         slot_mapping = context_lens
     scale_log2 = float(scale) * math.log2(math.e)
-    pdl = pdl_launch()
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc,
         new_k, new_v, slot_mapping, positions, cos_sin, q.stride(0), new_k.stride(0), new_v.stride(0),
@@ -287,13 +286,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         NUM_HEADS=H, NUM_KV_HEADS=Hkv, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=BLOCK_D, QG=qg,
         QG_PAD=QG_PAD, BLOCK_N=block_n, USE_DOT=use_dot, SINGLE_SPLIT=single,
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32: 3xTF32 keeps ~fp32 accuracy on tensor cores
-        FUSE_WRITE=fuse_write, ROPE=rope is not None, PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
+        FUSE_WRITE=fuse_write, ROPE=rope is not None,
+        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs())
     if not single:
         _decode_merge_kernel[(B, H)](out, part_m, part_l, part_acc, context_lens, window,
                                      num_splits, NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=BLOCK_D,
-                                     BLOCK_S=next_pow2(num_splits), BLOCK_N=block_n, PDL=pdl, num_warps=4,
-                                     launch_pdl=pdl)
+                                     BLOCK_S=next_pow2(num_splits), BLOCK_N=block_n, num_warps=4,
+                                     **pdl_kwargs())
     return out
 
 

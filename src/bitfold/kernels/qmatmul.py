@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, interpreting, jit, pdl_launch, pdl_trigger, pdl_wait,
+from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, interpreting, jit, pdl_kwargs, pdl_trigger, pdl_wait,
                                      require, require_launchable, tl)
 
 PLANES = {8: (8,), 6: (4, 2), 5: (4, 1), 4: (4,), 3: (2, 1), 2: (2,), 1: (1,)}
@@ -772,9 +772,8 @@ def quantize_x(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor, to
     xs = torch.empty((M, kp // 32), dtype=torch.float32, device=x.device)
     xsum = torch.empty_like(xs)
     bt = min(QUANT_X_TILES, 1 << (kp // 32 - 1).bit_length())
-    pdl = pdl_launch()
-    _quant_x_kernel[(M, cdiv(kp // 32, bt))](x, xq, xs, xsum, K, kp, x.stride(0), BLOCK_T=bt, PDL=pdl, num_warps=4,
-                                             launch_pdl=pdl)
+    _quant_x_kernel[(M, cdiv(kp // 32, bt))](x, xq, xs, xsum, K, kp, x.stride(0), BLOCK_T=bt, num_warps=4,
+                                             **pdl_kwargs())
     return xq, xs, xsum
 
 
@@ -997,7 +996,6 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
     bk = _fit_block_k(bk, w, kind)
     even = w.kp % bk == 0 and w.k == w.kp
     grid = (cdiv(w.n, bn), cdiv(M, bm))
-    pdl = pdl_launch()  # the GEMV kernels launch with PDL (tc and gemm do not)
     if kind == "tc":
         require(tc_supported(w), f"kind='tc' takes one 4-bit plane, not {w.layout.planes}")
         _qgemv_tc_kernel[grid](x, out, tensors[0], *tensors[2:], M, w.n, w.k, w.kp, ng, nsup, x.stride(0),
@@ -1012,12 +1010,13 @@ def qmatmul(x: torch.Tensor, w: QWeight, *, kind: str | None = None,
         _qgemv_dp4a_kernel[grid](x, xq, xs, xsum, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0),
                                  out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                  EVEN=w.kp % bk == 0 and (not fuse or w.k == w.kp), ASM=not interpreting(),
-                                 FUSE_X=fuse, ACT=1 if act else 0, PDL=pdl, num_warps=warps, num_stages=stages,
-                                 launch_pdl=pdl, **consts)
+                                 FUSE_X=fuse, ACT=1 if act else 0, num_warps=warps, num_stages=stages,
+                                 **pdl_kwargs(), **consts)  # the GEMVs take part in PDL (tc and gemm do not)
     elif kind == "gemv":
         require(bm <= 16, f"the GEMV keeps block_m <= 16 rows in registers, got {bm}")
         _qgemv_kernel[grid](x, out, *tensors, M, w.n, w.k, w.kp, ng, nsup, x.stride(0), out.stride(0), MAGIC,
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl, **consts)
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN=even, num_warps=warps, num_stages=stages,
+                            **pdl_kwargs(), **consts)
     else:
         require(bm >= 16, f"tl.dot needs block_m >= 16, got {bm}")
         # float32 activations keep float32 products (not tf32): they are the accuracy path

@@ -8,7 +8,7 @@ keeps the residual stream in bf16.
 """
 import torch
 
-from bitfold.kernels._triton import (FLOAT_DTYPES, jit, next_pow2, pdl_launch, pdl_trigger, pdl_wait, require,
+from bitfold.kernels._triton import (FLOAT_DTYPES, jit, next_pow2, pdl_kwargs, pdl_trigger, pdl_wait, require,
                                      require_launchable, tl)
 
 
@@ -57,10 +57,9 @@ def _launch(x, residual, weight, eps, num_warps):
         BLOCK = next_pow2(N)
         require(BLOCK <= 65536, f"hidden size {N} too large for a one-row-per-program kernel")
         warps = num_warps or min(16, max(1, BLOCK // 512))  # ~4 fp32 elements per thread per pass
-        pdl = pdl_launch()
         _rms_norm_kernel[(T,)](x, residual if residual is not None else x, weight, out, new_residual,
-                               float(eps), N, HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, PDL=pdl,
-                               num_warps=warps, launch_pdl=pdl)
+                               float(eps), N, HAS_RESIDUAL=residual is not None, BLOCK=BLOCK,
+                               num_warps=warps, **pdl_kwargs())
     return out, new_residual
 
 

@@ -9,7 +9,7 @@ angles keep their precision; the rotation is computed in float32 and rounded onc
 """
 import torch
 
-from bitfold.kernels._triton import (FLOAT_DTYPES, jit, next_pow2, pdl_launch, pdl_trigger, pdl_wait, require,
+from bitfold.kernels._triton import (FLOAT_DTYPES, jit, next_pow2, pdl_kwargs, pdl_trigger, pdl_wait, require,
                                      require_launchable, tl)
 
 
@@ -75,10 +75,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
         return q_out, k_out
     require_launchable(q, k, positions, cos_sin_cache)
     Hk = k.shape[1]
-    pdl = pdl_launch()
     _rotary_kernel[(T,)](q, k, q_out, k_out, positions, cos_sin_cache, H, Hk, q.stride(0), k.stride(0),
                          HALF=D // 2, BLOCK_HALF=next_pow2(D // 2), BLOCK_HQ=next_pow2(H),
-                         BLOCK_HK=next_pow2(Hk), PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+                         BLOCK_HK=next_pow2(Hk), num_warps=num_warps, **pdl_kwargs())
     return q_out, k_out
 
 

@@ -8,7 +8,7 @@ within one ulp of the output dtype).
 """
 import torch
 
-from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, next_pow2, pdl_launch, pdl_trigger, pdl_wait, require,
+from bitfold.kernels._triton import (FLOAT_DTYPES, cdiv, jit, next_pow2, pdl_kwargs, pdl_trigger, pdl_wait, require,
                                      require_launchable, tl)
 
 
@@ -41,8 +41,7 @@ def silu_and_mul(x: torch.Tensor, *, block: int = 1024, num_warps: int = 4) -> t
         return out
     require_launchable(x)
     BLOCK = min(block, next_pow2(I))
-    pdl = pdl_launch()
-    _silu_and_mul_kernel[(T, cdiv(I, BLOCK))](x, out, I, BLOCK=BLOCK, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+    _silu_and_mul_kernel[(T, cdiv(I, BLOCK))](x, out, I, BLOCK=BLOCK, num_warps=num_warps, **pdl_kwargs())
     return out
 
 
