@@ -26,7 +26,6 @@ from bitfold.core.request import Request
 from bitfold.core.scheduler import Scheduler
 from bitfold.detokenizer import IncrementalDetokenizer
 from bitfold.errors import BitfoldError, InvalidRequestError, InvalidSamplingParamsError, PromptTooLongError
-from bitfold.kernels._triton import pdl_supported
 from bitfold.layers.sampler import TokenLogprob
 from bitfold.loader import open_model
 from bitfold.loader.tokenizer import check_text
@@ -122,10 +121,6 @@ class LLMEngine:
         self.model_path = source.path
         self.tokenizer = source.load_tokenizer() if source.load_tokenizer else None
         self.device = resolve_device(config.device)
-        if config.pdl == "on":  # before loading: say so now, not after minutes of it
-            ok, why = pdl_supported(self.device)
-            if not ok:
-                raise BitfoldError(f"--pdl on: {why}")
         if self.device.type == "cpu":  # before loading: quantizing at load is where busy cores hurt most
             configure_threads(config.num_threads)
         if config.weights != "auto":

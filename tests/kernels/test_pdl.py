@@ -27,7 +27,7 @@ def test_interpreter_never_launches_with_pdl(monkeypatch):
 
 
 def test_pdl_on_without_support_is_a_clear_error(smollm2_path):
-    """Raised before the weights load (the engine checks right after resolving the device)."""
+    """Raised before the weights load (the runner checks before it builds the model)."""
     from bitfold import LLM
     from bitfold.errors import BitfoldError
 

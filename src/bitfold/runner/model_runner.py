@@ -69,12 +69,13 @@ class StepHandle:
 # 347.7 tok/s) but lost bf16 4-5% at 4 and 16 rows (weights-20261204-205250, one run).
 PDL_AUTO_ROWS = 1
 
+
 class ModelRunner:
     def __init__(self, source: ModelSource, cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
                  max_model_len: int):
         self.device, self.dtype, self.cfg = device, dtype, cfg
         pdl_ok, why = _triton.pdl_supported(device)
-        if cfg.pdl == "on" and not pdl_ok:  # LLMEngine checked already; a runner built directly
+        if cfg.pdl == "on" and not pdl_ok:  # before the weights load: say so now, not after minutes of it
             raise BitfoldError(f"--pdl on: {why}")
         model_cls = MODELS.get(source.config.architecture)
         self.model_config = replace(source.config, **model_cls.config_overrides)
