@@ -36,7 +36,6 @@ GROUPS = (16, 32, 64, 128)
 DEFAULT_GROUP = 64
 BITS = (1, 2, 3, 4, 5, 6, 8)
 LUT_BITS = 4  # the most bits one LUT pass reads
-LUT_TABLE_GROUP = 64  # the CPU LUT kernel's group for per-row formats (its activation tables scale per group)
 CHANNEL_PAD = 32  # a per-channel layer pads its inputs to a multiple of this
 
 
@@ -246,16 +245,14 @@ class LowBitFormat(WeightFormat):
         self._device = torch.empty(0).device  # the model is built under its device's context
         self._gpu = self.gpu_storage(self._device)
         self._group = self.spec.group_size(layer.in_padded)
+        self._q8 = not self._gpu and self.spec.bits == 8
         # The CPU LUT kernel quantizes each group's activation tables to int8 with one scale: a
         # per-row (or very wide) group would give a whole activation vector one scale, and one
         # massive activation (Qwen's reach ~1e3) zeroes every other input of the row (Qwen2.5-1.5B
-        # int8 through the LUT kernel: perplexity +1794%). Such layers would keep their scales per
-        # row but run the kernel over groups of LUT_TABLE_GROUP, each with a copy of the row's
-        # scale and min. (The one per-row format, int8-ch, no longer takes the LUT path at all:
-        # 8-bit codes run table-free, `q8_gemm`.) Grouped formats (<= 128) run as stored.
-        self._lut_group = self._group if self._group <= 128 else next(
-            t for t in (LUT_TABLE_GROUP, 32) if layer.in_padded % t == 0)
-        self._q8 = not self._gpu and self.spec.bits == 8
+        # int8 through the LUT kernel: perplexity +1794%). The one per-row format, int8-ch, runs
+        # table-free (`q8_gemm`); every LUT format is grouped (<= 128).
+        if not self._gpu and not self._q8 and self._group > 128:
+            raise ValueError(f"{self.spec.name}: the CPU LUT kernel needs groups of <= 128 inputs, got {self._group}")
         self._staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rows_in = torch.zeros(out_features, dtype=torch.bool)
         self._out = out_features
@@ -322,16 +319,13 @@ class LowBitFormat(WeightFormat):
         if self._q8:
             layer.q8_codes, layer.q8_scales, layer.q8_mins = q.contiguous(), s.contiguous(), m.contiguous()
             return
-        lg = self._lut_group
-        if lg != g:  # the row's scale and min for each table group (see create_weights)
-            s, m = s.repeat_interleave(g // lg, dim=1), m.repeat_interleave(g // lg, dim=1)
-        layer.lut_packed, layer.lut_scales, layer.lut_mins = lut.pack_lut(q & 15, s, m, min(bits, LUT_BITS), lg)
+        layer.lut_packed, layer.lut_scales, layer.lut_mins = lut.pack_lut(q & 15, s, m, min(bits, LUT_BITS), g)
         if bits > LUT_BITS:  # the high bits: q = lo + 16 * hi, so scale x16 (exact) and no min
             s_hi = s * 16
             if not torch.isfinite(s_hi).all():
                 raise ValueError(f"a scale of this {self.spec.name} layer x16 overflows fp16")
             layer.lut_packed_hi, layer.lut_scales_hi, layer.lut_mins_hi = lut.pack_lut(
-                q >> LUT_BITS, s_hi, torch.zeros_like(m), bits - LUT_BITS, lg)
+                q >> LUT_BITS, s_hi, torch.zeros_like(m), bits - LUT_BITS, g)
 
     def _check_rows(self, layer, shape, row_offset) -> None:
         rows, cols = shape
@@ -372,10 +366,9 @@ class LowBitFormat(WeightFormat):
             return layer.q8_codes, layer.q8_scales, layer.q8_mins
         q, s, m = None, None, None
         for i, (packed, scales, mins, bits) in enumerate(self._passes(layer)):
-            qi, si, mi = lut.unpack_lut(packed, scales, mins, self._out, bits, self._lut_group)
+            qi, si, mi = lut.unpack_lut(packed, scales, mins, self._out, bits, self._group)
             q, s, m = (qi, si, mi) if i == 0 else (q | (qi << LUT_BITS), s, m)
-        r = self._group // self._lut_group  # back to one scale per group (the copies are equal)
-        return q, s[:, ::r].contiguous(), m[:, ::r].contiguous()
+        return q, s, m
 
     def _gpu_apply(self, layer, x, act=None):
         shape = x.shape
@@ -416,13 +409,13 @@ class LowBitFormat(WeightFormat):
                 # the weight was packed, so straight to the kernel.
                 yp = torch.empty(x2.shape[0], self._out)
                 self._kernel(x2.data_ptr(), x2.shape[0], layer.in_padded, packed.data_ptr(), scales.data_ptr(),
-                             mins.data_ptr(), self._out, bits, self._lut_group, yp.data_ptr(), torch.get_num_threads(),
+                             mins.data_ptr(), self._out, bits, self._group, yp.data_ptr(), torch.get_num_threads(),
                              -1)
             else:  # no compiler: correct but slow (dequantize every call); said once
                 if not getattr(LowBitFormat, "_warned", False):
                     log.warning("LUT kernel unavailable; low-bit layers dequantize on every call")
                     LowBitFormat._warned = True
-                yp = x2 @ lut.dequantize_ref(packed, scales, mins, self._out, bits, self._lut_group).t()
+                yp = x2 @ lut.dequantize_ref(packed, scales, mins, self._out, bits, self._group).t()
             y = yp if y is None else y.add_(yp)
         return y.to(x.dtype).view(*shape[:-1], self._out)
 
