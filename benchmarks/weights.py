@@ -358,11 +358,11 @@ def model_bytes(model) -> int:
                if not n.startswith("embed.") and n != "rope")
 
 
-# "<format>+<variant>" end to end: a qmatmul switch set for the run (name, value), or None for
-# an EngineConfig field (E2E_CONFIG: float activations, PDL off or on)
-E2E_VARIANTS = {"float": None, "nopdl": None, "pdl": None, "i8act": None, "fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False),
-                "act": ("DP4A_FUSE_ACT", True), "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True),
-                "rope": ("bitfold.kvcache.codecs.dense", "FUSE_ROTARY", True)}  # (module,) name, value
+# "<format>+<variant>" end to end: a module switch set for the run ((module,) name, value; the
+# module defaults to qmatmul), or EngineConfig fields (E2E_CONFIG)
+E2E_VARIANTS = {"fx": ("DP4A_FUSE_X", True), "sep": ("DP4A_FUSE_X", False), "act": ("DP4A_FUSE_ACT", True),
+                "noact": ("DP4A_FUSE_ACT", False), "g16": ("DP4A_G16", True),
+                "rope": ("bitfold.kvcache.codecs.dense", "FUSE_ROTARY", True)}
 E2E_CONFIG = {"float": {"int8_activations": "off"}, "nopdl": {"pdl": "off"}, "pdl": {"pdl": "on"},
               "i8act": {"int8_activations": "on"}}  # i8act: int8 activations for 8-bit weights too
 
@@ -388,15 +388,16 @@ def step_kernels(eng, fmt: str, B: int, ctx: int, step_s: float) -> dict:
 
 
 def e2e(fmt: str, args, bw: float, mm_rate: float) -> list[dict]:
-    """One format end to end; "<format>+<variant>" (E2E_VARIANTS) runs it with float activations
+    """One format end to end; "<format>+<variant>" (E2E_VARIANTS, E2E_CONFIG) runs it with float activations
     in the low-bit GEMV (+float), the activations quantized inside the dp4a GEMV or by a kernel of
     their own (+fx / +sep), SiLU-and-multiply inside the down projection's GEMV or not (+act /
     +noact), groups of 16 (Q6_K) through dp4a (+g16), without / with programmatic dependent
     launch (+nopdl / +pdl; the default is EngineConfig.pdl's auto), rotary inside the decode
     attention kernel (+rope), or int8 activations for 8-bit weights too (+i8act)."""
     base, _, variant = fmt.partition("+")
-    if variant and variant not in E2E_VARIANTS:
-        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>[+{'|+'.join(E2E_VARIANTS)}]")
+    if variant and variant not in E2E_VARIANTS and variant not in E2E_CONFIG:
+        raise SystemExit(f"unknown end-to-end variant {fmt!r}: expected <format>"
+                         f"[+{'|+'.join([*E2E_VARIANTS, *E2E_CONFIG])}]")
     switch = E2E_VARIANTS.get(variant)
     if switch is not None:
         import importlib
