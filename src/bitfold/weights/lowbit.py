@@ -245,7 +245,8 @@ class LowBitFormat(WeightFormat):
     8-bit codes instead stay bytes, `q8_codes` uint8 [out, in_padded] with `q8_scales` /
     `q8_mins` fp16 [out, groups], multiplied by float activations without tables (`q8_gemm`).
     GPU storage: `q_plane0` (and `q_plane1`), `q_scales` (and `q_mins` unless symmetric), the
-    `QWeight` of `gpu_layout(spec)`.
+    `QWeight` of `gpu_layout(spec)`. Either storage gives single rows back (`rows`: a tied or
+    quantized embedding's lookup, layers/embedding.py), from those rows' codes only.
     """
 
     spec: LowBitSpec
