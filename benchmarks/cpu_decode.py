@@ -82,10 +82,11 @@ def main():
     llm = LLM(args.model, device="cpu", kv_cache_memory_gb=0.5, weights=args.weights)
     load_s = time.perf_counter() - t0
     model = llm.engine.runner.model
-    # Every tensor a step reads in full: parameters and buffers (packed codes) but the embedding
-    # (one row per token) and the rotary table; a tied dense model's logits read the embedding.
+    # Every tensor a step reads in full: parameters and buffers (packed codes) but the embedding's
+    # (one row per token: its float table or its own table of codes) and the rotary table; a tied
+    # dense model's logits read the embedding (a tied quantized head is counted as lm_head's).
     weights = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
-                  if n not in ("embed.weight", "rope"))
+                  if not n.startswith("embed.") and n != "rope")
     if model.lm_head is None:
         weights += model.embed.weight.numel() * model.embed.weight.element_size()
     formats = sorted({m.fmt.name for m in model.modules() if hasattr(m, "fmt")})

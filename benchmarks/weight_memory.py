@@ -1,5 +1,6 @@
 """Weight memory of a model as a device would hold it, beside its file: every parameter and buffer
-of the built model (the rotary table aside), per weight format.
+of the built model (the rotary table aside), per weight format, and how the embedding is held
+(a float table, the tied head's codes, or its own table of codes).
 
 `--layouts gpu` builds the GPU layouts (GGUF blocks kept native, low-bit planes) on the CPU in
 bf16, as tests do (no kernel runs while loading), so the bytes a GPU would hold are counted on a
@@ -23,6 +24,15 @@ from common import environment, md_table, write_results  # noqa: E402
 
 from bitfold import LLM  # noqa: E402
 from bitfold.weights.base import WeightFormat  # noqa: E402
+
+
+def embedding_storage(model) -> str:
+    """How the embedding is held: "float" (a table of the compute dtype), "head" (it reads the tied
+    output layer's codes) or the format of its own table of codes."""
+    emb = model.embed
+    if emb.weight.numel():
+        return "float"
+    return "head" if emb.table is model.lm_head else emb.table.fmt.name
 
 
 def held_bytes(model) -> tuple[int, int]:
@@ -59,14 +69,15 @@ def main():
                 kinds = Counter(type(m.fmt).__name__ for m in model.modules() if hasattr(m, "fmt"))
                 rows.append({"layouts": layout, "weights": fmt, "held_MB": round(total / 1e6, 1),
                              "file_MB": round(file_bytes / 1e6, 1), "pct_of_file": round(100 * total / file_bytes, 1),
-                             "embedding_MB": round(emb / 1e6, 1), "dtype": dtype, "linear_formats": dict(kinds),
+                             "embedding_MB": round(emb / 1e6, 1), "embedding": embedding_storage(model), "dtype": dtype, "linear_formats": dict(kinds),
                              "load_s": round(time.perf_counter() - t0, 1)})
                 print(f"[memory] {layout} {fmt}: {total / 1e6:.1f} MB held = {100 * total / file_bytes:.1f}% of the "
                       f"{file_bytes / 1e6:.1f} MB file", flush=True)
                 del llm, model
             finally:
                 WeightFormat.gpu_storage = real
-    table = md_table(rows, ["layouts", "weights", "held_MB", "file_MB", "pct_of_file", "embedding_MB", "load_s"])
+    table = md_table(rows, ["layouts", "weights", "held_MB", "file_MB", "pct_of_file", "embedding_MB", "embedding",
+                            "load_s"])
     print(table)
     name = os.path.splitext(os.path.basename(path.rstrip("/")))[0].lower()
     write_results(f"weight-memory-{name}", {"environment": environment(), "model": path, "rows": rows},

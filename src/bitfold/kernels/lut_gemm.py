@@ -4,7 +4,7 @@
 The kernel is C++ (`cpu/lut_gemm.cpp`, AVX-512BW / AVX2 / scalar, dispatched at run time),
 reached through ctypes (`cpu_lib.py` builds or finds the library). `lut_gemm_ref` is the same
 computation in PyTorch (tables quantized to int8 the same way, float64 accumulation), and
-`pack_lut` / `unpack_lut` define the layout.
+`pack_lut` / `unpack_lut` define the layout (`unpack_lut_rows`: some rows, an embedding's lookup).
 
 Weights: w[n, k] = scale[n, g] * q[n, k] + min[n, g] with q in [0, 2^bits), g = k // group.
 """
@@ -66,26 +66,39 @@ def pack_lut(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: in
 
 def unpack_lut(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, n: int, bits: int, group: int):
     """Inverse of `pack_lut`: (q uint8 [n, K], scales fp16 [n, K // group], mins fp16 [n, K // group])."""
+    return unpack_lut_rows(packed, scales, mins, torch.arange(n, device=packed.device), bits, group)
+
+
+def unpack_lut_rows(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, ids: torch.Tensor, bits: int,
+                    group: int):
+    """Rows `ids` (int64 [T], any order, repeats allowed) of `pack_lut`'s layout: (q uint8 [T, K],
+    scales fp16 [T, K // group], mins fp16 [T, K // group]); `unpack_lut` is all rows.
+
+    Row r sits in tile r // 64 at lane r % 32, in the low nibbles for r % 64 < 32 and the high ones
+    otherwise. Every stream is made of 64-byte blocks [lane, 2]: plane pair m holds block (m, c)
+    for chunk c (byte e: plane 2m + e), the odd plane block c // 2 (byte e: chunk 2 (c // 2) + e).
+    Picking one lane of every block reads 2 bytes per row per block (T rows: T / 32 of a tile's
+    bytes), so an embedding lookup touches only its own rows' codes.
+    """
     tiles, groups, _ = packed.shape
-    cpg, K = group // 4, groups * group
-    byte = [None] * bits
-    pairs = packed[..., : (bits // 2) * cpg * 64].reshape(tiles, groups, bits // 2, cpg, 32, 2)
-    for m in range(bits // 2):
-        for e in range(2):
-            byte[2 * m + e] = pairs[:, :, m, :, :, e].permute(0, 3, 1, 2)  # [tiles, 32, groups, cpg]
+    cpg, pairs = group // 4, bits // 2
+    ids = ids.to(torch.int64)
+    t, r = ids // TILE, ids % TILE
+    # [tiles, lanes, groups, blocks, 2]: tile and lane adjacent, so the gather is one indexing op
+    blocks = packed.view(tiles, groups, -1, 32, 2).permute(0, 3, 1, 2, 4)[t, r % 32]  # [T, groups, blocks, 2]
+    T = ids.shape[0]
+    planes = []  # per plane: uint8 [T, groups, cpg], both rows' nibbles (bit j: bit p of code 4c + j)
+    if pairs:
+        paired = blocks[:, :, : pairs * cpg].reshape(T, groups, pairs, cpg, 2)
+        planes += [paired[:, :, m, :, e] for m in range(pairs) for e in range(2)]
     if bits & 1:
-        single = packed[..., (bits // 2) * cpg * 64 :].reshape(tiles, groups, cpg // 2, 32, 2)
-        byte[bits - 1] = single.permute(0, 3, 1, 2, 4).reshape(tiles, 32, groups, cpg)
-    q = torch.zeros(tiles * TILE, K // 4, 4, dtype=torch.uint8)
-    for p in range(bits):
-        nib = torch.stack([byte[p] & 15, byte[p] >> 4], dim=1).reshape(tiles * TILE, K // 4)
-        for j in range(4):
-            q[:, :, j] |= ((nib >> j) & 1) << p
-
-    def meta(t: torch.Tensor) -> torch.Tensor:
-        return t.permute(0, 2, 1).reshape(tiles * TILE, groups)[:n]
-
-    return q.view(tiles * TILE, K)[:n], meta(scales), meta(mins)
+        planes.append(blocks[:, :, pairs * cpg :].reshape(T, groups, cpg))
+    shift = (4 * (r // 32)).to(torch.uint8).view(T, 1, 1)  # the high nibble for rows 32..63 of a tile
+    j = torch.arange(4, dtype=torch.uint8, device=packed.device)
+    q = torch.zeros(T, groups, cpg, 4, dtype=torch.uint8, device=packed.device)
+    for p, byte in enumerate(planes):
+        q |= (((byte >> shift) & 15)[..., None] >> j & 1) << p
+    return q.view(T, groups * group), scales[t, :, r], mins[t, :, r]
 
 
 def _check_shape(N: int, K: int, bits: int, group: int) -> None:

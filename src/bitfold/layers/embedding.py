@@ -1,10 +1,16 @@
-"""Token embeddings: a float table (`weight`), or, where the model's weight format keeps a
-checkpoint's quantized blocks on a GPU (`gguf`), rows dequantized as they are looked up, so a
-GGUF model's embedding costs its file bytes rather than a 16-bit copy (Llama-3-8B: 0.29 GB of
-Q4_K instead of 1.05 GB). A tied model's embedding reads the output layer's blocks: one copy.
+"""Token embeddings: a float table (`weight`), or, where the checkpoint stores the embedding
+quantized and the model's weight format keeps those codes as they are, rows dequantized as they
+are looked up, so a GGUF model's embedding costs its file bytes rather than a float copy
+(Llama-3-8B on a GPU: 0.29 GB of Q4_K instead of 1.05 GB of bf16; Qwen2.5-1.5B on the CPU: 0.13
+GB instead of 0.93 GB of float32). A tied model's embedding reads the output layer's codes: one
+copy. On a GPU the `gguf` format keeps the file's blocks; on the CPU they become low-bit LUT or
+byte codes (weights/gguf.py), which gather rows too.
 
-A format takes part by giving its layer a `rows(layer, ids)` method (and `can_gather(layer)`);
-the embedding keeps its float table whenever the format cannot.
+A format takes part by giving its layer a `rows(layer, ids)` method and `can_gather(layer)`. The
+embedding reads rows only where that changes no value (`gathers`): the checkpoint stored it
+quantized, and the storage holds those codes unchanged (`rounded` false: nothing rounded again
+at load, which `--weights nf4` or a low-bit format the stored codes do not fit would do).
+Otherwise it keeps the float table, as a float checkpoint's embedding does.
 """
 from __future__ import annotations
 
@@ -23,22 +29,27 @@ class Embedding(nn.Module):
         self.shape, self.dtype, self.fmt_name = (vocab, hidden), dtype, fmt
         self._device = self.weight.device
         self.table: nn.Module | None = None  # a Linear whose format gathers rows (or the tied head)
+        self.stored_quantized = False  # the checkpoint's embedding came as codes (a PackedWeight)
 
     def load(self, tensor: torch.Tensor | PackedWeight, keep_quantized: bool = True) -> None:
-        """Take the checkpoint's embedding [vocab, hidden]: quantized blocks stay quantized where
-        the format can gather rows from them (unless `keep_quantized` is off: a tied model shares
-        its head's blocks instead, see `tie`), anything else becomes the float table."""
+        """Take the checkpoint's embedding [vocab, hidden]: quantized codes stay quantized where
+        the format keeps them as they are and can gather rows from them (unless `keep_quantized`
+        is off: a tied model shares its head's codes instead, see `tie`); anything else becomes
+        the float table."""
         from bitfold.layers.linear import Linear
 
         if tensor.shape != self.shape:
             raise ValueError(f"expected shape {self.shape}, got {tuple(tensor.shape)}")
         fmt = WEIGHT_FORMATS.get(self.fmt_name)
-        if keep_quantized and isinstance(tensor, PackedWeight) and hasattr(fmt, "rows") and fmt.gpu_storage(self._device):
+        self.stored_quantized = isinstance(tensor, PackedWeight)
+        # (A low-bit format the stored codes do not fit rounds the table before `gathers` refuses
+        # it: load time spent only when a format other than the file's own is asked for.)
+        if keep_quantized and self.stored_quantized and hasattr(fmt, "rows") and not getattr(fmt, "rounded", False):
             with torch.device(self._device):
                 table = Linear(self.shape[1], {"embed": self.shape[0]}, False, self.fmt_name, self.dtype)
             table.load_shard("embed", tensor, False)
-            table.fmt.process_after_loading(table)
-            if getattr(table.fmt, "can_gather", lambda layer: False)(table):
+            table.fmt.process_after_loading(table)  # a CPU `gguf` layer becomes low-bit codes here
+            if gathers(table):
                 self._use(table)
                 return
         if isinstance(tensor, PackedWeight):
@@ -50,8 +61,9 @@ class Embedding(nn.Module):
         self.table = None
 
     def tie(self, head: nn.Module) -> None:
-        """Read rows from the (tied) output layer's storage when its format can gather them."""
-        if getattr(head.fmt, "can_gather", lambda layer: False)(head):
+        """Read rows from the (tied) output layer's storage, dropping the float table, when the
+        embedding came quantized and the head holds those codes as they came (`gathers`)."""
+        if self.stored_quantized and gathers(head):
             self._use(head, own=False)
 
     def _use(self, table: nn.Module, own: bool = True) -> None:
@@ -69,3 +81,12 @@ class Embedding(nn.Module):
         if table is not None:
             return table.fmt.rows(table, ids).to(self.dtype)
         return F.embedding(ids, self.weight)
+
+
+def gathers(layer: nn.Module) -> bool:
+    """Whether an embedding may read a Linear's rows in place of its float table: the format
+    gathers rows (`can_gather`) and rounded none of them at load (its codes are the checkpoint's,
+    so a looked-up row is the float table's: exactly, or for a GGUF K-quant on the CPU up to the
+    fp16 rounding of its scale products that every layer of such a file takes, gguf_blocks.py)."""
+    fmt = layer.fmt
+    return getattr(fmt, "can_gather", lambda _: False)(layer) and not getattr(fmt, "rounded", False)

@@ -12,7 +12,10 @@ state (KV pages, attention backend) and replaces the model's forward as a whole.
 The plan is built once per model and set of KV-cache tensors: ctypes Structures holding the
 address of every packed weight, scale, min, bias, norm weight and K/V page, mirrored from the
 structs in decode_step.cpp. It keeps the model and caches referenced, so the addresses stay valid.
-A step then sets the batch's fields and makes one call.
+A step then looks its tokens' embedding rows up through the model's `Embedding` (a float table,
+or rows dequantized from the codes a quantized checkpoint stores, layers/embedding.py), hands
+the C++ those B rows as its table with token ids 0..B-1, sets the batch's fields and makes one
+call.
 """
 from __future__ import annotations
 
@@ -72,8 +75,10 @@ def why_not_model(model) -> str | None:
             return f"layer {i} pads its inputs differently from layer 0 (mixed groups)"
         padded = pads
         norms += [layer.attn_norm, layer.mlp_norm] + ([att.q_norm, att.k_norm] if att.q_norm is not None else [])
-    if any(not _f32_cpu(n.weight) for n in norms) or not _f32_cpu(model.embed.weight) or not _f32_cpu(model.rope):
-        return "norm, embedding or rotary tables are not contiguous CPU float32"
+    if any(not _f32_cpu(n.weight) for n in norms) or not _f32_cpu(model.rope):
+        return "norm or rotary tables are not contiguous CPU float32"
+    if model.embed.dtype != torch.float32:
+        return "the embedding does not give float32 rows"
     if len({n.eps for n in norms}) != 1:
         return "the RMSNorms do not share one eps"
     return None
@@ -106,12 +111,14 @@ class FusedDecodeStep:
                 plan.q_norm, plan.k_norm = att.q_norm.weight.data_ptr(), att.k_norm.weight.data_ptr()
             plan.k_cache, plan.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         att0 = layers[0].attn
+        self.embed, self.vocab = model.embed, model.embed.shape[0]
+        self._row_ids = torch.arange(0)  # 0..B-1: token b reads row b of the step's gathered rows
+        # `vocab` and `embed` are set per step: the C++ reads its table only at rows input_ids
         self.args = StepArgs(
             hidden=cfg.hidden_size, heads=att0.h, kv_heads=att0.kvh, head_dim=att0.d,
-            intermediate=cfg.intermediate_size, vocab=model.embed.weight.shape[0], sliding_window=att0.window or 0,
+            intermediate=cfg.intermediate_size, vocab=0, sliding_window=att0.window or 0,
             rope_positions=model.rope.shape[0], num_blocks=num_blocks, block_size=block_size, eps=model.norm.eps,
-            scale=att0.scale, embed=model.embed.weight.data_ptr(), rope=model.rope.data_ptr(),
-            final_norm=model.norm.weight.data_ptr())
+            scale=att0.scale, embed=None, rope=model.rope.data_ptr(), final_norm=model.norm.weight.data_ptr())
         self._fn = load_cpu_library().bitfold_decode_layers
         self._err = load_cpu_library().bitfold_decode_error
         self._args_ref = ctypes.byref(self.args)
@@ -134,9 +141,17 @@ class FusedDecodeStep:
         out = torch.empty(B, self.args.hidden, dtype=torch.float32)
         if B == 0:
             return out
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.vocab:  # before the lookup: a LUT table's padding rows would read as zeros
+            raise ValueError(f"fused CPU decode step: token id {hi if hi >= self.vocab else lo} out of range "
+                             f"[0, {self.vocab})")
+        rows = self.embed(input_ids).contiguous()  # [B, hidden] float32 (why_not_model checked the dtype)
+        if self._row_ids.shape[0] < B:
+            self._row_ids = torch.arange(B)
         a = self.args
         a.batch, a.max_blocks, a.num_threads = B, tables.shape[1], torch.get_num_threads()
-        a.input_ids, a.positions, a.slots = input_ids.data_ptr(), ctx.positions.data_ptr(), m.slot_mapping.data_ptr()
+        a.vocab, a.embed = B, rows.data_ptr()
+        a.input_ids, a.positions, a.slots = self._row_ids.data_ptr(), ctx.positions.data_ptr(), m.slot_mapping.data_ptr()
         a.block_tables, a.context_lens, a.out = tables.data_ptr(), m.context_lens.data_ptr(), out.data_ptr()
         if self._fn(self.layers, len(self.layers), self._args_ref) != 0:
             raise ValueError(f"fused CPU decode step: {self._err().decode()}")

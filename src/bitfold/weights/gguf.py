@@ -24,7 +24,7 @@ import torch
 from bitfold.kernels import qmatmul as qm
 from bitfold.weights import dense
 from bitfold.weights.base import WEIGHT_FORMATS, WeightFormat
-from bitfold.weights.lowbit import LowBitSpec
+from bitfold.weights.lowbit import LowBitSpec, qweight_rows
 from bitfold.weights.packed import PackedWeight
 
 
@@ -127,13 +127,7 @@ class GGUFFormat(WeightFormat):
 
     def rows(self, layer, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (int64 [T]) of the weight, dequantized: [T, in] in the layer's dtype."""
-        qw = self._runs[0][2]
-        pick = lambda t: None if t is None else t.index_select(0, ids)  # noqa: E731
-        sub = qm.QWeight(qw.layout, ids.shape[0], qw.k, [pick(p) for p in qw.planes], pick(qw.scales),
-                         pick(qw.mins), pick(qw.sub), pick(qw.sub_min))
-        if ids.shape[0] == 0:
-            return torch.empty(0, qw.k, dtype=self._args[2], device=ids.device)
-        return qm.dequantize(sub, self._args[2])
+        return qweight_rows(self._runs[0][2], ids, self._args[2])
 
     def dequantized(self, layer) -> torch.Tensor:
         """float32 [out, in] of a GPU layer's runs (tests, the reference)."""

@@ -219,6 +219,18 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group: 
     return (q.float().view(N, K // group, group) * scale.float()[..., None] + mins.float()[..., None]).view(N, K)
 
 
+def qweight_rows(qw: qm.QWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` (int64 [T]) of a GPU layer's weight, dequantized by `qm.dequantize`: [T, k] in
+    `dtype`. Every QWeight tensor is row-major over the output rows, so the rows' planes, scales
+    and mins are gathered into a QWeight of T rows (low-bit planes and GGUF blocks alike)."""
+    if ids.shape[0] == 0:
+        return torch.empty(0, qw.k, dtype=dtype, device=ids.device)
+    pick = lambda t: None if t is None else t.index_select(0, ids)  # noqa: E731
+    sub = qm.QWeight(qw.layout, ids.shape[0], qw.k, [pick(p) for p in qw.planes], pick(qw.scales), pick(qw.mins),
+                     pick(qw.sub), pick(qw.sub_min))
+    return qm.dequantize(sub, dtype)
+
+
 def gpu_layout(spec: LowBitSpec) -> qm.QLayout:
     """The GPU kernels' layout of a spec's codes."""
     return qm.QLayout(qm.PLANES[spec.bits], spec.group, spec.zero, "none" if spec.symmetric else "fp16")
@@ -233,7 +245,8 @@ class LowBitFormat(WeightFormat):
     8-bit codes instead stay bytes, `q8_codes` uint8 [out, in_padded] with `q8_scales` /
     `q8_mins` fp16 [out, groups], multiplied by float activations without tables (`q8_gemm`).
     GPU storage: `q_plane0` (and `q_plane1`), `q_scales` (and `q_mins` unless symmetric), the
-    `QWeight` of `gpu_layout(spec)`.
+    `QWeight` of `gpu_layout(spec)`. Either storage gives single rows back (`rows`: a tied or
+    quantized embedding's lookup, layers/embedding.py), from those rows' codes only.
     """
 
     spec: LowBitSpec
@@ -255,7 +268,8 @@ class LowBitFormat(WeightFormat):
             raise ValueError(f"{self.spec.name}: the CPU LUT kernel needs groups of <= 128 inputs, got {self._group}")
         self._staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rows_in = torch.zeros(out_features, dtype=torch.bool)
-        self._out = out_features
+        self._out, self._dtype = out_features, dtype
+        self.rounded = False  # whether any rows were rounded here from floats (`load`), not taken as codes
         self._kernel = None  # the ctypes function, resolved at first use
         self._qw: qm.QWeight | None = None
         if self._gpu:
@@ -279,6 +293,7 @@ class LowBitFormat(WeightFormat):
         self._check_rows(layer, weight.shape, row_offset)
         # quantized where the layer lives: a GPU rounds an 8B model's weights in seconds
         w = F.pad(weight.to(self._device if self._gpu else "cpu", torch.float32), (0, layer.in_padded - weight.shape[1]))
+        self.rounded = True
         self.load_codes(layer, *quantize_rtn(w, self.spec), row_offset)
 
     def load_codes(self, layer, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, row_offset: int) -> None:
@@ -362,13 +377,35 @@ class LowBitFormat(WeightFormat):
             s = qw.scales
             m = (-self.spec.zero * s.float()).half() if self.spec.symmetric else qw.mins
             return q.cpu(), s.cpu(), m.cpu()
+        return self._cpu_codes(layer)
+
+    def _cpu_codes(self, layer, ids: torch.Tensor | None = None):
+        """(q uint8 [T, in_padded], scale fp16 [T, G], min fp16 [T, G]) of rows `ids` (int64 [T];
+        None: every row) of the CPU storage: byte codes as they are, LUT passes unpacked, the
+        high pass's codes (scale x16, no min) above the low pass's 4 bits."""
         if self._q8:
-            return layer.q8_codes, layer.q8_scales, layer.q8_mins
+            if ids is None:
+                return layer.q8_codes, layer.q8_scales, layer.q8_mins
+            return layer.q8_codes[ids], layer.q8_scales[ids], layer.q8_mins[ids]
+        if ids is None:
+            ids = torch.arange(self._out)
         q, s, m = None, None, None
         for i, (packed, scales, mins, bits) in enumerate(self._passes(layer)):
-            qi, si, mi = lut.unpack_lut(packed, scales, mins, self._out, bits, self._group)
+            qi, si, mi = lut.unpack_lut_rows(packed, scales, mins, ids, bits, self._group)
             q, s, m = (qi, si, mi) if i == 0 else (q | (qi << LUT_BITS), s, m)
         return q, s, m
+
+    def can_gather(self, layer) -> bool:
+        """`rows` works on either device once the weight is packed (an embedding may read it)."""
+        return self._staged is None and bool(self._rows_in.all())
+
+    def rows(self, layer, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (int64 [T], repeats allowed) of the weight, dequantized: [T, in_features],
+        float32 on the CPU (exactly those rows of `dequantize(*codes(layer))`), the model's
+        dtype on a GPU. Only the rows' codes and scales are read: a tied embedding's lookup."""
+        if self._gpu:
+            return qweight_rows(self.qweight(layer), ids, self._dtype)
+        return dequantize(*self._cpu_codes(layer, ids), self._group)[:, : layer.in_features]
 
     def _gpu_apply(self, layer, x, act=None):
         shape = x.shape

@@ -48,6 +48,7 @@ class CodebookFormat(WeightFormat):
     group: int
     values: tuple[float, ...]
     devices = ("cpu", "cuda")
+    rounded = True  # its codes are always rounded here (a stored-quantized weight is dequantized first)
 
     def create_weights(self, layer, in_features, out_features, dtype):
         layer.in_padded = -(-in_features // self.group) * self.group
@@ -78,6 +79,16 @@ class CodebookFormat(WeightFormat):
     def dequantize(self, layer) -> torch.Tensor:
         """float32 [out, in_features] (tests, `--weights dense` comparisons)."""
         return cb.dequantize_ref(layer.cb4_codes, layer.cb4_scales, layer.cb4_codebook, self.group)[:, :layer.in_features]
+
+    def can_gather(self, layer) -> bool:
+        """`rows` works once every row is in (the storage is the same on both devices)."""
+        return bool(self._rows_in.all())
+
+    def rows(self, layer, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (int64 [T], repeats allowed) of `dequantize(layer)`, exactly: float32
+        [T, in_features], from those rows' code words and scales only."""
+        return cb.dequantize_ref(layer.cb4_codes[ids], layer.cb4_scales[ids], layer.cb4_codebook,
+                                 self.group)[:, :layer.in_features]
 
     def apply(self, layer, x):
         shape = x.shape
