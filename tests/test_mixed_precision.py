@@ -97,6 +97,45 @@ def test_upgrade_format_and_budget_checks():
             check_budget(shapes, INT3, INT4, b)
 
 
+# ---- the measurement ---------------------------------------------------------------------------
+
+def test_sensitivity_of_the_last_layer_against_transformers(tiny_model_dir):
+    """The last layer's noise reaches the output as it is (gain 1): its o and down sensitivities
+    are ||x (W - Q)^T||^2 / ||h_last||^2 with x and h_last from transformers' own forward (hooks)."""
+    import dataclasses
+
+    import transformers
+
+    from bitfold.calibration import CalibData, LayerRunner, measure_sensitivity
+    from bitfold.models import MODELS
+    from bitfold.weights.lowbit import quantize_rtn
+
+    src = open_model(str(tiny_model_dir))
+    cfg = dataclasses.replace(src.config, **MODELS.get(src.config.architecture).config_overrides)
+    tokens = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(5))
+    errs = {(e.layer, e.kind): e for e in measure_sensitivity(CalibData(tokens, LayerRunner(cfg, dict(src.weights()),
+                                                                                             32)), INT3, INT4)}
+    assert len(errs) == 12 and all(0 < e.upgrade_error < e.base_error for e in errs.values())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float64).eval()
+    seen = {}
+    last = hf.model.layers[-1]
+    hooks = [last.self_attn.o_proj.register_forward_hook(lambda m, a, o: seen.update(o=a[0])),
+             last.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.update(down=a[0])),
+             last.register_forward_hook(lambda m, a, o: seen.update(h=o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad():
+        hf(tokens)
+    for h in hooks:
+        h.remove()
+    final = seen["h"].pow(2).sum()
+    for kind, lin in (("o", last.self_attn.o_proj), ("down", last.mlp.down_proj)):
+        w = lin.weight.detach().float()
+        for spec, got in ((INT3, errs[(2, kind)].base_error), (INT4, errs[(2, kind)].upgrade_error)):
+            wp = torch.nn.functional.pad(w, (0, spec.padded(w.shape[1]) - w.shape[1]))
+            wq = dequantize(*quantize_rtn(wp, spec), spec.group)[:, :w.shape[1]]
+            want = float((seen[kind] @ (w - wq).double().t()).pow(2).sum() / final)
+            assert got == pytest.approx(want, rel=1e-3), (kind, spec.name)
+
+
 # ---- a tiny model with one clearly sensitive linear ------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -309,6 +348,8 @@ G = "model.layers.1.mlp.gate_proj"
      "key 'model.layers.7.mlp.down_proj' names layer 7, but the model has 3 layers"),
     (lambda qc: qc["overrides"].update({"model.layers.0.mlp.mystery": "int4-g64"}),
      "key 'model.layers.0.mlp.mystery' is not a decoder linear"),
+    (lambda qc: qc["overrides"].update({"model.layers.01.mlp.down_proj": "int4-g64"}),
+     "key 'model.layers.01.mlp.down_proj' is not a decoder linear"),  # the files never spell it so
     (lambda qc: qc["overrides"].update({"lm_head": "int8"}), "'lm_head' cannot be overridden"),
     (lambda qc: qc["overrides"].update({G: "int9-g64"}), f"overrides['{G}'] is 'int9-g64', not a bitfold low-bit"),
     (lambda qc: qc["overrides"].update({G: "dense"}), "not a bitfold low-bit format"),

@@ -7,26 +7,40 @@ ffn_down wider by rule; SAIL and HAWQ measure). Here each merged linear (q|k|v, 
 down of each layer: the unit bitfold runs as one matmul, whose shards must share a format) is
 measured once, before any rounding (`calibration.measure_sensitivity`):
 
-- its sensitivity r(F) is the noise that rounding it alone to nearest in format F adds to the
-  residual stream, relative to the stream: ||delta||^2 / ||h||^2, where delta is the change of
-  what its block adds to the residual (o's output for q|k|v and o, down's for gate|up and down)
-  and h the residual right after that addition; measured in the base and the upgrade format on
-  the float model's inputs over a few calibration sequences (SENSITIVITY_TOKENS tokens, layer by
-  layer, nothing rounded in between);
+- its sensitivity r(F) estimates the noise that rounding it alone to nearest in format F leaves
+  in the last layer's output (what the final RMSNorm reads), relative to that output:
+  g_i ||delta||^2 / ||h_last||^2. delta is the change of what its block adds to the residual
+  stream (o's output for q|k|v and o, down's for gate|up and down), measured in the base and the
+  upgrade format on the float model's inputs over a few calibration sequences
+  (SENSITIVITY_TOKENS tokens, layer by layer, nothing rounded in between); g_i, the gain of
+  layer i's noise on its way to the last layer, is measured once per layer by running that
+  layer's output with all its linears rounded in the base format through the remaining float
+  layers beside the clean stream (GAIN_TOKENS tokens; (L^2)/2 layer forwards on them in all);
 - upgrading it gains r(base) - r(upgrade) and costs the extra stored bits (codes + fp16 scale
   and min per group, `format_plan.stored_bits`);
 - the greedy knapsack takes linears by gain per extra bit, best first (ties by layer, then
   q|k|v, o, gate|up, down), skipping any that would overshoot the budget, until none fits.
 
-Noise from independent roundings adds in energy, and the next layer reads the residual through
-an RMSNorm, i.e. relative to its size; so the sum of r over the linears is the quantity the plan
-lowers, and gain per bit is the knapsack's ratio. The linear's own relative output error (the
-first version of this) ignored how much of the residual a linear writes: on a tiny model with
-outliers planted in one gate|up it spent the budget on small linears and never upgraded that one. RTN's error stands in for GPTQ's
-(which lowers both formats' errors by similar factors) and the float model's inputs for the
-partly-quantized model's: both are knowable before layer 0 is rounded. The plan is
-deterministic for a given checkpoint, calibration sample and thread count (float sums can move
-a near-tie between two linears across thread counts).
+Why this measure: noises from independent roundings add in energy, so the sum of r over the
+linears approximates the noise of the final hidden state, the quantity the plan lowers, and
+gain per bit is the knapsack's ratio. How a layer's noise grows on its way is the part that
+differs most between models and had to be measured: on SmolLM2-135M the noise of layer 0 arrives
+733x larger, of layer 15 20x, of layer 28 1.6x (the residual stream grows by orders of
+magnitude), while a tiny random model's layers amplify noise by their large random weights.
+Three simpler measures were tried first. The linear's own relative output error
+||X (W - Q)^T||^2 / ||X W^T||^2 ignores how much of the residual a linear writes (on a tiny
+model with two salient channels planted in one gate|up it spent the budget on small linears and
+never upgraded that one). On SmolLM2-135M, GPTQ int3-g64 -> int4-g64 at 4.0 bits per weight
+(uniform int3 +183% perplexity, int4 +34%; 16 windows x 512): the noise relative to the residual
+where it is added (gain taken as the growth of the residual) upgraded all of layers 0-11:
++76.9%, KL 0.62; the noise relative to the last residual (gain 1) upgraded the last layers and
+q|k|v throughout: +64.9%, KL 0.52 (benchmarks/results/eval-ppl-smollm2-mixed-calibrated-
+20261204-232917); the measured gain: +49.1%, KL 0.42, top-1 agreement 66%
+(eval-ppl-smollm2-mixed-gain-20261204-234253). RTN's error stands in for GPTQ's (which lowers
+both formats' errors by similar factors) and the float model's inputs for the partly-quantized
+model's: both are knowable before layer 0 is rounded. The plan is deterministic for a given
+checkpoint, calibration sample and thread count (float sums can move a near-tie between two
+linears across thread counts).
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ HOLDOUT = 0.1  # fraction of the corpus's documents (seed-0 order) never used fo
 AWQ_TOKENS = 2048  # tokens of each linear's inputs kept for AWQ's grid search (its mean |x| uses all)
 #                   and for the output errors printed per layer
 SENSITIVITY_TOKENS = 2048  # tokens (whole sequences) of each linear's inputs measured for mixed precision
+GAIN_TOKENS = 512  # tokens (whole sequences) on which each layer's noise is carried to the last layer
 _LINEARS = MERGED_LINEARS  # merged linear -> its checkpoint shards, in row order
 
 
@@ -175,29 +176,41 @@ def load_calibration(source, cfg, calib: CalibConfig) -> CalibData:
 
 
 def measure_sensitivity(data: CalibData, base: LowBitSpec, upgrade: LowBitSpec, log=None) -> list:
-    """What rounding each merged linear alone to nearest in `base` and in `upgrade` adds to the
-    residual stream, relative to it (allocation.LinearError; the method and why: allocation.py),
-    over the first ceil(SENSITIVITY_TOKENS / length) calibration sequences of the float model,
-    layer by layer, nothing rounded in between: the plan is fixed before GPTQ rounds layer 0.
-    o and down add their output to the residual: their error is x (W - Q)^T; q|k|v's reaches it
-    through attention and o, gate|up's through SiLU-and-multiply and down (one partial layer
-    forward each per format). Relative to the residual where it is added: after the attention
-    for q|k|v and o, the layer's output for gate|up and down."""
+    """The noise that rounding each merged linear alone to nearest in `base` and in `upgrade`
+    adds to the residual stream, as it arrives at the last layer, relative to the stream there
+    (allocation.LinearError; the method and why: allocation.py). On the first
+    ceil(SENSITIVITY_TOKENS / length) calibration sequences of the float model, layer by layer,
+    nothing rounded in between (the plan is fixed before GPTQ rounds layer 0): o and down add
+    their output to the residual, their noise is x (W - Q)^T; q|k|v's reaches it through
+    attention and o, gate|up's through SiLU-and-multiply and down (one partial layer forward
+    each per format). How the later layers carry a layer's noise to the end, its gain, is
+    measured on the first ceil(GAIN_TOKENS / length) sequences: the layer's output with all its
+    linears rounded in `base` runs through the remaining float layers beside the clean stream."""
     from bitfold.allocation import LinearError
 
     log = log or sys.stderr
     runner, cfg = data.runner, data.runner.cfg
     S, L = data.tokens.shape
     n = min(S, -(-SENSITIVITY_TOKENS // L))
+    m = min(n, -(-GAIN_TOKENS // L))
     out: list = []
+    noisy: list[torch.Tensor] = []  # per layer: its rounded output [m, L, hidden], carried through the later layers
+    added: list[float] = []  # per layer: the energy of the noise it added there
 
     def rounded(w: torch.Tensor, spec: LowBitSpec) -> torch.Tensor:
         return cal.dequantize_codes(*quantize_rtn(_pad(w, spec), spec), spec)[:, :w.shape[1]]
 
+    def energy(t: torch.Tensor) -> float:  # per token: t is [..., features]
+        return float(t.double().pow(2).sum()) / (t.numel() // t.shape[-1])
+
+    def same(kind: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w
+
     with torch.inference_mode():
         h = runner.w["model.embed_tokens.weight"][data.tokens[:n]]
-        print(f"[bitfold] mixed precision: what rounding each linear to {base.name} / {upgrade.name} adds to the "
-              f"residual stream, relative to it, on {n} x {L} tokens of the float model", file=log, flush=True)
+        print(f"[bitfold] mixed precision: the noise rounding each linear alone to {base.name} / {upgrade.name} adds "
+              f"to the residual stream (energy per token), on {n} x {L} tokens of the float model; its gain to the "
+              f"last layer on {m} x {L}", file=log, flush=True)
         with progress(cfg.num_layers, "sensitivity", unit="layer", unit_scale=False) as bar:
             for i in range(cfg.num_layers):
                 seen: dict = {}
@@ -207,29 +220,38 @@ def measure_sensitivity(data: CalibData, base: LowBitSpec, upgrade: LowBitSpec, 
                     return w
 
                 h_out = runner.forward(i, h, keep)
-                bias = runner.linear_bias(i, "o")
-                h_mid = h + F.linear(seen["o"][0], seen["o"][1], bias).view_as(h)  # the residual after attention
-                ref = {"o": runner.forward(i, h, keep, stop="o"), "down": h_out - h_mid}
-                energy = {"o": float(h_mid.double().pow(2).sum()), "down": float(h_out.double().pow(2).sum())}
-                errors = []
+                attn = runner.forward(i, h, same, stop="o")
+                ref = {"o": attn, "down": h_out - h - attn}  # what attention and the MLP add to the residual
+                errors, wq_base = [], {}
                 for kind, into in (("qkv", "o"), ("o", "o"), ("gate_up", "down"), ("down", "down")):
                     x, w = seen[kind]
-                    rel = []
+                    noise = []
                     for spec in (base, upgrade):
+                        wq = rounded(w, spec)
+                        wq_base.setdefault(kind, wq)
                         if kind == into:  # its output is what it adds
-                            delta = x @ (w - rounded(w, spec)).t()
+                            delta = x @ (w - wq).t()
                         else:
-                            wq = rounded(w, spec)
                             delta = runner.forward(i, h, lambda k, x_, w_: wq if k == kind else w_, stop=into) - ref[into]
-                        rel.append(float(delta.double().pow(2).sum()) / max(energy[into], 1e-30))
-                    errors.append(LinearError(i, kind, w.shape[0], w.shape[1], *rel))
+                        noise.append(energy(delta))
+                    errors.append(LinearError(i, kind, w.shape[0], w.shape[1], *noise))
+                if noisy:  # the earlier layers' noisy streams, one batch through this layer
+                    carried = runner.forward(i, torch.cat(noisy), same).split(m)
+                    noisy = list(carried)
+                noisy.append(runner.forward(i, h[:m], lambda k, x_, w_: wq_base[k]))
+                added.append(energy(noisy[-1] - h_out[:m]))
                 h = h_out
                 out += errors
                 bar.update(1)
                 print(f"[bitfold] sensitivity layer {i + 1}/{cfg.num_layers}: "
-                      + "  ".join(f"{e.kind} {e.base_error:.2e}/{e.upgrade_error:.2e}" for e in errors),
-                      file=log, flush=True)
-    return out
+                      + "  ".join(f"{e.kind} {e.base_error:.2e}/{e.upgrade_error:.2e}" for e in errors)
+                      + f"  (residual {energy(h):.2e})", file=log, flush=True)
+        final = max(energy(h), 1e-30)  # the last layer's output, which the final RMSNorm reads
+        gain = [energy(t - h[:m]) / max(a, 1e-30) for t, a in zip(noisy, added)]
+    print("[bitfold] noise gain from each layer to the last: "
+          + " ".join(f"{i}:{g:.2f}" for i, g in enumerate(gain)), file=log, flush=True)
+    return [replace(e, base_error=e.base_error * gain[e.layer] / final,
+                    upgrade_error=e.upgrade_error * gain[e.layer] / final) for e in out]
 
 
 def calibrate(data: CalibData, plan, calib: CalibConfig, log=None) -> CalibResult:

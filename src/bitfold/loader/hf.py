@@ -140,7 +140,7 @@ def _overrides(raw, where: str, default: LowBitSpec, num_layers: int):
                              f"{type(raw).__name__}")
     shards: dict[str, LowBitSpec] = {}
     for key, fmt in raw.items():
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+        m = re.fullmatch(r"model\.layers\.(0|[1-9]\d*)\.(.+)", key)  # the file's spelling: no leading zeros
         if key in ("lm_head", "lm_head.weight"):
             raise ModelLoadError(f"{where}: {key!r} cannot be overridden; the output layer's format is "
                                  "quantization_config.lm_head_format")
