@@ -30,6 +30,7 @@ from bitfold.layers.sampler import TokenLogprob
 from bitfold.loader import open_model
 from bitfold.loader.tokenizer import check_text
 from bitfold.loader.source import ModelSource
+from bitfold.models.format_plan import describe_weights
 from bitfold.runner.model_runner import ModelRunner, StepHandle
 from bitfold.sampling import SamplingParams
 from bitfold.threads import configure_threads
@@ -131,6 +132,7 @@ class LLMEngine:
                                f"length {source.max_context} ({source.path})")
         self.max_model_len = config.max_model_len or source.max_context
         self.runner = ModelRunner(source, config, self.device, self.dtype, self.max_model_len)
+        log.info("%s", describe_weights(self.runner.model))  # -v: which formats, mixed or not, bits per weight
         self.pool = BlockPool(self.runner.num_blocks)
         self.kv = KVManager(self.pool, config.block_size, self.runner.num_seq_slots)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)

@@ -15,7 +15,11 @@ GGUF block type lines up with the format (Q4_0/Q4_1/Q4_K -> int4-g32, Q2_K -> in
   ternary). Embeddings, norms and biases stay float: as stored (--dense-dtype auto; float32
   narrowed to fp16 or bf16 only where that is exact) or cast.
 - config.json with `quantization_config` {"quant_method": "bitfold", "format", "bits",
-  "group_size", "ternary", "lm_head_format", ...}; from a GGUF, the HF config of its metadata.
+  "group_size", "ternary", "lm_head_format", "bits_per_weight" (the decoder linears' average:
+  codes + scales + mins), ...}; from a GGUF, the HF config of its metadata. A mixed-precision
+  checkpoint (`--bits-per-weight`, see allocation.py) adds "overrides": {module name of each
+  shard stored in another format, e.g. "model.layers.3.mlp.down_proj": "int4-g64"} and
+  "allocation" (how the plan was chosen); its qweight tensors have that format's bit planes.
 - the tokenizer: copied from an HF folder; from a GGUF, the tokenizer.json bitfold builds from
   its metadata, written only if reading it back gives the same tokenizer.
 """
@@ -64,6 +68,15 @@ def register(sub) -> None:
     c.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sample")
     c.add_argument("--act-order", action="store_true",
                    help="gptq: round columns by decreasing activation energy (group ranges fixed up front)")
+    m = p.add_argument_group("mixed precision (see bitfold/allocation.py)")
+    m.add_argument("--bits-per-weight", type=float, default=None, metavar="B",
+                   help="store the merged linears whose rounding costs most per extra bit in --upgrade-format, until "
+                        "the decoder linears average B stored bits per weight (codes + fp16 scale and min per group: "
+                        "int3-g64 is 3.5, int4-g64 4.5); measured on the calibration text (with --method rtn the "
+                        "text only chooses the plan)")
+    m.add_argument("--upgrade-format", default=None, metavar="FMT",
+                   help="the wider format of --bits-per-weight (default: one bit more, same group: int3-g64 -> "
+                        "int4-g64)")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -86,6 +99,7 @@ class QuantizeSummary:
     disk_bytes: int
     seconds: float
     method: str = "rtn"
+    allocation: object = None  # allocation.Allocation of a mixed-precision checkpoint
 
     def lines(self) -> list[str]:
         mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
@@ -103,20 +117,28 @@ class QuantizeSummary:
             f"{self.dense_params / 1e6:.1f}M values -> {mb(self.dense_bytes)} ({', '.join(f'{n} {k}' for k, n in sorted(self.dense_dtypes.items()))})",
             f"  disk:   {self.files} safetensors file{'s' if self.files > 1 else ''}, {mb(self.disk_bytes)} in all "
             f"({8 * self.disk_bytes / params:.2f} bits per parameter overall)",
-        ]
+        ] + ([] if self.allocation is None else [
+            f"  mixed:  {len(self.allocation.overrides)} of {self.allocation.linears} merged decoder linears in "
+            f"{self.allocation.upgrade.name}, {self.allocation.bits_per_weight:.3f} bits per weight over the decoder "
+            f"linears (budget {self.allocation.budget:g})"])
 
 
 def cmd_quantize(args) -> None:
     from bitfold.calibration import METHODS, CalibConfig
 
+    from bitfold.allocation import MixedConfig
+
     if args.method not in METHODS:
         raise BitfoldError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
-    calib = CalibConfig(method=args.method if args.method != "rtn" else "gptq", samples=args.calib_samples,
-                        length=args.calib_len, seed=args.calib_seed, act_order=args.act_order)
+    calib = CalibConfig(method=args.method, samples=args.calib_samples, length=args.calib_len, seed=args.calib_seed,
+                        act_order=args.act_order)
     calib.validate()  # bad calibration flags are refused even where rtn would not read them
-    calib = None if args.method == "rtn" else calib
+    if args.upgrade_format is not None and args.bits_per_weight is None:
+        raise BitfoldError("--upgrade-format is the wider format of a mixed-precision plan; give --bits-per-weight too")
+    mixed = None if args.bits_per_weight is None else MixedConfig(args.bits_per_weight, args.upgrade_format)
+    calib = None if args.method == "rtn" and mixed is None else calib  # rtn reads text only to plan mixed bits
     summary = quantize(args.model, args.format, args.out, max_shard_bytes=parse_size(args.max_shard_size),
-                       dense_dtype=args.dense_dtype, calib=calib)
+                       dense_dtype=args.dense_dtype, calib=calib, mixed=mixed)
     print("\n".join(summary.lines()))
 
 
@@ -128,13 +150,19 @@ def parse_size(text: str) -> int:
 
 
 def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 10**9,
-             dense_dtype: str = "auto", calib=None) -> QuantizeSummary:
+             dense_dtype: str = "auto", calib=None, mixed=None) -> QuantizeSummary:
     """Quantize `model` (HF folder, .gguf, None = the default model) into folder `out`; with
-    `calib` (a calibration.CalibConfig) the decoder layers' linears by AWQ or GPTQ on calibration
-    text, the output layer still by round to nearest."""
+    `calib` (a calibration.CalibConfig, method awq | gptq) the decoder layers' linears by AWQ or
+    GPTQ on calibration text, the output layer still by round to nearest. With `mixed` (an
+    allocation.MixedConfig; needs `calib`, whose method may then be rtn: the text only plans)
+    the merged decoder linears whose rounding costs most per extra bit are stored in the wider
+    format, up to `mixed.bits_per_weight` on average (allocation.py); config.json records them
+    in quantization_config.overrides."""
+    from bitfold.allocation import check_budget, decoder_linears, upgrade_spec
     from bitfold.engine import warn_if_rounding_breaks
     from bitfold.loader import open_model
     from bitfold.models import MODELS
+    from bitfold.models.format_plan import MERGED_LINEARS, FormatPlan, linear_formats
     from bitfold.threads import configure_threads
     from bitfold.weights import WEIGHT_FORMATS
     from bitfold.weights.lowbit import ROUNDINGS, lowbit_spec
@@ -148,13 +176,19 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
         raise BitfoldError(f"--dense-dtype {dense_dtype!r}: expected auto, {', '.join(DENSE_DTYPES)}")
     if max_shard_bytes < 1:
         raise BitfoldError("--max-shard-size must be positive")
+    wide = None
+    if mixed is not None:
+        if calib is None:
+            raise BitfoldError("--bits-per-weight measures each linear on calibration text: pass a CalibConfig")
+        wide = upgrade_spec(spec, mixed.upgrade)
     if calib is not None:
         from bitfold.weights.calibrate import supports
 
         calib.validate()
-        why = supports(spec)
-        if why is not None:
-            raise BitfoldError(f"--method {calib.method} cannot produce {spec.name}: {why}")
+        for s in (spec, wide) if calib.method != "rtn" else ():
+            why = s and supports(s)
+            if why:
+                raise BitfoldError(f"--method {calib.method} cannot produce {s.name}: {why}")
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise BitfoldError(f"{out}: already exists and is not an empty folder; choose a new --out")
@@ -166,34 +200,64 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
     cfg = replace(source.config, **model_cls.config_overrides)
     with torch.device("meta"):  # the layers say which tensors are linear weights and in which format
         skeleton = model_cls(cfg, torch.float32, max_positions=1, fmt=spec.name)
+    if mixed is not None:  # before the calibration text loads: a budget out of range fails at once
+        check_budget(decoder_linears(skeleton), spec, wide, mixed.bits_per_weight)
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    if calib is None:  # the warning is about data-free rounding
+    if calib is None or calib.method == "rtn":  # the warning is about data-free rounding
         warn_if_rounding_breaks(fmt, None, flag="--format")
     configure_threads()  # rounding is parallel torch code: as many threads as there are free cores
-    calibrated = None
+    calibrated = allocation = None
+    plan = FormatPlan(spec.name)
     if calib is not None:  # before the temp folder: a missing corpus fails with nothing to clean up
-        from bitfold.calibration import calibrate
+        from bitfold.calibration import calibrate, load_calibration, measure_sensitivity
 
-        calibrated = calibrate(source, cfg, spec, calib)
+        data = load_calibration(source, cfg, calib)
+        if mixed is not None:
+            from bitfold.allocation import allocate
+
+            t = time.perf_counter()
+            allocation = allocate(measure_sensitivity(data, spec, wide), spec, wide, mixed.bits_per_weight)
+            allocation.seconds = time.perf_counter() - t
+            print("\n".join(allocation.lines()), file=sys.stderr, flush=True)
+            plan = FormatPlan(spec.name, allocation.overrides)
+            with torch.device("meta"):
+                skeleton = model_cls(cfg, torch.float32, max_positions=1, fmt=plan)
+        if calib.method != "rtn":
+            calibrated = calibrate(data, plan, calib)
+        del data  # the float copy of the model
     tmp = tempfile.mkdtemp(prefix=".bitfold-quantize-", dir=parent)
     try:
         _write_tokenizer(source, tmp)
-        stats = _write_weights(source, skeleton, spec.name, tmp, max_shard_bytes, dense_dtype, calibrated)
+        stats = _write_weights(source, skeleton, str(plan), tmp, max_shard_bytes, dense_dtype, calibrated)
         head = skeleton.lm_head.fmt.spec.name  # a low-bit model always quantizes its output layer
         converted, calibrated_n = stats["converted"], stats["calibrated"]
         rounded = stats["linear_tensors"] - converted - calibrated_n
+        counts = linear_formats(skeleton)
         qc = {"quant_method": "bitfold", "format": spec.name, "bits": spec.bits, "group_size": spec.group,
               "ternary": spec.ternary, "lm_head_format": head, "packing": "bitplanes-le",
-              "method": "+".join(m for m, n in ((calib and calib.method, calibrated_n), ("rtn", rounded),
-                                               ("gguf-blocks", converted)) if n)}
+              "method": "+".join(m for m, n in ((calib and calib.method, calibrated_n),
+                                               ("rtn", rounded), ("gguf-blocks", converted)) if n),
+              # decoder linears: codes + scales and mins, as stored (allocation.py's budget counts the same)
+              "bits_per_weight": round(sum(b for _, b in counts.values()) / sum(n for n, _ in counts.values()), 4)}
+        if plan.overrides:  # the loader's format per shard (hf.BitfoldQuantization); all shards of a merged linear
+            qc["overrides"] = {f"model.layers.{i}.{shard}": f for (i, kind), f in plan.overrides.items()
+                               for shard in MERGED_LINEARS[kind]}
         if rounded or calibrated_n:  # how the rounded tensors' ranges were chosen (see lowbit.quantize_rtn)
             qc["rounding"] = ROUNDINGS[0]
-        if calib is not None:
+        if calibrated is not None:
             qc["calibration"] = {"method": calib.method, "corpus": calib.corpus, "samples": calib.samples,
                                  "length": calib.length, "seed": calib.seed, "damp": calib.damp,
                                  "act_order": calib.act_order, "seconds": round(calibrated.seconds, 1)}
+        if allocation is not None:
+            from bitfold.calibration import SENSITIVITY_TOKENS
+
+            qc["allocation"] = {"upgrade_format": wide.name, "budget": mixed.bits_per_weight,
+                                "upgraded": len(allocation.overrides), "linears": allocation.linears,
+                                "sensitivity": "relative output error of rtn, float model, per extra bit",
+                                "corpus": calib.corpus, "tokens": SENSITIVITY_TOKENS, "length": calib.length,
+                                "seed": calib.seed, "seconds": round(allocation.seconds, 1)}
         config = _hf_config(source, model_cls.config_overrides, cfg)
         config["quantization_config"] = qc
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -212,7 +276,7 @@ def quantize(model: str | None, fmt: str, out: str, max_shard_bytes: int = 4 * 1
     stats.pop("calibrated")
     return QuantizeSummary(
         source=source.path, out=out, format=spec.name, head_format=head, layers=cfg.num_layers,
-        method=calib.method if calib is not None else "rtn",
+        method=calib.method if calibrated is not None else "rtn", allocation=allocation,
         files=len(files), disk_bytes=sum(os.path.getsize(os.path.join(out, f)) for f in files),
         seconds=time.perf_counter() - t0, **stats)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterator
 
 import torch
@@ -19,7 +20,7 @@ from bitfold.errors import ModelLoadError, UnsupportedArchitectureError, Unsuppo
 from bitfold.loader.source import ModelSource
 from bitfold.progress import progress
 from bitfold.weights import WEIGHT_FORMATS
-from bitfold.weights.lowbit import lowbit_spec
+from bitfold.weights.lowbit import LowBitSpec, lowbit_spec
 from bitfold.weights.packed import BitfoldCodes
 
 CODE_PARTS = ("qweight", "scales", "mins")
@@ -62,9 +63,18 @@ def safetensors_files(folder: str) -> list[str]:
 
 class BitfoldQuantization:
     """A checkpoint's `quantization_config` (quant_method "bitfold"), validated: the format of
-    its linear layers and of its output layer (4 bits under int1-3 and ternary, see lowbit)."""
+    its linear layers and of its output layer (4 bits under int1-3 and ternary, see lowbit).
 
-    def __init__(self, qc, cfg_path: str):
+    A mixed-precision checkpoint adds `overrides`: {checkpoint module name: low-bit format} for
+    the decoder linears stored in another format than `format`, e.g.
+    {"model.layers.3.mlp.down_proj": "int4-g64", "model.layers.0.self_attn.q_proj": "int4-g64",
+     "model.layers.0.self_attn.k_proj": "int4-g64", "model.layers.0.self_attn.v_proj": "int4-g64"}.
+    Keys are the names the safetensors files use (`<key>.qweight`), one per shard; the shards
+    bitfold runs as one matmul (q/k/v, gate/up) must all be listed with one format. `self.overrides`
+    is the same per merged linear, {(layer, kind): format}, which models/format_plan.py's plan takes.
+    `bits_per_weight` (optional) records the decoder linears' average stored bits per weight."""
+
+    def __init__(self, qc, cfg_path: str, num_layers: int):
         where = f"{cfg_path}: quantization_config"
         if not isinstance(qc, dict):
             raise ModelLoadError(f"{where} must be an object, found {type(qc).__name__}")
@@ -86,11 +96,15 @@ class BitfoldQuantization:
             raise ModelLoadError(f"{where}.lm_head_format is {stored_head!r}, but bitfold builds the output layer "
                                  f"of a {spec.name} model as {head}")
         self.format, self.spec, self.head_spec = spec.name, spec, lowbit_spec(head)
+        self.overrides, self.shard_specs = _overrides(qc.get("overrides", {}), where, spec, num_layers)
+        bpw = qc.get("bits_per_weight")
+        if bpw is not None and (type(bpw) not in (int, float) or not 0 < bpw <= 32):
+            raise ModelLoadError(f"{where}.bits_per_weight is {bpw!r}; expected a number of bits (0-32) or no field")
 
     def codes(self, base: str, parts: dict[str, tuple[torch.Tensor, str]]) -> BitfoldCodes:
         """`base`.qweight/.scales/.mins (tensor, file) -> BitfoldCodes, or ModelLoadError naming
         the file and tensor when one does not fit the others or the format."""
-        spec = self.head_spec if base == "lm_head" else self.spec
+        spec = self.head_spec if base == "lm_head" else self.shard_specs.get(base, self.spec)
         (planes, path), (scales, spath), (mins, mpath) = (parts[k] for k in CODE_PARTS)
 
         def bad(what: str, tensor: str = "qweight", file: str = path) -> ModelLoadError:
@@ -101,7 +115,7 @@ class BitfoldQuantization:
                       f"{tuple(planes.shape)}")
         if planes.shape[0] != spec.bits:
             raise bad(f"stores {planes.shape[0]} bit planes, but the checkpoint's format {spec.name} has "
-                      f"{spec.bits} bits")
+                      f"{spec.bits} bits" + (" (quantization_config.overrides)" if base in self.shard_specs else ""))
         cols = planes.shape[2] * 8
         if cols == 0 or spec.padded(cols) != cols:
             raise bad(f"{cols} columns are not whole groups of {spec.group or 'a row'} (format {spec.name})")
@@ -112,6 +126,47 @@ class BitfoldQuantization:
                 raise bad(f"expected float16 {want} (rows x groups of {group} of the qweight's "
                           f"{cols} columns), found {t.dtype} {tuple(t.shape)}", name, file)
         return BitfoldCodes(spec, planes, scales, mins, f"{path}: tensor {base + '.qweight'!r}")
+
+
+def _overrides(raw, where: str, default: LowBitSpec, num_layers: int):
+    """quantization_config.overrides -> ({(layer, kind): format}, {shard module name: spec});
+    ModelLoadError (one line: config.json and the field) for anything bitfold would not build."""
+    from bitfold.models.format_plan import MERGED_LINEARS, SHARD_KIND
+
+    where = f"{where}.overrides"
+    example = "e.g. {\"model.layers.0.mlp.down_proj\": \"int4-g64\"}"
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{where} must be an object mapping linear names to formats ({example}), found "
+                             f"{type(raw).__name__}")
+    shards: dict[str, LowBitSpec] = {}
+    for key, fmt in raw.items():
+        m = re.fullmatch(r"model\.layers\.(0|[1-9]\d*)\.(.+)", key)  # the file's spelling: no leading zeros
+        if key in ("lm_head", "lm_head.weight"):
+            raise ModelLoadError(f"{where}: {key!r} cannot be overridden; the output layer's format is "
+                                 "quantization_config.lm_head_format")
+        if m is None or m.group(2) not in SHARD_KIND:
+            raise ModelLoadError(f"{where}: key {key!r} is not a decoder linear; expected model.layers.<i>.<one of "
+                                 f"{', '.join(SHARD_KIND)}> ({example})")
+        if int(m.group(1)) >= num_layers:
+            raise ModelLoadError(f"{where}: key {key!r} names layer {int(m.group(1))}, but the model has "
+                                 f"{num_layers} layers (num_hidden_layers)")
+        spec = lowbit_spec(fmt) if isinstance(fmt, str) and fmt in WEIGHT_FORMATS else None
+        if spec is None:
+            raise ModelLoadError(f"{where}[{key!r}] is {fmt!r}, not a bitfold low-bit format (e.g. int4-g64)")
+        shards[key] = spec
+    merged: dict[tuple[int, str], str] = {}
+    for key, spec in shards.items():
+        _, _, layer, suffix = key.split(".", 3)
+        kind = SHARD_KIND[suffix]
+        for other in MERGED_LINEARS[kind]:
+            name = f"model.layers.{layer}.{other}"
+            if shards.get(name) != spec:
+                has = f"is {shards[name].name}" if name in shards else f"is not listed (so {default.name})"
+                raise ModelLoadError(f"{where}: {key!r} is {spec.name} but {name!r} {has}; "
+                                     f"{' / '.join(s.rsplit('.', 1)[1] for s in MERGED_LINEARS[kind])} run as one "
+                                     "matmul and must share a format (list each of them)")
+        merged[(int(layer), kind)] = spec.name
+    return merged, shards
 
 
 def _iter_safetensors(paths: list[str], quant: BitfoldQuantization | None = None) -> Iterator[tuple[str, object]]:
@@ -166,7 +221,8 @@ def load_hf_folder(folder: str) -> ModelSource:
     if isinstance(archs, list) and archs and isinstance(archs[0], str):
         _check_architecture(archs[0], cfg_path)  # before the fields: another family names them differently
     config = ModelConfig.from_hf(raw, cfg_path)
-    quant = BitfoldQuantization(raw["quantization_config"], cfg_path) if "quantization_config" in raw else None
+    quant = (BitfoldQuantization(raw["quantization_config"], cfg_path, config.num_layers)
+             if "quantization_config" in raw else None)
     paths = safetensors_files(folder)
     return ModelSource(
         path=folder,
@@ -176,5 +232,6 @@ def load_hf_folder(folder: str) -> ModelSource:
         load_tokenizer=lambda: Tokenizer.from_hf_folder(folder),
         max_context=config.max_position_embeddings,
         weight_format=quant.format if quant else None,
-        stored_formats=(quant.format,) if quant else (),
+        stored_formats=tuple(dict.fromkeys([quant.format, *quant.overrides.values()])) if quant else (),
+        format_overrides=dict(quant.overrides) if quant else {},
     )

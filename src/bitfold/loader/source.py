@@ -3,7 +3,7 @@ whatever the file format. Loaders for each format return one. A weight is a floa
 `PackedWeight` (still quantized: see weights/packed.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
@@ -24,3 +24,6 @@ class ModelSource:
     max_context: int  # the checkpoint's trained context length
     weight_format: str | None = None  # the registered format the checkpoint is stored in (None: float)
     stored_formats: tuple[str, ...] = ()  # low-bit formats its stored codes are (see resolve_weight_format)
+    # merged linears stored in another format than weight_format: {(layer, kind): format}, kind one of
+    # models.format_plan.KINDS (a mixed-precision `bitfold quantize` checkpoint; see models/format_plan.py)
+    format_overrides: dict[tuple[int, str], str] = field(default_factory=dict)

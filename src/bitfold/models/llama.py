@@ -18,16 +18,18 @@ from bitfold.layers.norm import RMSNorm
 from bitfold.layers.rotary import cos_sin_cache
 from bitfold.weights.packed import PackedWeight
 from bitfold.models.base import MODELS, StepContext
-from bitfold.weights import WEIGHT_FORMATS
+from bitfold.models.format_plan import FormatPlan
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, fmt: str, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, fmt: str | FormatPlan, dtype: torch.dtype, layer: int = 0):
+        """fmt: every Linear's format, or a plan consulted for (layer, "qkv") and (layer, "o")."""
         super().__init__()
+        plan = FormatPlan.of(fmt)
         self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv = Linear(cfg.hidden_size, {"q": self.h * self.d, "k": self.kvh * self.d, "v": self.kvh * self.d},
-                          cfg.attention_bias, fmt, dtype)
-        self.o = Linear(self.h * self.d, {"o": cfg.hidden_size}, cfg.o_bias, fmt, dtype)
+                          cfg.attention_bias, plan.format(layer, "qkv"), dtype)
+        self.o = Linear(self.h * self.d, {"o": cfg.hidden_size}, cfg.o_bias, plan.format(layer, "o"), dtype)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.scale = self.d ** -0.5
@@ -48,23 +50,26 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, fmt: str, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, fmt: str | FormatPlan, dtype: torch.dtype, layer: int = 0):
+        """fmt: every Linear's format, or a plan consulted for (layer, "gate_up") and (layer, "down")."""
         super().__init__()
+        plan = FormatPlan.of(fmt)
         i = cfg.intermediate_size
-        self.gate_up = Linear(cfg.hidden_size, {"gate": i, "up": i}, cfg.mlp_bias, fmt, dtype)
-        self.down = Linear(i, {"down": cfg.hidden_size}, cfg.mlp_bias, fmt, dtype)
+        self.gate_up = Linear(cfg.hidden_size, {"gate": i, "up": i}, cfg.mlp_bias, plan.format(layer, "gate_up"), dtype)
+        self.down = Linear(i, {"down": cfg.hidden_size}, cfg.mlp_bias, plan.format(layer, "down"), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.gate_up(x), act="silu_mul")  # the format may fuse silu(gate) * up into down
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, fmt: str, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, fmt: str | FormatPlan, dtype: torch.dtype, layer: int = 0):
+        """fmt: one format for every Linear, or a FormatPlan read at index `layer`."""
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, fmt, dtype)
+        self.attn = Attention(cfg, fmt, dtype, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, fmt, dtype)
+        self.mlp = MLP(cfg, fmt, dtype, layer)
 
     def forward(self, h, residual, rope, ctx: StepContext, kv):
         if residual is None:
@@ -99,17 +104,21 @@ class LlamaForCausalLM(nn.Module):
     config_overrides: dict = {}  # architecture facts the generic config cannot infer
     gguf_permuted_qk = True  # llama.cpp's converter interleaves Q/K rotary rows for "llama"
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, fmt: str = "dense"):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, fmt: str | FormatPlan = "dense"):
+        """fmt: the weight format of every Linear, or a FormatPlan (per merged linear of each
+        layer, and the output layer)."""
         super().__init__()
         self.cfg = cfg
-        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, fmt)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, fmt, dtype) for _ in range(cfg.num_layers))
+        plan = FormatPlan.of(fmt)
+        plan.check_layers(cfg.num_layers)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, plan.default)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, plan, dtype, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         # A quantized model quantizes its output projection too (for a memory-bound decode it is
         # the largest single matrix), from the embedding when the two are tied; the embedding
         # itself stays dense (one row is read per token). Formats may pick a wider head format.
-        head_fmt = getattr(WEIGHT_FORMATS.get(fmt), "lm_head_format", None) or fmt
-        self.tied_quantized_head = cfg.tie_word_embeddings and fmt != "dense"
+        head_fmt = plan.head_format()
+        self.tied_quantized_head = cfg.tie_word_embeddings and head_fmt != "dense"
         self.lm_head = (None if cfg.tie_word_embeddings and not self.tied_quantized_head
                         else Linear(cfg.hidden_size, {"lm_head": cfg.vocab_size}, False, head_fmt, dtype))
         self.register_buffer("rope", cos_sin_cache(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling),

@@ -25,6 +25,7 @@ from bitfold.attention import AttentionMetadata, select_backend
 from bitfold.layers.sampler import TokenLogprob, apply_penalties, assemble_logprobs, logprobs_on_device, sample_tokens
 from bitfold.loader.source import ModelSource
 from bitfold.models import MODELS
+from bitfold.models.format_plan import plan_for
 from bitfold.weights.base import resolve_weight_format
 from bitfold.models.base import StepContext
 from bitfold.runner.cpu_step import FusedSteps
@@ -81,6 +82,7 @@ class ModelRunner:
         self.model_config = replace(source.config, **model_cls.config_overrides)
         with torch.device(device):
             fmt = resolve_weight_format(cfg.weights, source.weight_format, device.type, source.stored_formats)
+            fmt = plan_for(fmt, source.format_overrides, device.type)  # a mixed checkpoint: per-linear formats
             self.model = model_cls(self.model_config, dtype, max_positions=max_model_len, fmt=fmt)
         self.model.load_weights(source.weights(), source.path)
         self.model.eval().requires_grad_(False)
