@@ -85,7 +85,9 @@ def _engine_info(engine) -> dict:
     r = engine.runner
     return {"device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
             "kv_cache": r.kv_spec.codec.name, "kv_residual": r.kv_spec.codec.residual,
-            "kv_rotate": r.kv_spec.codec.rotate, "kv_bits_per_element": r.kv_spec.codec.bits_per_element,
+            "kv_rotate": r.kv_spec.codec.rotate,
+            "kv_key_offset": any(getattr(st, "k_offset", None) is not None for st in r.kv_caches),
+            "kv_bits_per_element": r.kv_spec.codec.bits_per_element,
             "attention_backend": r.backend.name, "block_size": engine.config.block_size,
             "weights": engine.model_path, "cuda_graphs": r.graphs is not None}
 

@@ -48,6 +48,15 @@ class Attention(nn.Module):
                                      self.window)
         return self.o(o.reshape(T, self.h * self.d))
 
+    def key_offset(self) -> torch.Tensor | None:
+        """The constant every key of this layer carries, float32 [KVH, D]: its k bias (before
+        rotary; any constant will do for attention, kvcache/codecs/quant.py), or None without
+        one (or with Qwen3's per-head k norm, which the bias passes through first)."""
+        if self.qkv.bias is None or self.k_norm is not None:
+            return None
+        q_rows, k_rows = self.h * self.d, self.kvh * self.d
+        return self.qkv.bias.detach()[q_rows:q_rows + k_rows].float().view(self.kvh, self.d)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, fmt: str | FormatPlan, dtype: torch.dtype, layer: int = 0):
@@ -130,6 +139,10 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv in zip(self.layers, ctx.kv_caches):
             h, residual = layer(h, residual, self.rope, ctx, kv)
         return self.norm(h, residual)[0]
+
+    def key_offsets(self) -> list[torch.Tensor | None]:
+        """Per layer, `Attention.key_offset` (for the KV codec, which may store k minus it)."""
+        return [layer.attn.key_offset() for layer in self.layers]
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] -> float32 logits [N, vocab]."""

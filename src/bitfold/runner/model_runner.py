@@ -108,8 +108,9 @@ class ModelRunner:
         if self.num_blocks < 1:
             raise BitfoldError("the KV-cache budget is smaller than one block; raise --kv-cache-memory-gb "
                                "or --gpu-memory-utilization")
-        self.kv_caches = [codec.allocate(self.num_blocks, bs, mc.num_kv_heads, mc.head_dim, device, self.num_seq_slots)
-                          for _ in range(mc.num_layers)]
+        offsets = getattr(self.model, "key_offsets", lambda: [None] * mc.num_layers)()
+        self.kv_caches = [codec.allocate(self.num_blocks, bs, mc.num_kv_heads, mc.head_dim, device, self.num_seq_slots,
+                                         key_offset=off) for off in offsets]
         self.generators: dict[str, torch.Generator] = {}
         # Filled by every `execute` for the requests that asked for logprobs (beside its return
         # value, so callers that only want token ids are unchanged).

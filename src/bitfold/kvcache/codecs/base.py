@@ -47,8 +47,10 @@ class KVCodec(ABC):
 
     @abstractmethod
     def allocate(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, num_seqs: int = 0):
-        """One layer's storage: the pages (and `num_seqs` per-sequence slots, if `seq_bytes`)."""
+                 device: torch.device, num_seqs: int = 0, key_offset: torch.Tensor | None = None):
+        """One layer's storage: the pages (and `num_seqs` per-sequence slots, if `seq_bytes`).
+        key_offset: [num_kv_heads, head_dim], a constant the layer's keys carry (its k bias), which
+        a codec may subtract before storing keys (attention is unchanged by it; quant.py)."""
 
     @abstractmethod
     def ops(self, backend: str):

@@ -86,7 +86,7 @@ class DenseCodec(KVCodec):
     def page_bytes(self, block_size: int, num_kv_heads: int, head_dim: int) -> int:
         return 2 * block_size * num_kv_heads * head_dim * torch.finfo(self.dtype).bits // 8
 
-    def allocate(self, num_blocks, block_size, num_kv_heads, head_dim, device, num_seqs=0):
+    def allocate(self, num_blocks, block_size, num_kv_heads, head_dim, device, num_seqs=0, key_offset=None):
         # Uninitialized: attention never uses a slot before writing it (kernels mask their
         # loads, references mask values), and zero-filling 2 GiB on a CPU costs seconds.
         shape = (num_blocks, block_size, num_kv_heads, head_dim)

@@ -15,9 +15,22 @@ tokens (here: one page, `block_size` = 64 tokens by default); values per token. 
 experiments) until their page is whole and older than the window, then the page is quantized
 in place once (kernels/quant_kv_write.py).
 
+Key offset: every compressed codec stores k - c instead of k, with c a constant per layer, KV
+head and channel (the model's `k_proj` bias, `KVCodec.allocate(key_offset=)`). Attention is
+exactly unchanged, q . (k - c) = q . k - q . c being the same shift of every score of a query
+row, which softmax ignores; but a bias is a large offset common to every token (Qwen2's keys
+carry channels of ~100 on values of ~1), and a per-token scale (fp8, int8) must then cover the
+offset instead of what varies. Measured on Qwen2.5-1.5B (CPU, 4 windows of 768 tokens, 256
+scored by decode, `eval-ppl-qwen-kv8-offset-cpu-20261205`): fp8 +21.7% -> -0.08% perplexity
+(KL 1.8e-1 -> 3.9e-3), int8 +0.73% -> -0.21% (KL 1.5e-2 -> 2.1e-3). KIVI keys take a zero point
+per channel anyway. `KEY_OFFSET = False` turns it off (for measurements).
+
 Optional Hadamard rotation of keys (RotateKV, arXiv 2501.16383; QuaRot, arXiv 2404.00456):
 q and k are both multiplied by the same orthonormal Hadamard matrix before k is stored, so
-q . k is unchanged while a channel's outliers are spread over all channels.
+q . k is unchanged while a channel's outliers are spread over all channels. Off by default: on
+int8 keys it helps less than the key offset (KL 4.0e-3 against 2.1e-3 in the run above), and on
+fp8 it is a disaster (+1097%): e4m3's error is relative, so spreading the offset's magnitude
+over every channel puts a large error on the channels q reads (`eval-ppl-qwen-kv8-rotate-cpu-20261205`).
 
 Bytes at 32K tokens, head_dim 128, relative to bf16 (codes + fp16 scales/zeros + the residual
 ring amortized): fp8/int8 0.508, int4 0.287, int2 0.162 (`KVCacheSpec.bytes_per_token`).
@@ -39,6 +52,7 @@ from bitfold.kvcache.codecs.base import KV_CODECS, KVCodec
 DEFAULT_BLOCK = 64  # a KIVI key group = one page
 DEFAULT_RESIDUAL = 128
 DEFAULT_V_GROUP = 64
+KEY_OFFSET = True  # store k - (the model's k bias); see the module docstring
 
 
 class QuantKV(NamedTuple):
@@ -51,6 +65,7 @@ class QuantKV(NamedTuple):
     ring_k: torch.Tensor  # [seq slots, residual + block_size, KVH, D] in the compute dtype, or empty
     ring_v: torch.Tensor
     layout: QuantLayout
+    k_offset: torch.Tensor | None = None  # float32 [KVH, D] subtracted from every key before it is stored
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -79,6 +94,8 @@ class QuantOps(AttentionOps):
 
     def forward(self, q, k, v, storage, meta, scale, sliding_window):
         lay = storage.layout
+        if storage.k_offset is not None:  # attention-invariant (module docstring); before any use of k
+            k = (k.float() - storage.k_offset).to(k.dtype)
         if self.codec.rotate:
             q, k = self._rotate(q), self._rotate(k)
         if meta.decode_only:
@@ -175,8 +192,14 @@ class QuantCodec(KVCodec):
             return f"Hadamard rotation needs a power-of-two head_dim, got {head_dim}"
         return None
 
-    def allocate(self, num_blocks, block_size, num_kv_heads, head_dim, device, num_seqs=0):
+    def allocate(self, num_blocks, block_size, num_kv_heads, head_dim, device, num_seqs=0, key_offset=None):
         lay = self.layout(block_size, num_kv_heads, head_dim)
+        if key_offset is not None and KEY_OFFSET:
+            if tuple(key_offset.shape) != (num_kv_heads, head_dim):
+                raise ValueError(f"key offset of shape {tuple(key_offset.shape)}, expected {(num_kv_heads, head_dim)}")
+            key_offset = key_offset.detach().to(device, torch.float32).contiguous()
+        else:
+            key_offset = None
         k, k_meta = lay.allocate_side(True, num_blocks, self.dtype, device)
         v, v_meta = lay.allocate_side(False, num_blocks, self.dtype, device)
         if lay.ring:
@@ -185,7 +208,7 @@ class QuantCodec(KVCodec):
             ring_v = torch.empty(shape, dtype=self.dtype, device=device)
         else:
             ring_k = ring_v = torch.empty(0, dtype=self.dtype, device=device)
-        return QuantKV(k, k_meta, v, v_meta, ring_k, ring_v, lay)
+        return QuantKV(k, k_meta, v, v_meta, ring_k, ring_v, lay, key_offset)
 
     def ops(self, backend):
         cls = {"torch": QuantRefOps, "triton": QuantTritonOps}.get(backend)
