@@ -1,4 +1,4 @@
-"""GGUF Q6_K layers on the CPU kept as the file's blocks (`BITFOLD_CPU_Q6K=native`, weights/gguf.py)
+"""GGUF Q6_K layers on the CPU kept as the file's blocks (`weights/gguf.CPU_Q6K_NATIVE`, weights/gguf.py)
 and run by the table-free Q6K kernel: held bytes = file bytes, rows equal to the `gguf` package's
 dequantization, logits equal to the dequantize-at-load model within float32 rounding; merged
 layers mixing Q6_K with other types keep their int6-g16 conversion; the fused step says why it
@@ -17,7 +17,7 @@ from tests.helpers import rel_err
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from tests.loader.test_gguf_types import HIDDEN, craft_k_quant  # noqa: E402
+from tests.loader.test_gguf_types import craft_k_quant  # noqa: E402
 from tests.weights.test_embedding_rows import _ids, _runner, _teacher_forced, write_gguf  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not lut.available(), reason="the CPU kernels could not be built")
@@ -41,7 +41,9 @@ def wide_k_quants(monkeypatch):
 
 @pytest.fixture
 def native(monkeypatch):
-    monkeypatch.setenv("BITFOLD_CPU_Q6K", "native")
+    from bitfold.weights import gguf as gguf_fmt
+
+    monkeypatch.setattr(gguf_fmt, "CPU_Q6K_NATIVE", True)
 
 
 def _file_blocks(path) -> dict:
@@ -86,22 +88,11 @@ def test_fused_step_refuses_q6k_layers_with_a_reason(tmp_path, native):
     assert "Q6_K" in why_not_model(model) and "per-op" in why_not_model(model)
 
 
-def test_default_stays_int6(tmp_path, monkeypatch):
-    monkeypatch.delenv("BITFOLD_CPU_Q6K", raising=False)
+def test_default_stays_int6(tmp_path):
     path = tmp_path / "q6k.gguf"
     write_gguf(path, Q.Q4_0, tied=False, layer_type=Q.Q6_K)
     model = _runner(path).runner.model
     assert model.layers[0].mlp.down.fmt.name == "int6-g16" and model.lm_head.fmt.name == "int6-g16"
-
-
-def test_bad_mode_is_a_clear_error(tmp_path, monkeypatch):
-    from bitfold.errors import ModelLoadError
-
-    monkeypatch.setenv("BITFOLD_CPU_Q6K", "yes")
-    lin = Linear(256, {"w": 4}, False, "gguf", torch.float32)
-    lin.load_shard("w", GGUFBlocks(craft_k_quant(4, Q.Q6_K, np.random.default_rng(1)), Q.Q6_K, "w"), False)
-    with pytest.raises(ModelLoadError, match="BITFOLD_CPU_Q6K must be 'native' or 'int6'"):
-        lin.fmt.process_after_loading(lin)
 
 
 def test_merged_layer_of_mixed_types_stays_int6(native):

@@ -11,7 +11,7 @@ shards and decides once every row is in (`process_after_loading`):
   products rounded to fp16, see gguf_blocks.py); `layer.fmt` is replaced by that format, so the
   fused CPU step, `bitfold quantize` and the tests see an ordinary low-bit layer. A shard stored
   as floats (F16/F32 tensors) makes the layer dense.
-- on the CPU, with `BITFOLD_CPU_Q6K=native` (opt-in: see README "CPU and low-bit"), a layer
+- on the CPU, with `CPU_Q6K_NATIVE = True` (opt-in: see README "CPU and low-bit"), a layer
   whose every shard is Q6_K keeps the file's blocks as they are (`q6k_blocks` uint8 [out,
   in / 256 * 210]: memory = file bytes, 6.56 bits/weight instead of int6-g16's 10) and runs
   the table-free Q6K kernel (kernels/lut_gemm.py `q6k_gemm`). A merged layer whose shards mix
@@ -24,8 +24,6 @@ shards and decides once every row is in (`process_after_loading`):
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from gguf import GGMLQuantizationType
 
@@ -37,15 +35,13 @@ from bitfold.weights.lowbit import LowBitSpec, qweight_rows
 from bitfold.weights.packed import PackedWeight
 
 
-def cpu_q6k_native() -> bool:
-    """Whether CPU layers of Q6_K shards keep the file's blocks (`BITFOLD_CPU_Q6K=native`) rather
-    than becoming int6-g16 LUT codes (`int6`, the default). Read when a layer is built."""
-    mode = os.environ.get("BITFOLD_CPU_Q6K", "int6")
-    if mode not in ("native", "int6"):
-        from bitfold.errors import ModelLoadError
+CPU_Q6K_NATIVE = False  # opt-in (slower at batch 1, README "CPU and low-bit"): CPU Q6_K layers keep the file's blocks
 
-        raise ModelLoadError(f"environment variable BITFOLD_CPU_Q6K must be 'native' or 'int6', got {mode!r}")
-    return mode == "native"
+
+def cpu_q6k_native() -> bool:
+    """Whether CPU layers of Q6_K shards keep the file's blocks (`CPU_Q6K_NATIVE`) rather than
+    becoming int6-g16 LUT codes (the default). Read when a layer is built."""
+    return CPU_Q6K_NATIVE
 
 
 def cpu_format(parts: list) -> str:
