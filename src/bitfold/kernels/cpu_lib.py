@@ -60,6 +60,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitfold_lut_gemm": (i, [p, i, i, p, p, p, i, i, i, p, i, i]),
         "bitfold_q8_gemm": (i, [p, i, i, p, p, p, i, i, p, i, i]),
         "bitfold_cb4_gemm": (i, [p, i, i, p, p, p, i, i, p, i, i]),
+        "bitfold_q6k_gemm": (i, [p, i, i, p, i, p, i, i]),
         "bitfold_add_rms_norm": (None, [p, p, p, p, p, i, i, f]),
         "bitfold_rotary": (None, [p, p, p, p, p, p, i, i, i, i]),
         "bitfold_paged_decode": (None, [p, p, p, p, p, p, i, i, i, i, i, i, f, i, p, p, p]),

@@ -239,3 +239,60 @@ def q8_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.
     if rc != 0:
         raise ValueError(f"bitfold_q8_gemm rejected B={B} K={K} n={n} group={group}")
     return y
+
+
+# ---- GGUF Q6_K blocks without tables -------------------------------------------------------------
+
+Q6K_BLOCK, Q6K_BYTES = 256, 210  # weights and bytes per block: ql[128] qh[64] scales[16] int8, d fp16
+
+
+def _check_q6k(K: int, blocks: torch.Tensor) -> int:
+    """The rows n of Q6_K blocks uint8 [n, K / 256 * 210] for K inputs (ValueError otherwise)."""
+    if K % Q6K_BLOCK:
+        raise ValueError(f"Q6_K needs in_features a multiple of {Q6K_BLOCK}, got {K}")
+    want = K // Q6K_BLOCK * Q6K_BYTES
+    if blocks.dim() != 2 or blocks.shape[1] != want or blocks.dtype != torch.uint8:
+        raise ValueError(f"Q6_K blocks must be uint8 [n, {want}] for K={K}, got {blocks.dtype} {tuple(blocks.shape)}")
+    return blocks.shape[0]
+
+
+def q6k_dequantize_ref(blocks: torch.Tensor, K: int) -> torch.Tensor:
+    """Q6_K blocks uint8 [n, K / 256 * 210] -> float32 [n, K]: w = (d * scale) * (q - 32) per 16
+    weights, in the gguf package's float32 order (the layout is described in cpu/lut_gemm.cpp)."""
+    n = _check_q6k(K, blocks)
+    b = blocks.reshape(-1, Q6K_BYTES)
+    nb = b.shape[0]
+    sh4 = torch.tensor([0, 4], dtype=torch.uint8)
+    sh2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+    ql = ((b[:, :128].reshape(nb, 2, 1, 64) >> sh4[:, None]) & 15).reshape(nb, 256)  # [half, nibble, 64]
+    qh = ((b[:, 128:192].reshape(nb, 2, 1, 32) >> sh2[:, None]) & 3).reshape(nb, 256)  # [half, shift, 32]
+    sc = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = b[:, 208:210].contiguous().view(torch.float16).float()
+    q = (ql | (qh << 4)).float() - 32
+    return ((d * sc)[..., None] * q.view(nb, 16, 16)).reshape(n, K)
+
+
+def q6k_gemm_ref(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch `q6k_gemm`: x float32 [B, K] -> [B, n] through the dequantized weight."""
+    return x.float() @ q6k_dequantize_ref(blocks, x.shape[1]).t()
+
+
+def q6k_gemm(x: torch.Tensor, blocks: torch.Tensor, *, num_threads: int | None = None,
+             isa: str | None = None) -> torch.Tensor:
+    """x: float32 [B, K] -> y float32 [B, n] = x @ W^T for W stored as GGUF Q6_K blocks (uint8
+    [n, K / 256 * 210], the file's bytes): the C++ kernel `bitfold_q6k_gemm`, every weight
+    decoded and multiplied by its float activation (no tables). isa 'avx2' / 'scalar' forces a path."""
+    lib = load_cpu_library()
+    x = x.float().contiguous()
+    B, K = x.shape
+    n = _check_q6k(K, blocks)
+    if not blocks.is_contiguous():
+        raise ValueError("Q6_K blocks must be contiguous")
+    y = torch.empty(B, n, dtype=torch.float32)
+    if B == 0 or n == 0:
+        return y
+    rc = lib.bitfold_q6k_gemm(x.data_ptr(), B, K, blocks.data_ptr(), n, y.data_ptr(),
+                              num_threads or torch.get_num_threads(), -1 if isa is None else ISAS[isa])
+    if rc != 0:
+        raise ValueError(f"bitfold_q6k_gemm rejected B={B} K={K} n={n}")
+    return y

@@ -63,6 +63,9 @@ def why_not_model(model) -> str | None:
         att = layer.attn
         lins = (("qkv", att.qkv), ("o", att.o), ("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down))
         for name, lin in lins:
+            if hasattr(lin, "q6k_blocks"):  # weights/gguf.py's CPU Q6_K storage (weights/gguf.CPU_Q6K_NATIVE)
+                return (f"layer {i} {name}: Q6_K blocks kept as the file's (weights/gguf.CPU_Q6K_NATIVE) run per-op; "
+                        f"the fused step has no Q6_K case")
             if not isinstance(lin.fmt, LowBitFormat):
                 return f"layer {i} {name}: weight format {lin.fmt.name!r} is not a low-bit LUT format"
             spec = lin.fmt.spec

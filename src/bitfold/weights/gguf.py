@@ -11,6 +11,11 @@ shards and decides once every row is in (`process_after_loading`):
   products rounded to fp16, see gguf_blocks.py); `layer.fmt` is replaced by that format, so the
   fused CPU step, `bitfold quantize` and the tests see an ordinary low-bit layer. A shard stored
   as floats (F16/F32 tensors) makes the layer dense.
+- on the CPU, with `CPU_Q6K_NATIVE = True` (opt-in: see README "CPU and low-bit"), a layer
+  whose every shard is Q6_K keeps the file's blocks as they are (`q6k_blocks` uint8 [out,
+  in / 256 * 210]: memory = file bytes, 6.56 bits/weight instead of int6-g16's 10) and runs
+  the table-free Q6K kernel (kernels/lut_gemm.py `q6k_gemm`). A merged layer whose shards mix
+  Q6_K with other types (Qwen's q|k|v with a Q6_K v) still becomes int6-g16 as above.
 - on a GPU it keeps every shard in its own type's native layout (`gguf_blocks.native`: the
   file's bytes, read by kernels/qmatmul.py's fused kernels): consecutive rows of one type are
   one run (one kernel launch), float shards a dense run; a layer of several runs writes each
@@ -20,12 +25,23 @@ shards and decides once every row is in (`process_after_loading`):
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType
 
+from bitfold.kernels import lut_gemm as lut
 from bitfold.kernels import qmatmul as qm
 from bitfold.weights import dense
 from bitfold.weights.base import WEIGHT_FORMATS, WeightFormat
 from bitfold.weights.lowbit import LowBitSpec, qweight_rows
 from bitfold.weights.packed import PackedWeight
+
+
+CPU_Q6K_NATIVE = False  # opt-in (slower at batch 1, README "CPU and low-bit"): CPU Q6_K layers keep the file's blocks
+
+
+def cpu_q6k_native() -> bool:
+    """Whether CPU layers of Q6_K shards keep the file's blocks (`CPU_Q6K_NATIVE`) rather than
+    becoming int6-g16 LUT codes (the default). Read when a layer is built."""
+    return CPU_Q6K_NATIVE
 
 
 def cpu_format(parts: list) -> str:
@@ -68,10 +84,13 @@ class GGUFFormat(WeightFormat):
             return "gguf"
         if self._device.type != "cpu":
             return "dense"
+        qtypes = {getattr(p, "qtype", None) for _, p in self._parts}
+        if qtypes == {GGMLQuantizationType.Q6_K} and cpu_q6k_native():
+            return "gguf-q6k"
         return cpu_format([p for _, p in self._parts])
 
     def process_after_loading(self, layer):
-        if hasattr(self, "_runs"):
+        if hasattr(self, "_runs") or hasattr(layer, "q6k_blocks"):
             return  # built already (an embedding's table is loaded before the model's pass)
         if not bool(self._rows_in.all()):
             missing = int((~self._rows_in).sum())
@@ -79,6 +98,11 @@ class GGUFFormat(WeightFormat):
         target = self.target()
         if target == "gguf":
             return self._build_runs(layer)
+        if target == "gguf-q6k":  # the file's blocks as they are, rows in order
+            raw = torch.cat([p.raw for _, p in sorted(self._parts, key=lambda p: p[0])]).contiguous()
+            layer.register_buffer("q6k_blocks", raw)
+            self._parts = []
+            return
         fmt = WEIGHT_FORMATS.get(target)()
         with torch.device(self._device):
             fmt.create_weights(layer, *self._args)
@@ -121,16 +145,24 @@ class GGUFFormat(WeightFormat):
         self._parts = []
 
     def can_gather(self, layer) -> bool:
-        """Whether `rows` works: a GPU layer of one block run (an embedding table)."""
+        """Whether `rows` works: a GPU layer of one block run or a CPU Q6_K layer (an embedding
+        table)."""
+        if hasattr(layer, "q6k_blocks"):
+            return True
         runs = getattr(self, "_runs", ())
         return len(runs) == 1 and runs[0][2] is not None
 
     def rows(self, layer, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` (int64 [T]) of the weight, dequantized: [T, in] in the layer's dtype."""
+        """Rows `ids` (int64 [T]) of the weight, dequantized: [T, in] in the layer's dtype (float32
+        on the CPU, from those rows' blocks only)."""
+        if hasattr(layer, "q6k_blocks"):
+            return lut.q6k_dequantize_ref(layer.q6k_blocks.index_select(0, ids.to(torch.int64)), self._args[0])
         return qweight_rows(self._runs[0][2], ids, self._args[2])
 
     def dequantized(self, layer) -> torch.Tensor:
-        """float32 [out, in] of a GPU layer's runs (tests, the reference)."""
+        """float32 [out, in] of a GPU layer's runs or a CPU Q6_K layer (tests, the reference)."""
+        if hasattr(layer, "q6k_blocks"):
+            return lut.q6k_dequantize_ref(layer.q6k_blocks, self._args[0])
         rows = []
         for _, _, qw, name in self._runs:
             rows.append(qm.dequantize_ref(qw) if qw is not None else getattr(layer, name).float())
@@ -138,6 +170,8 @@ class GGUFFormat(WeightFormat):
 
     def apply(self, layer, x, act=None):
         """act (`apply_silu_mul`): only for a layer of one run of blocks."""
+        if hasattr(layer, "q6k_blocks"):
+            return self._q6k_apply(layer, x)
         if not hasattr(self, "_runs"):
             raise RuntimeError("a GGUF layer runs once its weights are loaded (process_after_loading)")
         shape = x.shape
@@ -156,6 +190,24 @@ class GGUFFormat(WeightFormat):
         if hasattr(self, "_runs") and len(self._runs) == 1 and self._runs[0][2] is not None:
             return self.apply(layer, h, "silu_mul")  # one run of blocks: its kernel takes gate | up
         return super().apply_silu_mul(layer, h)
+
+    def _q6k_apply(self, layer, x):
+        """A CPU Q6_K layer: x [..., in] -> [..., out] through `q6k_gemm` (its reference where the
+        C++ kernels could not be built)."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        if getattr(self, "_q6k_kernel", None) is None:
+            self._q6k_kernel = lut.load_cpu_library().bitfold_q6k_gemm if lut.available() else False
+        if self._q6k_kernel:  # the hot path: shapes were fixed when the blocks were kept
+            y = torch.empty(x2.shape[0], self._args[1])
+            if x2.shape[0]:
+                self._q6k_kernel(x2.data_ptr(), x2.shape[0], self._args[0], layer.q6k_blocks.data_ptr(), self._args[1],
+                                 y.data_ptr(), torch.get_num_threads(), -1)
+        else:
+            y = lut.q6k_gemm_ref(x2, layer.q6k_blocks)
+        return y.to(x.dtype).view(*shape[:-1], self._args[1])
 
     @staticmethod
     def _run(layer, run, x, out, act=None):

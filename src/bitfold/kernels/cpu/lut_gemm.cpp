@@ -561,13 +561,14 @@ Pool& pool() {
   return p;
 }
 
-// ---- table-free GEMMs: 8-bit codes and 4-bit codebook codes times float32 activations --------
+// ---- table-free GEMMs: 8-bit codes, 4-bit codebook codes, Q6_K blocks times float32 activations
 // The LUT path rounds its activation tables to int8 per group, ~2-3% error per product: fine
 // under 4-bit weights' own error, not under 8-bit ones' (Qwen2.5-1.5B int8: +4.8% perplexity), and
 // a codebook's values are not sums of bit planes. Here every weight meets its float activation:
 //   y[b, n] = sum_g s[n,g] * sum_{k in g} v(n,k) x[b,k] + m[n,g] * sum_{k in g} x[b,k]
 // with v the code (uint8 [N][K], `Q8`) or the codebook's value of a nibble (uint32 words [N][K/8],
-// nibble j = input 8i + j, `Cb4`: bitfold/kernels/codebook.py; m = 0). One template runs both:
+// nibble j = input 8i + j, `Cb4`: bitfold/kernels/codebook.py; m = 0) or a GGUF Q6_K block's
+// 6-bit code minus 32 (`Q6K`: the file's bytes, s = d * sub-scale, m = 0). One template runs all:
 // R weight rows x NB activation rows per pass, each 8 weights decoded and scaled once and then
 // met by NB activation vectors (one FMA each, straight into the output's accumulator: no
 // per-group horizontal sum, which cost as much as a 32-weight group's FMAs).
@@ -580,7 +581,18 @@ struct RowsProblem {
   float* y;
 };
 
-struct Q8 {  // uint8 codes
+// Decoders take their per-group scale from RowsProblem's fp16 array (`Fp16Scales`) or, Q6K, from
+// their own blocks; `scale` is the portable decode, `scale_f16c` the AVX2 path's.
+struct Fp16Scales {
+  float scale(const RowsProblem& P, int n, int g, int groups) const {
+    return half_to_float(P.scales[static_cast<size_t>(n) * groups + g]);
+  }
+  __attribute__((target("avx2,fma,f16c"))) float scale_f16c(const RowsProblem& P, int n, int g, int groups) const {
+    return _cvtsh_ss(P.scales[static_cast<size_t>(n) * groups + g]);  // F16C: not the portable bit decode
+  }
+};
+
+struct Q8 : Fp16Scales {  // uint8 codes
   const uint8_t* q;
   float at(int n, int k, int K) const { return static_cast<float>(q[static_cast<size_t>(n) * K + k]); }
   __attribute__((target("avx2,fma,f16c"))) __m256 load8(int n, int k, int K) const {
@@ -589,7 +601,7 @@ struct Q8 {  // uint8 codes
   }
 };
 
-struct Cb4 {  // 4-bit codebook codes: two 8-entry permutes and a blend on bit 3 per 8 nibbles
+struct Cb4 : Fp16Scales {  // 4-bit codebook codes: two 8-entry permutes and a blend on bit 3 per 8 nibbles
   const uint32_t* codes;
   const float* codebook;
   float at(int n, int k, int K) const {
@@ -606,6 +618,52 @@ struct Cb4 {  // 4-bit codebook codes: two 8-entry permutes and a blend on bit 3
   }
 };
 
+// GGUF Q6_K blocks as the file stores them (ggml-common.h block_q6_K), 210 bytes per 256 weights
+// of a row: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] int8, d fp16. Weight
+// 128h + 32s + l of a block (half h, quarter s, l < 32) is
+//   q = ((ql[64h + 32(s&1) + l] >> 4(s>>1)) & 15) | (((qh[32h + l] >> 2s) & 3) << 4)
+//   w = (d * scales[(128h + 32s + l) / 16]) * (q - 32)
+// in that float32 order, as the gguf package dequantizes it. A group is a 16-weight sub-block
+// (group 16, no mins; the zero 32 is subtracted from the code, so the code is exact in float):
+// 8 consecutive weights share one run of ql bytes, one of qh bytes and both shifts.
+struct Q6K {
+  static constexpr int kBytes = 210;
+  const uint8_t* blocks;  // [N][K / 256][210]
+  const uint8_t* block(int n, int k, int K) const {
+    return blocks + (static_cast<size_t>(n) * (K / 256) + k / 256) * kBytes;
+  }
+  float scale(const RowsProblem&, int n, int g, int groups) const {
+    const uint8_t* b = block(n, 16 * g, 16 * groups);
+    uint16_t d;
+    std::memcpy(&d, b + 208, 2);
+    return half_to_float(d) * static_cast<float>(static_cast<int8_t>(b[192 + g % 16]));
+  }
+  __attribute__((target("avx2,fma,f16c"))) float scale_f16c(const RowsProblem& P, int n, int g, int groups) const {
+    const uint8_t* b = block(n, 16 * g, 16 * groups);
+    uint16_t d;
+    std::memcpy(&d, b + 208, 2);
+    return _cvtsh_ss(d) * static_cast<float>(static_cast<int8_t>(b[192 + g % 16]));
+  }
+  float at(int n, int k, int K) const {
+    const uint8_t* b = block(n, k, K);
+    const int kb = k % 256, h = kb / 128, s = (kb % 128) / 32, l = kb % 32;
+    const int lo = (b[64 * h + 32 * (s & 1) + l] >> (4 * (s >> 1))) & 15;
+    const int hi = (b[128 + 32 * h + l] >> (2 * s)) & 3;
+    return static_cast<float>((lo | (hi << 4)) - 32);
+  }
+  __attribute__((target("avx2,fma,f16c"))) __m256 load8(int n, int k, int K) const {
+    const uint8_t* b = block(n, k, K);
+    const int kb = k % 256, h = kb / 128, s = (kb % 128) / 32, l = kb % 32;
+    const __m128i ql = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 64 * h + 32 * (s & 1) + l));
+    const __m128i qh = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 128 + 32 * h + l));
+    // byte shifts through 16-bit lanes, then masks: bits shifted in from the neighbour byte are cut
+    const __m128i lo = _mm_and_si128(_mm_srl_epi16(ql, _mm_cvtsi32_si128(4 * (s >> 1))), _mm_set1_epi8(15));
+    const __m128i hi = _mm_and_si128(_mm_srl_epi16(qh, _mm_cvtsi32_si128(2 * s)), _mm_set1_epi8(3));
+    const __m128i q = _mm_or_si128(lo, _mm_slli_epi16(hi, 4));  // hi < 4: no bit leaves its byte
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(q), _mm256_set1_epi32(32)));
+  }
+};
+
 template <class W>
 void rows_scalar(const RowsProblem& P, const W& w, int n0, int n1) {
   const int groups = P.K / P.group;
@@ -616,9 +674,9 @@ void rows_scalar(const RowsProblem& P, const W& w, int n0, int n1) {
       for (int g = 0; g < groups; ++g) {
         float d = 0.f;
         for (int k = g * P.group; k < (g + 1) * P.group; ++k) d += w.at(n, k, P.K) * xb[k];
-        const size_t sg = static_cast<size_t>(n) * groups + g;
-        acc += half_to_float(P.scales[sg]) * d;
-        if (P.mins) acc += half_to_float(P.mins[sg]) * P.sumx[static_cast<size_t>(b) * groups + g];
+        acc += w.scale(P, n, g, groups) * d;
+        if (P.mins)
+          acc += half_to_float(P.mins[static_cast<size_t>(n) * groups + g]) * P.sumx[static_cast<size_t>(b) * groups + g];
       }
       P.y[static_cast<size_t>(b) * P.N + n] = acc;
     }
@@ -643,10 +701,9 @@ __attribute__((target("avx2,fma,f16c"))) void rows_block_avx2(const RowsProblem&
   for (int g = 0; g < groups; ++g) {
     __m256 sv[R];
     for (int r = 0; r < R; ++r) {
-      const size_t sg = static_cast<size_t>(n + r) * groups + g;
-      sv[r] = _mm256_set1_ps(_cvtsh_ss(P.scales[sg]));  // F16C: not the portable bit decode
+      sv[r] = _mm256_set1_ps(w.scale_f16c(P, n + r, g, groups));
       if (P.mins) {
-        const float mn = _cvtsh_ss(P.mins[sg]);
+        const float mn = _cvtsh_ss(P.mins[static_cast<size_t>(n + r) * groups + g]);
         for (int j = 0; j < NB; ++j) mtot[r][j] += mn * P.sumx[static_cast<size_t>(b0 + j) * groups + g];
       }
     }
@@ -678,6 +735,83 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const RowsProblem& P, co
         case 3: rows_block_avx2<W, 2, 3>(P, w, n, b); break;
         case 2: rows_block_avx2<W, 2, 2>(P, w, n, b); break;
         case 1: rows_block_avx2<W, 2, 1>(P, w, n, b); break;
+        default: break;
+      }
+    }
+  }
+  if (n < n1) rows_scalar(P, w, n, n1);
+}
+
+// Q6K's AVX2 pass: a whole 256-weight block at a time instead of `load8` per 8 weights (which
+// recomputes the block address, shifts and the sub-block's scale for every 8 weights: 4-6x slower
+// than the int6-g16 LUT path it replaces). Per row and block the 16 scales d * sc are computed
+// once (float32, gguf's order); per quarter (32 weights: one ql run, one qh run, two fixed
+// shifts) the codes are assembled as 32 bytes in 4 vector ops, minus 32 as int8, then widened 8
+// at a time and scaled; the FMAs are the template's (NB activation rows per decoded vector).
+template <int R, int NB>
+__attribute__((target("avx2,fma,f16c"))) void q6k_block_avx2(const RowsProblem& P, const Q6K& w, int n, int b0) {
+  const int nblk = P.K / 256;
+  const float* xb[NB];
+  for (int j = 0; j < NB; ++j) xb[j] = P.x + static_cast<size_t>(b0 + j) * P.K;
+  __m256 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
+  const __m256i lo4 = _mm256_set1_epi8(15), lo2 = _mm256_set1_epi8(3), zero32 = _mm256_set1_epi8(32);
+  for (int blk = 0; blk < nblk; ++blk) {
+    const uint8_t* bp[R];
+    alignas(32) float sc[R][16];
+    for (int r = 0; r < R; ++r) {
+      bp[r] = w.blocks + (static_cast<size_t>(n + r) * nblk + blk) * Q6K::kBytes;
+      uint16_t d;
+      std::memcpy(&d, bp[r] + 208, 2);
+      const __m256 dv = _mm256_set1_ps(_cvtsh_ss(d));
+      const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bp[r] + 192));
+      _mm256_store_ps(sc[r], _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8))));
+      _mm256_store_ps(sc[r] + 8, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8)))));
+    }
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < 4; ++s) {
+        __m256i q[R];  // int8 codes - 32 of weights 128h + 32s + 0..31
+        for (int r = 0; r < R; ++r) {
+          const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[r] + 64 * h + 32 * (s & 1)));
+          const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp[r] + 128 + 32 * h));
+          const __m256i lo = _mm256_and_si256(s >> 1 ? _mm256_srli_epi16(ql, 4) : ql, lo4);
+          const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s)), lo2);
+          q[r] = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), zero32);
+        }
+        const int k0 = blk * 256 + 128 * h + 32 * s;
+        for (int c = 0; c < 4; ++c) {
+          __m256 wv[R];
+          for (int r = 0; r < R; ++r) {
+            const __m128i half = c < 2 ? _mm256_castsi256_si128(q[r]) : _mm256_extracti128_si256(q[r], 1);
+            const __m128i b8 = c & 1 ? _mm_srli_si128(half, 8) : half;
+            wv[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8)),
+                                  _mm256_broadcast_ss(&sc[r][8 * h + 2 * s + c / 2]));
+          }
+          for (int j = 0; j < NB; ++j) {
+            const __m256 xv = _mm256_loadu_ps(xb[j] + k0 + 8 * c);
+            for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]);
+          }
+        }
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) P.y[static_cast<size_t>(b0 + j) * P.N + n + r] = hsum_avx2(acc[r][j]);
+}
+
+template <>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2<Q6K>(const RowsProblem& P, const Q6K& w, int n0, int n1) {
+  int n = n0;
+  if (P.B == 1) {
+    for (; n + 4 <= n1; n += 4) q6k_block_avx2<4, 1>(P, w, n, 0);
+  } else {
+    for (; n + 2 <= n1; n += 2) {
+      int b = 0;
+      for (; b + 4 <= P.B; b += 4) q6k_block_avx2<2, 4>(P, w, n, b);
+      switch (P.B - b) {
+        case 3: q6k_block_avx2<2, 3>(P, w, n, b); break;
+        case 2: q6k_block_avx2<2, 2>(P, w, n, b); break;
+        case 1: q6k_block_avx2<2, 1>(P, w, n, b); break;
         default: break;
       }
     }
@@ -723,7 +857,7 @@ extern "C" {
 // multiple of 8. isa < 0 picks the best (AVX2 or scalar). Returns 0, or -1 for bad arguments.
 int bitfold_cb4_gemm(const float* x, int B, int K, const uint32_t* codes, const uint16_t* scales,
                      const float* codebook, int N, int group, float* y, int nthreads, int isa) {
-  return rows_gemm(x, B, K, N, group, scales, nullptr, Cb4{codes, codebook}, y, nthreads, isa);
+  return rows_gemm(x, B, K, N, group, scales, nullptr, Cb4{{}, codes, codebook}, y, nthreads, isa);
 }
 
 // y[B, N] = x[B, K] @ W^T, W[n, k] = s[n, k / group] * q[n, k] + m[n, k / group] with uint8
@@ -732,7 +866,15 @@ int bitfold_cb4_gemm(const float* x, int B, int K, const uint32_t* codes, const 
 // Returns 0, or -1 for bad arguments.
 int bitfold_q8_gemm(const float* x, int B, int K, const uint8_t* q, const uint16_t* scales, const uint16_t* mins,
                     int N, int group, float* y, int nthreads, int isa) {
-  return rows_gemm(x, B, K, N, group, scales, mins, Q8{q}, y, nthreads, isa);
+  return rows_gemm(x, B, K, N, group, scales, mins, Q8{{}, q}, y, nthreads, isa);
+}
+
+// y[B, N] = x[B, K] @ W^T for W stored as GGUF Q6_K blocks (`Q6K` above: [N][K / 256][210] bytes,
+// the file's tensor as it is), every weight times its float activation. K a multiple of 256.
+// isa < 0 picks the best (AVX2 or scalar). Returns 0, or -1 for bad arguments.
+int bitfold_q6k_gemm(const float* x, int B, int K, const uint8_t* blocks, int N, float* y, int nthreads, int isa) {
+  if (K <= 0 || K % 256) return -1;
+  return rows_gemm(x, B, K, N, 16, nullptr, nullptr, Q6K{blocks}, y, nthreads, isa);
 }
 
 // 2 = AVX-512BW, 1 = AVX2, 0 = scalar.
