@@ -67,6 +67,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitfold_decode_layers": (i, [p, i, p]),
         "bitfold_decode_error": (ctypes.c_char_p, []),
         "bitfold_decode_profile": (None, [p]),
+        "bitfold_quant_decode": (i, [p]),
+        "bitfold_quant_decode_check": (ctypes.c_char_p, [p]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

@@ -1,0 +1,137 @@
+"""Decode attention over compressed KV pages on the CPU: the C++ kernel `bitfold_quant_decode`
+(kernels/cpu/quant_kv.cpp) behind `quant_paged_decode_cpu`, with the same signature and meaning as
+its reference `quant_paged_decode_ref` (kernels/quant_kv_attention.py, re-exported here).
+
+The reference dequantizes every page of the batch into float tensors at every step; the kernel
+reads each page's codes once per (sequence, KV head), unpacks it into an L1-sized float tile,
+folds KIVI's per-channel key scale into q and its zero point into a per-row bias, and runs an
+online softmax in float32 (see the C++ file). Float32 only (the CPU's compute dtype): q, the
+output, dense sides and the rings. `quant_paged_decode_cpu_or_ref` is what the CPU backend's ops
+call: the kernel where `why_not` has nothing against the inputs, the reference otherwise.
+Prefill over compressed pages stays the reference (`quant_paged_prefill_ref`).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from bitfold.kernels.cpu_lib import ISAS, available, load_cpu_library
+from bitfold.kernels.quant_kv_attention import _check, quant_paged_decode_ref
+from bitfold.kernels.quant_kv_write import KIND_DENSE, KIND_GROUP, QuantLayout
+
+__all__ = ["quant_paged_decode_cpu", "quant_paged_decode_cpu_or_ref", "quant_paged_decode_ref", "why_not"]
+
+# A split (flash-decoding) covers at least this many pages: below, its partial results cost more
+# to write and merge than the parallelism gains.
+MIN_SPLIT_PAGES = 8
+
+
+class _Args(ctypes.Structure):
+    """`BitfoldQuantDecodeArgs` of quant_kv.cpp, field for field."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "q", "k", "k_meta", "v", "v_meta", "ring_k", "ring_v", "block_tables", "context_lens", "seq_slots", "out",
+        "part_m", "part_l", "part_acc")] + [(name, ctypes.c_int32) for name in (
+            "batch", "heads", "kv_heads", "head_dim", "block_size", "max_blocks", "num_blocks", "num_slots",
+            "k_kind", "k_bits", "v_kind", "v_bits", "v_group", "residual", "ring_cap", "sliding_window",
+            "num_splits", "num_threads", "isa", "reserved")] + [("scale", ctypes.c_float)]
+
+
+def why_not(lay: QuantLayout, q: torch.Tensor, storage) -> str | None:
+    """Why the C++ kernel cannot take these inputs (None: it can)."""
+    if not available():
+        return "the C++ CPU kernels could not be built"
+    if q.device.type != "cpu" or storage.k.device.type != "cpu":
+        return f"runs on the CPU, not {q.device.type}"
+    if q.dtype != torch.float32:
+        return f"computes in float32, not {str(q.dtype).removeprefix('torch.')}"
+    dense_sides = [t for kind, t in ((lay.k_kind, storage.k), (lay.v_kind, storage.v)) if kind == KIND_DENSE]
+    rings = [storage.ring_k, storage.ring_v] if lay.ring else []
+    if any(t.dtype != torch.float32 for t in dense_sides + rings):
+        return "16-bit sides and rings must be float32 (the codec's compute dtype)"
+    if lay.head_dim % 32:
+        return f"head_dim {lay.head_dim} is not a multiple of 32 (whole AVX-512 vectors, two per tile)"
+    if lay.v_kind == KIND_GROUP and lay.v_group % 16:
+        return f"V groups of {lay.v_group} channels are not whole AVX-512 vectors"
+    return None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None and t.numel() else None
+
+
+def split_count(batch: int, kv_heads: int, max_pages: int, threads: int) -> int:
+    """Splits per (sequence, KV head): enough tasks for 2 per thread (the pool balances claims),
+    each split at least MIN_SPLIT_PAGES pages."""
+    tasks = batch * kv_heads
+    if tasks >= 2 * threads:
+        return 1
+    return max(1, min(-(-2 * threads // max(tasks, 1)), max_pages // MIN_SPLIT_PAGES))
+
+
+def quant_paged_decode_cpu(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
+                           sliding_window: int = 0, *, num_splits: int | None = None, num_threads: int | None = None,
+                           isa: str | None = None, **_) -> torch.Tensor:
+    """`quant_paged_decode_ref` in C++ (same arguments: q `[B, num_heads, head_dim]` float32; storage
+    the layer's `QuantKV`; block_tables int32 `[B, max_blocks]`; context_lens int32 `[B]` (the new
+    token included, already written); seq_slots int32 `[B]` (ring slot, -1 = a padding row: its
+    ring is not read) when the codec has a ring). Returns `[B, num_heads, head_dim]` float32; a
+    sequence with nothing to attend to gets zeros. `num_splits`: runs of pages per (sequence, KV
+    head) (default `split_count`); `num_threads`: default torch.get_num_threads(); `isa`: "scalar",
+    "avx2", "avx512" (default: the best this CPU has; a better one than it has falls back)."""
+    _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
+    why = why_not(lay, q, storage)
+    if why is not None:
+        raise ValueError(f"the C++ compressed-KV decode cannot run these inputs: {why}")
+    B, H, D = q.shape
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    q = q.contiguous()
+    block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
+    if seq_slots is not None:
+        seq_slots = seq_slots.contiguous()
+    for name, t in (("k", storage.k), ("v", storage.v), ("k_meta", storage.k_meta), ("v_meta", storage.v_meta),
+                    ("ring_k", storage.ring_k), ("ring_v", storage.ring_v)):
+        if not t.is_contiguous():
+            raise ValueError(f"storage.{name} must be contiguous")
+    threads = num_threads or torch.get_num_threads()
+    BS = lay.block_size
+    max_pages = -(-int(context_lens.max()) // BS)
+    if num_splits is None:
+        num_splits = split_count(B, lay.num_kv_heads, max_pages, threads)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    part_m = part_l = part_acc = None
+    if num_splits > 1:
+        part_m = torch.empty(B, H, num_splits, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(B, H, num_splits, D, dtype=torch.float32)
+    a = _Args(q=_ptr(q), k=_ptr(storage.k), k_meta=_ptr(storage.k_meta), v=_ptr(storage.v),
+              v_meta=_ptr(storage.v_meta), ring_k=_ptr(storage.ring_k) if lay.ring else None,
+              ring_v=_ptr(storage.ring_v) if lay.ring else None, block_tables=_ptr(block_tables),
+              context_lens=_ptr(context_lens), seq_slots=_ptr(seq_slots), out=_ptr(out), part_m=_ptr(part_m),
+              part_l=_ptr(part_l), part_acc=_ptr(part_acc), batch=B, heads=H, kv_heads=lay.num_kv_heads, head_dim=D,
+              block_size=BS, max_blocks=block_tables.shape[1], num_blocks=storage.k.shape[0],
+              num_slots=storage.ring_k.shape[0] if lay.ring else 0, k_kind=lay.k_kind, k_bits=lay.k_bits,
+              v_kind=lay.v_kind, v_bits=lay.v_bits, v_group=lay.v_group, residual=lay.residual,
+              ring_cap=lay.ring_cap, sliding_window=sliding_window, num_splits=num_splits, num_threads=threads,
+              isa=-1 if isa is None else ISAS[isa], reserved=0, scale=float(scale))
+    lib = load_cpu_library()
+    rc = lib.bitfold_quant_decode(ctypes.byref(a))
+    if rc == -1:
+        raise ValueError(f"bitfold_quant_decode refused its arguments: {lib.bitfold_quant_decode_check(ctypes.byref(a)).decode()}")
+    if rc == -2:
+        raise ValueError(f"a block table entry (of {storage.k.shape[0]} pages) or a sequence slot (of "
+                         f"{a.num_slots}) that the step needs is out of range")
+    return out
+
+
+def quant_paged_decode_cpu_or_ref(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
+                                  context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
+                                  sliding_window: int = 0, **kw) -> torch.Tensor:
+    """The CPU backend's decode: `quant_paged_decode_cpu` where `why_not` allows, else the reference."""
+    fn = quant_paged_decode_cpu if why_not(lay, q, storage) is None else quant_paged_decode_ref
+    return fn(lay, q, storage, block_tables, context_lens, seq_slots, scale, sliding_window, **kw)
