@@ -73,20 +73,27 @@ def split_count(batch: int, kv_heads: int, max_pages: int, threads: int) -> int:
 def quant_paged_decode_cpu(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
                            sliding_window: int = 0, *, num_splits: int | None = None, num_threads: int | None = None,
-                           isa: str | None = None, **_) -> torch.Tensor:
+                           isa: str | None = None, max_context_len: int | None = None, **_) -> torch.Tensor:
     """`quant_paged_decode_ref` in C++ (same arguments: q `[B, num_heads, head_dim]` float32; storage
     the layer's `QuantKV`; block_tables int32 `[B, max_blocks]`; context_lens int32 `[B]` (the new
     token included, already written); seq_slots int32 `[B]` (ring slot, -1 = a padding row: its
     ring is not read) when the codec has a ring). Returns `[B, num_heads, head_dim]` float32; a
     sequence with nothing to attend to gets zeros. `num_splits`: runs of pages per (sequence, KV
     head) (default `split_count`); `num_threads`: default torch.get_num_threads(); `isa`: "scalar",
-    "avx2", "avx512" (default: the best this CPU has; a better one than it has falls back)."""
-    _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
+    "avx2", "avx512" (default: the best this CPU has; a better one than it has falls back);
+    `max_context_len`: a host-side bound of context_lens (saves reading it to plan the splits)."""
     why = why_not(lay, q, storage)
     if why is not None:
         raise ValueError(f"the C++ compressed-KV decode cannot run these inputs: {why}")
+    return _decode(lay, q, storage, block_tables, context_lens, seq_slots, scale, sliding_window, num_splits,
+                   num_threads, isa, max_context_len)
+
+
+def _decode(lay, q, storage, block_tables, context_lens, seq_slots, scale, sliding_window, num_splits, num_threads,
+            isa, max_context_len) -> torch.Tensor:
+    _check(lay, q, storage, block_tables, context_lens, seq_slots, sliding_window)
     B, H, D = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty(B, H, D, dtype=torch.float32)
     if B == 0:
         return out
     q = q.contiguous()
@@ -99,7 +106,7 @@ def quant_paged_decode_cpu(lay: QuantLayout, q: torch.Tensor, storage, block_tab
             raise ValueError(f"storage.{name} must be contiguous")
     threads = num_threads or torch.get_num_threads()
     BS = lay.block_size
-    max_pages = -(-int(context_lens.max()) // BS)
+    max_pages = -(-(int(context_lens.max()) if max_context_len is None else max_context_len) // BS)
     if num_splits is None:
         num_splits = split_count(B, lay.num_kv_heads, max_pages, threads)
     if num_splits < 1:
@@ -133,5 +140,7 @@ def quant_paged_decode_cpu_or_ref(lay: QuantLayout, q: torch.Tensor, storage, bl
                                   context_lens: torch.Tensor, seq_slots: torch.Tensor | None, scale: float,
                                   sliding_window: int = 0, **kw) -> torch.Tensor:
     """The CPU backend's decode: `quant_paged_decode_cpu` where `why_not` allows, else the reference."""
-    fn = quant_paged_decode_cpu if why_not(lay, q, storage) is None else quant_paged_decode_ref
-    return fn(lay, q, storage, block_tables, context_lens, seq_slots, scale, sliding_window, **kw)
+    if why_not(lay, q, storage) is not None:
+        return quant_paged_decode_ref(lay, q, storage, block_tables, context_lens, seq_slots, scale, sliding_window)
+    return _decode(lay, q, storage, block_tables, context_lens, seq_slots, scale, sliding_window, kw.get("num_splits"),
+                   kw.get("num_threads"), kw.get("isa"), kw.get("max_context_len"))

@@ -111,6 +111,9 @@ class QuantCppOps(QuantOps):
     write, decode, prefill = (staticmethod(write_quant_kv_ref), staticmethod(quant_paged_decode_cpu_or_ref),
                               staticmethod(quant_paged_prefill_ref))
 
+    def decode_kwargs(self, meta):
+        return {"max_context_len": meta.max_context_len}
+
 
 class QuantTritonOps(QuantOps):
     write, decode, prefill = staticmethod(write_quant_kv), staticmethod(quant_paged_decode), staticmethod(quant_paged_prefill)
