@@ -266,6 +266,118 @@ def test_inputs_it_cannot_take_go_to_the_reference():
     torch.testing.assert_close(quant_paged_decode_cpu_or_ref(*args), quant_paged_decode_ref(*args), rtol=0, atol=0)
 
 
+# ------------------------------------------------------------------------------ the decode write
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes (NaN == NaN, -0.0 != 0.0)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def _step_kv(gen, B, kvh, d, step):
+    """A decode step's new K/V: an outlier channel, a constant channel (zero range: scale 0), a
+    channel of tiny spread (fp16-subnormal scales), exact halves (rounding ties) and big values."""
+    k = torch.randn(B, kvh, d, generator=gen) * 2
+    k[:, :, 3] += 15
+    k[:, :, 5] = 0.75
+    k[:, :, 6] = 1 + torch.randn(B, kvh, generator=gen) * 1e-6
+    v = torch.randn(B, kvh, d, generator=gen)
+    v[:, :, : d // 4] = torch.randint(-8, 8, (B, kvh, d // 4), generator=gen) * 0.5
+    if step % 7 == 3:
+        v *= 3e3
+    return k, v
+
+
+@pytest.mark.parametrize("name,residual", [(n, None) for n in QUANT] + [("int4", 0), ("k8v2", 16), ("int8", 16),
+                                                                        ("fp8", 16), ("k16v4", 0), ("k4v16", 16)])
+def test_decode_write_same_codes_as_reference(name, residual):
+    """Many decode steps (pages sealing from the ring, or rows written in place) through the C++
+    write and through write_quant_kv_ref on twin caches: every byte of codes, scales and rings equal;
+    a padding row (seq_slot -1, or slot_mapping -1 without a ring) writes nothing."""
+    from bitfold.attention.base import AttentionMetadata
+    from bitfold.kernels.quant_kv_cpu import write_quant_kv_decode_cpu
+    from bitfold.kernels.quant_kv_write import write_quant_kv_ref
+
+    codec = make_codec(name, torch.float32, residual=residual)
+    bs, kvh, d = codec.default_block_size, 2, 64
+    gen = torch.Generator().manual_seed(len(name) + (residual or 0))
+    starts = [79, 63, 130, 1, 40]  # the 4th row is the padding row
+    steps = 70
+    need = [-(-(n + steps) // bs) for n in starts]
+    nb = sum(need) + 2
+    perm = torch.randperm(nb, generator=gen)
+    tables = torch.full((len(starts), max(need) + 1), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = perm[used:used + n].to(torch.int32)
+        used += n
+    st = codec.allocate(nb, bs, kvh, d, torch.device("cpu"), len(starts) + 1)
+    lay = st.layout
+    for t in st[:6]:
+        if t.numel():
+            t.copy_(torch.randint(0, 255, t.shape, generator=gen, dtype=torch.uint8).view(t.dtype)
+                    if t.element_size() == 1 else torch.randn(t.shape, generator=gen).to(t.dtype))
+    twin = type(st)(*[x.clone() if isinstance(x, torch.Tensor) else x for x in st])
+    seq_slots = torch.tensor([4, 0, 2, -1, 1], dtype=torch.int32) if lay.ring else None
+    pad = 3
+    # the prompts, through the reference into both caches
+    for cache in (st, twin):
+        g = torch.Generator().manual_seed(7)
+        T = sum(starts)
+        k, v = torch.randn(T, kvh, d, generator=g), torch.randn(T, kvh, d, generator=g)
+        cu = torch.tensor([0] + torch.tensor(starts).cumsum(0).tolist(), dtype=torch.int32)
+        slot_map = torch.tensor([int(tables[b, p // bs]) * bs + p % bs for b, n in enumerate(starts) for p in range(n)])
+        meta = AttentionMetadata(slot_map, tables, torch.tensor(starts, dtype=torch.int32), cu, max(starts), max(starts),
+                                 seq_slots)
+        write_quant_kv_ref(lay, cache, k, v, meta)
+    lens = list(starts)
+    for step in range(steps):
+        lens = [n + 1 for n in lens]
+        slot_map = torch.tensor([int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(lens)])
+        if not lay.ring:
+            slot_map[pad] = -1
+        ctx = torch.tensor(lens, dtype=torch.int32)
+        meta = AttentionMetadata(slot_map, tables, ctx, torch.arange(len(lens) + 1, dtype=torch.int32), 1, max(lens),
+                                 seq_slots)
+        k, v = _step_kv(gen, len(lens), kvh, d, step)
+        write_quant_kv_ref(lay, st, k, v, meta)
+        write_quant_kv_decode_cpu(lay, twin, k, v, meta)
+        for i, (want, got) in enumerate(zip(st[:6], twin[:6])):
+            assert torch.equal(_bits(got), _bits(want)), (name, step, ["k", "k_meta", "v", "v_meta", "ring_k", "ring_v"][i])
+    # and the padding row's pages and ring were never touched: the reference skips it too, so the
+    # equality above covers it; the decode reads agree on what was written
+    q = torch.randn(len(lens), kvh * 2, d, generator=gen)
+    args = (lay, q, twin, tables, torch.tensor(lens, dtype=torch.int32), seq_slots, 0.125)
+    real = [b for b in range(len(lens)) if b != pad]
+    torch.testing.assert_close(quant_paged_decode_cpu(*args)[real], quant_paged_decode_ref(*args)[real], rtol=1e-5,
+                               atol=1e-3)  # V reaches ~1e4 (float32 steps of ~1e-3) and cancels in the sums
+
+
+def test_fp16_rounding_matches_torch():
+    """The writer's float -> fp16 (scales, zero points) is torch's .half(): ties to even, subnormals,
+    overflow to inf, every binade."""
+    from bitfold.kernels.quant_kv_cpu import write_quant_kv_decode_cpu  # noqa: F401 - the library must have it
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=gen) * torch.exp2(torch.randint(-30, 18, (20000,), generator=gen)),
+                   torch.tensor([65504.0, 65519.0, 65520.0, 1e9, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14,
+                                 2.0 ** -14 - 2.0 ** -25, 0.0, -0.0, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11])])
+    codec = make_codec("int8", torch.float32)
+    # int8 tokens whose absmax is x * 127: the stored scale is fp16(x * 127 / 127)
+    n = x.numel()
+    st = codec.allocate(n, 1, 1, 64, torch.device("cpu"))
+    from bitfold.attention.base import AttentionMetadata
+    from bitfold.kernels.quant_kv_cpu import write_quant_kv_decode_cpu as write
+
+    k = torch.zeros(n, 1, 64)
+    k[:, 0, 0] = x.abs() * 127
+    meta = AttentionMetadata(torch.arange(n), torch.zeros(n, 1, dtype=torch.int32), torch.ones(n, dtype=torch.int32),
+                             torch.arange(n + 1, dtype=torch.int32), 1, 1, None)
+    write(st.layout, st, k, k.clone(), meta)
+    want = ((x.abs() * 127) / 127).half()
+    assert torch.equal(st.k_meta[:, 0, 0].view(torch.int16), want.view(torch.int16))
+
+
 # ------------------------------------------------------------------------------ the engine
 
 

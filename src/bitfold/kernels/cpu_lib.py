@@ -69,6 +69,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitfold_decode_profile": (None, [p]),
         "bitfold_quant_decode": (i, [p]),
         "bitfold_quant_decode_check": (ctypes.c_char_p, [p]),
+        "bitfold_quant_write_decode": (i, [p, p, p, p]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

@@ -18,9 +18,10 @@ import torch
 
 from bitfold.kernels.cpu_lib import ISAS, available, load_cpu_library
 from bitfold.kernels.quant_kv_attention import _check, quant_paged_decode_ref
-from bitfold.kernels.quant_kv_write import KIND_DENSE, KIND_GROUP, QuantLayout
+from bitfold.kernels.quant_kv_write import KIND_DENSE, KIND_GROUP, QuantLayout, write_quant_kv_ref
 
-__all__ = ["quant_paged_decode_cpu", "quant_paged_decode_cpu_or_ref", "quant_paged_decode_ref", "why_not"]
+__all__ = ["quant_paged_decode_cpu", "quant_paged_decode_cpu_or_ref", "quant_paged_decode_ref", "why_not",
+           "write_quant_kv_cpu_or_ref", "write_quant_kv_decode_cpu", "write_quant_kv_ref"]
 
 # A split (flash-decoding) covers at least this many pages: below, its partial results cost more
 # to write and merge than the parallelism gains.
@@ -100,10 +101,6 @@ def _decode(lay, q, storage, block_tables, context_lens, seq_slots, scale, slidi
     block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
     if seq_slots is not None:
         seq_slots = seq_slots.contiguous()
-    for name, t in (("k", storage.k), ("v", storage.v), ("k_meta", storage.k_meta), ("v_meta", storage.v_meta),
-                    ("ring_k", storage.ring_k), ("ring_v", storage.ring_v)):
-        if not t.is_contiguous():
-            raise ValueError(f"storage.{name} must be contiguous")
     threads = num_threads or torch.get_num_threads()
     BS = lay.block_size
     max_pages = -(-(int(context_lens.max()) if max_context_len is None else max_context_len) // BS)
@@ -116,24 +113,37 @@ def _decode(lay, q, storage, block_tables, context_lens, seq_slots, scale, slidi
         part_m = torch.empty(B, H, num_splits, dtype=torch.float32)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(B, H, num_splits, D, dtype=torch.float32)
-    a = _Args(q=_ptr(q), k=_ptr(storage.k), k_meta=_ptr(storage.k_meta), v=_ptr(storage.v),
-              v_meta=_ptr(storage.v_meta), ring_k=_ptr(storage.ring_k) if lay.ring else None,
-              ring_v=_ptr(storage.ring_v) if lay.ring else None, block_tables=_ptr(block_tables),
-              context_lens=_ptr(context_lens), seq_slots=_ptr(seq_slots), out=_ptr(out), part_m=_ptr(part_m),
-              part_l=_ptr(part_l), part_acc=_ptr(part_acc), batch=B, heads=H, kv_heads=lay.num_kv_heads, head_dim=D,
-              block_size=BS, max_blocks=block_tables.shape[1], num_blocks=storage.k.shape[0],
-              num_slots=storage.ring_k.shape[0] if lay.ring else 0, k_kind=lay.k_kind, k_bits=lay.k_bits,
-              v_kind=lay.v_kind, v_bits=lay.v_bits, v_group=lay.v_group, residual=lay.residual,
-              ring_cap=lay.ring_cap, sliding_window=sliding_window, num_splits=num_splits, num_threads=threads,
-              isa=-1 if isa is None else ISAS[isa], reserved=0, scale=float(scale))
-    lib = load_cpu_library()
-    rc = lib.bitfold_quant_decode(ctypes.byref(a))
-    if rc == -1:
-        raise ValueError(f"bitfold_quant_decode refused its arguments: {lib.bitfold_quant_decode_check(ctypes.byref(a)).decode()}")
-    if rc == -2:
-        raise ValueError(f"a block table entry (of {storage.k.shape[0]} pages) or a sequence slot (of "
-                         f"{a.num_slots}) that the step needs is out of range")
+    a = _args(lay, storage, block_tables, context_lens, seq_slots, q=_ptr(q), out=_ptr(out), part_m=_ptr(part_m),
+              part_l=_ptr(part_l), part_acc=_ptr(part_acc), heads=H, sliding_window=sliding_window,
+              num_splits=num_splits, num_threads=threads, isa=-1 if isa is None else ISAS[isa], scale=float(scale))
+    _raise(load_cpu_library().bitfold_quant_decode(ctypes.byref(a)), a, "bitfold_quant_decode")
     return out
+
+
+def _args(lay: QuantLayout, storage, block_tables, context_lens, seq_slots, **step) -> _Args:
+    """The kernel's argument struct: the layout and storage of one layer, this step's tables
+    (contiguous int32, as `_check` requires), and `step`'s per-call fields."""
+    for name, t in (("k", storage.k), ("v", storage.v), ("k_meta", storage.k_meta), ("v_meta", storage.v_meta),
+                    ("ring_k", storage.ring_k), ("ring_v", storage.ring_v)):
+        if not t.is_contiguous():
+            raise ValueError(f"storage.{name} must be contiguous")
+    return _Args(k=_ptr(storage.k), k_meta=_ptr(storage.k_meta), v=_ptr(storage.v), v_meta=_ptr(storage.v_meta),
+                 ring_k=_ptr(storage.ring_k) if lay.ring else None, ring_v=_ptr(storage.ring_v) if lay.ring else None,
+                 block_tables=_ptr(block_tables), context_lens=_ptr(context_lens), seq_slots=_ptr(seq_slots),
+                 batch=context_lens.shape[0], kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
+                 block_size=lay.block_size, max_blocks=block_tables.shape[1], num_blocks=storage.k.shape[0],
+                 num_slots=storage.ring_k.shape[0] if lay.ring else 0, k_kind=lay.k_kind, k_bits=lay.k_bits,
+                 v_kind=lay.v_kind, v_bits=lay.v_bits, v_group=lay.v_group, residual=lay.residual,
+                 ring_cap=lay.ring_cap, num_splits=step.pop("num_splits", 1), **step)
+
+
+def _raise(rc: int, a: _Args, fn: str) -> None:
+    if rc == -1:
+        why = load_cpu_library().bitfold_quant_decode_check(ctypes.byref(a))
+        raise ValueError(f"{fn} refused its arguments: {why.decode() if why else 'bad tensors'}")
+    if rc == -2:
+        raise ValueError(f"a block table entry (of {a.num_blocks} pages) or a sequence slot (of {a.num_slots}) that "
+                         f"the step needs is out of range")
 
 
 def quant_paged_decode_cpu_or_ref(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,
@@ -144,3 +154,40 @@ def quant_paged_decode_cpu_or_ref(lay: QuantLayout, q: torch.Tensor, storage, bl
         return quant_paged_decode_ref(lay, q, storage, block_tables, context_lens, seq_slots, scale, sliding_window)
     return _decode(lay, q, storage, block_tables, context_lens, seq_slots, scale, sliding_window, kw.get("num_splits"),
                    kw.get("num_threads"), kw.get("isa"), kw.get("max_context_len"))
+
+
+def write_quant_kv_decode_cpu(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tensor, meta) -> None:
+    """`write_quant_kv_ref(lay, storage, k, v, meta)` for a decode step (one new token per sequence:
+    k, v float32 `[B, KVH, D]`, rotary applied) in C++, the same codes bit for bit: each sequence's
+    page that this token completes is sealed, the token goes into the ring or (codecs without a
+    ring) straight into its page slot (`meta.slot_mapping`, < 0: not written)."""
+    from bitfold.kernels.quant_kv_write import _check as _check_write
+
+    _check_write(lay, storage, k, v, meta)
+    if not meta.decode_only or k.shape[0] != meta.context_lens.shape[0]:
+        raise ValueError("write_quant_kv_decode_cpu writes one new token per sequence (a decode step)")
+    why = why_not(lay, k, storage)
+    if why is not None:
+        raise ValueError(f"the C++ compressed-KV write cannot run these inputs: {why}")
+    if not (meta.block_tables.dtype == meta.context_lens.dtype == torch.int32):
+        raise ValueError("block_tables and context_lens must be int32")
+    if k.shape[0] == 0:
+        return
+    # locals: the contiguous copies must outlive the call
+    slots = meta.slot_mapping.to(torch.int64).contiguous()
+    tables, lens = meta.block_tables.contiguous(), meta.context_lens.contiguous()
+    seq_slots = meta.seq_slots.contiguous() if meta.seq_slots is not None else None
+    k, v = k.contiguous(), v.contiguous()
+    a = _args(lay, storage, tables, lens, seq_slots, heads=lay.num_kv_heads)
+    _raise(load_cpu_library().bitfold_quant_write_decode(ctypes.byref(a), k.data_ptr(), v.data_ptr(),
+                                                         slots.data_ptr()), a, "bitfold_quant_write_decode")
+
+
+def write_quant_kv_cpu_or_ref(lay: QuantLayout, storage, k: torch.Tensor, v: torch.Tensor, meta, *,
+                              phase: str = "all", **kw) -> None:
+    """The CPU backend's write: decode steps in C++ (`write_quant_kv_decode_cpu`) where `why_not`
+    allows, prompt chunks (and everything else) through `write_quant_kv_ref`."""
+    if (phase == "all" and meta.decode_only and k.shape[0] == meta.context_lens.shape[0] and k.is_contiguous()
+            and v.is_contiguous() and why_not(lay, k, storage) is None):
+        return write_quant_kv_decode_cpu(lay, storage, k, v, meta)
+    return write_quant_kv_ref(lay, storage, k, v, meta, phase=phase, **kw)

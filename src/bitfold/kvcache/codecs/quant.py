@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from bitfold.attention.base import AttentionOps
-from bitfold.kernels.quant_kv_cpu import quant_paged_decode_cpu_or_ref
+from bitfold.kernels.quant_kv_cpu import quant_paged_decode_cpu_or_ref, write_quant_kv_cpu_or_ref
 from bitfold.kernels.quant_kv_attention import (quant_paged_decode, quant_paged_decode_ref, quant_paged_prefill,
                                                 quant_paged_prefill_ref)
 from bitfold.kernels.quant_kv_write import (KIND_DENSE, KIND_FP8, KIND_GROUP, KIND_INT8, QuantLayout,
@@ -104,11 +104,11 @@ class QuantRefOps(QuantOps):
 
 
 class QuantCppOps(QuantOps):
-    """The CPU backend: decode through the C++ kernel (kernels/quant_kv_cpu.py; the reference for
-    inputs it cannot take), the write and prefill through the references (prefill runs once per
-    prompt chunk; decode steps are where a CPU spends its time)."""
+    """The CPU backend: a decode step's write and attention through the C++ kernels
+    (kernels/quant_kv_cpu.py; the references for inputs they cannot take), prompt chunks (write
+    and attention) through the references: decode steps are where a CPU spends its time."""
 
-    write, decode, prefill = (staticmethod(write_quant_kv_ref), staticmethod(quant_paged_decode_cpu_or_ref),
+    write, decode, prefill = (staticmethod(write_quant_kv_cpu_or_ref), staticmethod(quant_paged_decode_cpu_or_ref),
                               staticmethod(quant_paged_prefill_ref))
 
     def decode_kwargs(self, meta):
