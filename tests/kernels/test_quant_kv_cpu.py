@@ -247,6 +247,8 @@ def test_out_of_range_pages_and_slots_raise():
     bad_slots[1] = st.ring_k.shape[0]
     with pytest.raises(ValueError, match="out of range"):
         quant_paged_decode_cpu(lay, q, st, tables, lens, bad_slots, 0.1)
+    with pytest.raises(ValueError, match="longer than its block table"):  # never reads past a table's row
+        quant_paged_decode_cpu(lay, q, st, tables[:, :1], lens, slots, 0.1)  # sealed pages 0 and 1
 
 
 def test_inputs_it_cannot_take_go_to_the_reference():

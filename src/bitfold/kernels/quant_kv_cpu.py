@@ -129,7 +129,7 @@ _STATIC: dict[int, tuple[weakref.ref, _Args]] = {}
 def _static_args(lay: QuantLayout, storage) -> _Args:
     key = id(storage.k)
     hit = _STATIC.get(key)
-    if hit is not None and hit[0]() is storage.k and hit[1].layout_key == hash(lay):
+    if hit is not None and hit[0]() is storage.k and hit[1].same == (hash(lay), *map(id, storage[:6])):
         return hit[1]
     for name, t in (("k", storage.k), ("v", storage.v), ("k_meta", storage.k_meta), ("v_meta", storage.v_meta),
                     ("ring_k", storage.ring_k), ("ring_v", storage.ring_v)):
@@ -141,7 +141,7 @@ def _static_args(lay: QuantLayout, storage) -> _Args:
               num_blocks=storage.k.shape[0], num_slots=storage.ring_k.shape[0] if lay.ring else 0,
               k_kind=lay.k_kind, k_bits=lay.k_bits, v_kind=lay.v_kind, v_bits=lay.v_bits, v_group=lay.v_group,
               residual=lay.residual, ring_cap=lay.ring_cap, num_splits=1)
-    a.layout_key = hash(lay)
+    a.same = (hash(lay), *map(id, storage[:6]))  # what the cached fields were taken from
     _STATIC[key] = (weakref.ref(storage.k, lambda _, key=key: _STATIC.pop(key, None)), a)
     return a
 
@@ -164,7 +164,7 @@ def _raise(rc: int, a: _Args, fn: str) -> None:
         raise ValueError(f"{fn} refused its arguments: {why.decode() if why else 'bad tensors'}")
     if rc == -2:
         raise ValueError(f"a block table entry (of {a.num_blocks} pages) or a sequence slot (of {a.num_slots}) that "
-                         f"the step needs is out of range")
+                         f"the step needs is out of range, or a context is longer than its block table")
 
 
 def quant_paged_decode_cpu_or_ref(lay: QuantLayout, q: torch.Tensor, storage, block_tables: torch.Tensor,

@@ -483,6 +483,10 @@ void run_task(Shared& sh, int task) {
 
     if (sealed > start) {
       const int p_first = start / BS, p_end = (sealed + BS - 1) / BS;
+      if (p_end > a.max_blocks) {  // the context is longer than its block table
+        sh.error.store(1);
+        return;
+      }
       const int per = (p_end - p_first + NS - 1) / NS;
       const int lo = p_first + split * per, hi = std::min(p_end, lo + per);
       const int32_t* table = a.block_tables + static_cast<int64_t>(b) * a.max_blocks;

@@ -164,6 +164,7 @@ int write_decode(const BitfoldQuantDecodeArgs& a, const float* k_new, const floa
     const float* kb = k_new + b * row;
     const float* vb = v_new + b * row;
     if (n_new > n_old) {  // this token completes the page [n_old, n_old + BS): seal it from the ring (+ this token)
+      if (n_old / BS >= a.max_blocks) return -2;
       const int64_t page = a.block_tables[static_cast<int64_t>(b) * a.max_blocks + n_old / BS];
       if (page < 0 || page >= a.num_blocks) return -2;
       for (int kh = 0; kh < KVH; ++kh) {
