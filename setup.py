@@ -20,7 +20,8 @@ setup(
     ext_modules=[Extension(
         "bitfold._lut",
         sources=["src/bitfold/kernels/cpu/lut_gemm.cpp", "src/bitfold/kernels/cpu/decode_ops.cpp",
-                 "src/bitfold/kernels/cpu/decode_step.cpp"],
+                 "src/bitfold/kernels/cpu/decode_step.cpp", "src/bitfold/kernels/cpu/quant_kv.cpp",
+                 "src/bitfold/kernels/cpu/quant_kv_write.cpp"],
         # Portable build: the kernel picks AVX-512 / AVX2 / scalar per function at run time.
         extra_compile_args=["-O3", "-std=c++17", "-Wno-maybe-uninitialized"],
         language="c++",

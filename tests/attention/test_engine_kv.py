@@ -56,8 +56,8 @@ def test_compressed_cache_changes_outputs_only_slightly(tiny_model_dir):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(kv_cache="int3"), r"invalid engine setting kv_cache='int3': expected one of .*int4"),
-    (dict(kv_cache="int4", attention_backend="cpu"),
-     r"attention backend 'cpu' cannot run KV cache 'int4' on cpu: has no cpu kernels for int4 pages"),
+    (dict(kv_cache="int4", attention_backend="cpu", dtype="bfloat16"),
+     r"attention backend 'cpu' cannot run KV cache 'int4' on cpu: computes in float32, not bfloat16"),
     (dict(kv_cache="int4", kv_residual=600), r"--kv-cache int4: residual window 600 tokens is not smaller than the "
                                              r"context \(512 tokens\)"),
     (dict(kv_cache="int2", block_size=32), r"block size 32 is too small: int2 packs 4 tokens per byte"),

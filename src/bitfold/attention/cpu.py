@@ -1,5 +1,6 @@
 """The CPU backend: C++ kernels (kernels/cpu/) for float32 caches, one call per layer instead of
-~20 PyTorch ops. Codecs without C++ kernels fall back to the reference backend."""
+~20 PyTorch ops: dense pages (cpu_ops.paged_decode) and every compressed codec's decode
+(quant_kv_cpu.quant_paged_decode_cpu). Codecs without C++ kernels fall back to the reference backend."""
 import torch
 
 from bitfold.attention.base import ATTENTION_BACKENDS, AttentionBackend

@@ -21,6 +21,7 @@ from pathlib import Path
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 SOURCES = sorted((Path(__file__).with_name("cpu")).glob("*.cpp"))
+HEADERS = sorted((Path(__file__).with_name("cpu")).glob("*.h"))  # included by the sources: part of the key
 COMPILE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-maybe-uninitialized"]
 
 _lock = threading.Lock()
@@ -34,7 +35,7 @@ def _cache_dir() -> Path:
 
 
 def _compile() -> Path:
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(COMPILE_FLAGS).encode())
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(COMPILE_FLAGS).encode())
     out = _cache_dir() / f"cpu-kernels-{digest.hexdigest()[:16]}.so"
     if out.exists():
         return out
@@ -68,6 +69,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bitfold_decode_layers": (i, [p, i, p]),
         "bitfold_decode_error": (ctypes.c_char_p, []),
         "bitfold_decode_profile": (None, [p]),
+        "bitfold_quant_decode": (i, [p]),
+        "bitfold_quant_decode_check": (ctypes.c_char_p, [p]),
+        "bitfold_quant_write_decode": (i, [p, p, p, p]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -85,7 +89,7 @@ def load_cpu_library() -> ctypes.CDLL:
         try:
             spec = importlib.util.find_spec("bitfold._lut")
             path = spec.origin if spec is not None and spec.origin else None
-            newest = max((os.path.getmtime(p) for p in SOURCES), default=0)
+            newest = max((os.path.getmtime(p) for p in SOURCES + HEADERS), default=0)
             if path is None or os.path.getmtime(path) < newest:
                 path = str(_compile())
             lib = ctypes.CDLL(path)

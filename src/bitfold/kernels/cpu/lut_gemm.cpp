@@ -880,6 +880,15 @@ int bitfold_q6k_gemm(const float* x, int B, int K, const uint8_t* blocks, int N,
 // 2 = AVX-512BW, 1 = AVX2, 0 = scalar.
 int bitfold_lut_isa() { return detect_isa(); }
 
+// The pool above for the library's other kernels (cpu/quant_kv.cpp): fn(ctx, t0, t1) runs tasks
+// [t0, t1), on up to nthreads threads, the caller among them. One pool per process: a second one
+// would spin against this one for the same cores.
+void bitfold_parallel_for(int nthreads, int tasks, void (*fn)(void*, int, int), void* ctx) {
+  if (tasks <= 0) return;
+  nthreads = std::max(1, std::min(nthreads, tasks));
+  pool().run(nthreads, tasks, [&](int t0, int t1) { fn(ctx, t0, t1); });
+}
+
 // y[B, N] = x[B, K] @ W^T for W packed as described above. K must be a multiple of `group`
 // (the Python wrapper pads), group a multiple of 8, bits in 1..4. isa < 0 picks the best.
 // Returns 0, or -1 for bad arguments.

@@ -43,6 +43,7 @@ from typing import NamedTuple
 import torch
 
 from bitfold.attention.base import AttentionOps
+from bitfold.kernels.quant_kv_cpu import quant_paged_decode_cpu_or_ref, write_quant_kv_cpu_or_ref
 from bitfold.kernels.quant_kv_attention import (quant_paged_decode, quant_paged_decode_ref, quant_paged_prefill,
                                                 quant_paged_prefill_ref)
 from bitfold.kernels.quant_kv_write import (KIND_DENSE, KIND_FP8, KIND_GROUP, KIND_INT8, QuantLayout,
@@ -117,6 +118,18 @@ class QuantOps(AttentionOps):
 class QuantRefOps(QuantOps):
     write, decode, prefill = (staticmethod(write_quant_kv_ref), staticmethod(quant_paged_decode_ref),
                               staticmethod(quant_paged_prefill_ref))
+
+
+class QuantCppOps(QuantOps):
+    """The CPU backend: a decode step's write and attention through the C++ kernels
+    (kernels/quant_kv_cpu.py; the references for inputs they cannot take), prompt chunks (write
+    and attention) through the references: decode steps are where a CPU spends its time."""
+
+    write, decode, prefill = (staticmethod(write_quant_kv_cpu_or_ref), staticmethod(quant_paged_decode_cpu_or_ref),
+                              staticmethod(quant_paged_prefill_ref))
+
+    def decode_kwargs(self, meta):
+        return {"max_context_len": meta.max_context_len}
 
 
 class QuantTritonOps(QuantOps):
@@ -211,7 +224,9 @@ class QuantCodec(KVCodec):
         return QuantKV(k, k_meta, v, v_meta, ring_k, ring_v, lay, key_offset)
 
     def ops(self, backend):
-        cls = {"torch": QuantRefOps, "triton": QuantTritonOps}.get(backend)
+        if backend == "cpu" and self.dtype != torch.float32:
+            return "float32 KV pages only"
+        cls = {"torch": QuantRefOps, "triton": QuantTritonOps, "cpu": QuantCppOps}.get(backend)
         return cls(self) if cls is not None else f"has no {backend} kernels for {self.name} pages"
 
 
