@@ -214,7 +214,7 @@ def test_dp4a_gemv_matches_reference(name, M, config, fuse):
     lay = LAYOUTS.get(name) or qm.QLayout((4,), 0)
     n, k = 36, 296
     w, w64, _ = make_weight(n, k, lay, seed=M)
-    x = torch.randn(M, k, device=DEVICE)
+    x = torch.randn(M, k, generator=torch.Generator().manual_seed(M)).to(DEVICE)
     if not qm.dp4a_supported(w, fuse):  # groups of 16 need the GEMV's own half-tile sums of x
         with pytest.raises(ValueError, match="groups of >= 32"):
             qm.qmatmul(x, w, kind="dp4a", config=config, fuse_x=fuse)
@@ -223,7 +223,11 @@ def test_dp4a_gemv_matches_reference(name, M, config, fuse):
     ref = qm.qmatmul_dp4a_ref(x, w)
     exact = x.double() @ w64.to(x.device).T
     scale = float(exact.abs().max())
-    torch.testing.assert_close(y.double().cpu(), ref.double().cpu(), rtol=1e-5, atol=1e-5 * scale)
+    # Quantizing x inside the GEMV (fuse) computes x / tile scale in another float order than the
+    # reference, so a value on a rounding edge may take the neighbouring int8 code: at most one
+    # step of x (its tile absmax / 127) times one weight per differing code.
+    step = float(x.abs().max()) / 127 * float(w64.abs().max()) * 1.01 if fuse else 0.0
+    torch.testing.assert_close(y.double().cpu(), ref.double().cpu(), rtol=1e-5, atol=1e-5 * scale + step)
     # int8 activations: ~0.6% relative rounding per value, not a bug-sized error
     rel = float((ref.double() - exact).norm() / exact.norm())
     assert rel < 0.03, rel
