@@ -112,7 +112,9 @@ class QuantOps(AttentionOps):
         return out
 
     def decode_kwargs(self, meta) -> dict:
-        return {}
+        # a host-side bound of the context: the kernels plan splits from it without a device read
+        # (CUDA-graph safe); the reference takes and ignores it
+        return {"max_context_len": meta.max_context_len}
 
 
 class QuantRefOps(QuantOps):
@@ -128,16 +130,10 @@ class QuantCppOps(QuantOps):
     write, decode, prefill = (staticmethod(write_quant_kv_cpu_or_ref), staticmethod(quant_paged_decode_cpu_or_ref),
                               staticmethod(quant_paged_prefill_ref))
 
-    def decode_kwargs(self, meta):
-        return {"max_context_len": meta.max_context_len}
-
 
 class QuantTritonOps(QuantOps):
     write, decode, prefill = staticmethod(write_quant_kv), staticmethod(quant_paged_decode), staticmethod(quant_paged_prefill)
     graph_safe = True
-
-    def decode_kwargs(self, meta):
-        return {"max_context_len": meta.max_context_len}
 
 
 _SIDES = {16: (KIND_DENSE, 16), 8: (KIND_INT8, 8), 4: (KIND_GROUP, 4), 2: (KIND_GROUP, 2)}
