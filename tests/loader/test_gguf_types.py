@@ -84,23 +84,13 @@ def encode(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray:
     return gguf.quants.quantize(w, qtype)  # F32 -> float32, F16 -> float16, others -> uint8 blocks
 
 
-def build_model(path) -> tuple[dict, dict]:
-    """Write the tiny llama GGUF. Returns ({HF name: float32 weight in HF row order, decoded from the
-    bytes written}, {HF name: GGUF type name})."""
+def tiny_llama_writer(path, name: str, file_type=None):
+    """A GGUFWriter for the tiny llama of this file (shapes above, `make_vocab`'s tokenizer), its
+    metadata written; the caller adds tensors (`add_llama_tensor`) and calls `finish_gguf`."""
     tokens, merges, token_types = make_vocab()
     vocab = len(tokens)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTER,
-                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                                   max_position_embeddings=CTX, rms_norm_eps=EPS, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.05)
-    state = {k: v.numpy() for k, v in model.state_dict().items()}
-
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("bitfold tiny all-types llama")
+    w.add_name(name)
     w.add_context_length(CTX)
     w.add_embedding_length(HIDDEN)
     w.add_block_count(LAYERS)
@@ -111,7 +101,8 @@ def build_model(path) -> tuple[dict, dict]:
     w.add_layer_norm_rms_eps(EPS)
     w.add_vocab_size(vocab)
     w.add_rope_dimension_count(HIDDEN // HEADS)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    if file_type is not None:
+        w.add_file_type(file_type)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -120,6 +111,43 @@ def build_model(path) -> tuple[dict, dict]:
     w.add_bos_token_id(vocab - 2)
     w.add_eos_token_id(vocab - 1)
     w.add_add_bos_token(False)
+    return w
+
+
+def add_llama_tensor(w, gname: str, raw, qtype) -> None:
+    """Add tensor `gname` (raw: HF row order, as `encode` returns it): q/k rows permuted into
+    llama.cpp's rotary order, as its converter writes them."""
+    if gname.endswith("attn_q.weight"):
+        raw = permute(raw, HEADS)
+    elif gname.endswith("attn_k.weight"):
+        raw = permute(raw, KV_HEADS)
+    # For raw bytes (uint8) the writer derives the element shape from the byte shape itself;
+    # passing raw_shape= the element shape [rows, 256] would be misread as a byte shape.
+    w.add_tensor(gname, np.ascontiguousarray(raw), raw_dtype=qtype if raw.dtype == np.uint8 else None)
+
+
+def finish_gguf(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def build_model(path) -> tuple[dict, dict]:
+    """Write the tiny llama GGUF. Returns ({HF name: float32 weight in HF row order, decoded from the
+    bytes written}, {HF name: GGUF type name})."""
+    vocab = len(make_vocab()[0])
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTER,
+                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                                   max_position_embeddings=CTX, rms_norm_eps=EPS, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.05)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+
+    w = tiny_llama_writer(path, "bitfold tiny all-types llama", file_type=gguf.LlamaFileType.MOSTLY_Q4_K_M)
 
     names = [("token_embd.weight", "model.embed_tokens.weight")]
     for i in range(LAYERS):
@@ -140,17 +168,8 @@ def build_model(path) -> tuple[dict, dict]:
         assert dec.dtype == np.float32 and np.isfinite(dec).all(), gname
         assert 0.01 < dec.std() < 0.2 or hw.ndim == 1, (gname, qtype.name, dec.std())
         truth[hname], types[hname] = dec, qtype.name
-        if gname.endswith("attn_q.weight"):
-            raw = permute(raw, HEADS)
-        elif gname.endswith("attn_k.weight"):
-            raw = permute(raw, KV_HEADS)
-        # For raw bytes (uint8) the writer derives the element shape from the byte shape itself;
-        # passing raw_shape= the element shape [rows, 256] would be misread as a byte shape.
-        w.add_tensor(gname, np.ascontiguousarray(raw), raw_dtype=qtype if raw.dtype == np.uint8 else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        add_llama_tensor(w, gname, raw, qtype)
+    finish_gguf(w)
     return truth, types
 
 

@@ -24,8 +24,8 @@ from tests.helpers import rel_err
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from tests.loader.test_gguf_types import (CTX, EPS, HEADS, HIDDEN, INTER, KV_HEADS, LAYER_NAMES,  # noqa: E402
-                                          LAYERS, ROPE_THETA, encode, make_vocab, permute)
+from tests.loader.test_gguf_types import (HEADS, HIDDEN, INTER, KV_HEADS, LAYER_NAMES, LAYERS,  # noqa: E402
+                                          add_llama_tensor, encode, finish_gguf, make_vocab, tiny_llama_writer)
 
 
 def _ids(n: int, count: int, seed: int) -> torch.Tensor:
@@ -141,29 +141,9 @@ def write_gguf(path, emb_type: Q, tied: bool, layer_type: Q = Q.Q4_0) -> dict:
     """A tiny llama GGUF (test_gguf_types' vocabulary and shapes): every layer weight in
     `layer_type`, token_embd in `emb_type`, and an output.weight (Q6_K) unless `tied`. Returns
     {"embed": its float32 decoding by the gguf package, "raw": its blocks}."""
-    tokens, merges, token_types = make_vocab()
-    vocab = len(tokens)
+    vocab = len(make_vocab()[0])
     rng = np.random.default_rng(int(emb_type) * 2 + tied)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("bitfold tiny embedding test")
-    w.add_context_length(CTX)
-    w.add_embedding_length(HIDDEN)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(ROPE_THETA)
-    w.add_layer_norm_rms_eps(EPS)
-    w.add_vocab_size(vocab)
-    w.add_rope_dimension_count(HIDDEN // HEADS)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(vocab - 2)
-    w.add_eos_token_id(vocab - 1)
-    w.add_add_bos_token(False)
+    w = tiny_llama_writer(path, "bitfold tiny embedding test")
     shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (KV_HEADS * HIDDEN // HEADS, HIDDEN),
               "attn_v": (KV_HEADS * HIDDEN // HEADS, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
               "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
@@ -181,15 +161,8 @@ def write_gguf(path, emb_type: Q, tied: bool, layer_type: Q = Q.Q4_0) -> dict:
         raw = encode(hw, qtype, rng)
         if name == "token_embd.weight":
             out = {"embed": gguf.quants.dequantize(raw, qtype).reshape(shape), "raw": raw}
-        if name.endswith("attn_q.weight"):
-            raw = permute(raw, HEADS)
-        elif name.endswith("attn_k.weight"):
-            raw = permute(raw, KV_HEADS)
-        w.add_tensor(name, np.ascontiguousarray(raw), raw_dtype=qtype if raw.dtype == np.uint8 else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        add_llama_tensor(w, name, raw, qtype)
+    finish_gguf(w)
     return out
 
 
