@@ -19,12 +19,24 @@ import torch
 from bitfold.kernels import cpu_lib
 from bitfold.kernels.quant_kv_cpu import (quant_paged_decode_cpu, quant_paged_decode_cpu_or_ref,
                                           quant_paged_decode_ref, why_not)
-from bitfold.kernels.quant_kv_write import KIND_DENSE, KIND_FP8, KIND_GROUP, KIND_INT8
+from bitfold.kernels.quant_kv_write import KIND_DENSE, KIND_FP8, KIND_INT8
 from bitfold.kvcache.codecs import KV_CODECS, make_codec
 from bitfold.kvcache.codecs.quant import QuantCodec
 
 pytestmark = pytest.mark.skipif(not cpu_lib.available(), reason="the C++ CPU kernels could not be built")
 
+
+
+def _shuffled_tables(need: list[int], nb: int, holes: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 block tables: sequence b owns need[b] pages drawn in shuffled order from nb, then
+    `holes` -1 entries past the longest table; and the pages no table holds."""
+    perm = torch.randperm(nb, generator=gen)
+    tables = torch.full((len(need), max(need) + holes), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = perm[used:used + n].to(torch.int32)
+        used += n
+    return tables, perm[used:]
 
 def _quant_codecs() -> list[str]:
     seen, out = set(), []
@@ -129,16 +141,11 @@ def _case(name, d, gqa, residual, lens, *, padding=True, seed=0, kvh=2):
                     .clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
         else:  # packed KIVI codes: every bit pattern
             t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
-    perm = torch.randperm(nb, generator=gen)
-    tables = torch.full((len(lens), max(need) + 2), -1, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(need):
-        tables[b, :n] = perm[used:used + n].to(torch.int32)
-        used += n
+    tables, unused = _shuffled_tables(need, nb, 2, gen)
     slots = torch.randperm(len(lens) + 2, generator=gen)[: len(lens)].to(torch.int32)
     if padding:
         slots[-1] = -1
-    _poison(lay, st, tables, lens, slots, perm[used:])
+    _poison(lay, st, tables, lens, slots, unused)
     q = torch.randn(len(lens), kvh * gqa, d, generator=gen)
     return lay, q, st, tables, torch.tensor(lens, dtype=torch.int32), slots
 
@@ -307,12 +314,7 @@ def test_decode_write_same_codes_as_reference(name, residual):
     steps = 70
     need = [-(-(n + steps) // bs) for n in starts]
     nb = sum(need) + 2
-    perm = torch.randperm(nb, generator=gen)
-    tables = torch.full((len(starts), max(need) + 1), -1, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(need):
-        tables[b, :n] = perm[used:used + n].to(torch.int32)
-        used += n
+    tables, _ = _shuffled_tables(need, nb, 1, gen)
     st = codec.allocate(nb, bs, kvh, d, torch.device("cpu"), len(starts) + 1)
     lay = st.layout
     for t in st[:6]:
