@@ -35,13 +35,9 @@ from bitfold.weights.lowbit import LowBitSpec, qweight_rows
 from bitfold.weights.packed import PackedWeight
 
 
-CPU_Q6K_NATIVE = False  # opt-in (slower at batch 1, README "CPU and low-bit"): CPU Q6_K layers keep the file's blocks
-
-
-def cpu_q6k_native() -> bool:
-    """Whether CPU layers of Q6_K shards keep the file's blocks (`CPU_Q6K_NATIVE`) rather than
-    becoming int6-g16 LUT codes (the default). Read when a layer is built."""
-    return CPU_Q6K_NATIVE
+# Whether CPU layers of only Q6_K shards keep the file's blocks rather than becoming int6-g16 LUT
+# codes; read when a layer is built. Opt-in: slower at batch 1 (README "CPU and low-bit").
+CPU_Q6K_NATIVE = False
 
 
 def cpu_format(parts: list) -> str:
@@ -85,7 +81,7 @@ class GGUFFormat(WeightFormat):
         if self._device.type != "cpu":
             return "dense"
         qtypes = {getattr(p, "qtype", None) for _, p in self._parts}
-        if qtypes == {GGMLQuantizationType.Q6_K} and cpu_q6k_native():
+        if qtypes == {GGMLQuantizationType.Q6_K} and CPU_Q6K_NATIVE:
             return "gguf-q6k"
         return cpu_format([p for _, p in self._parts])
 
